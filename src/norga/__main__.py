@@ -1,0 +1,5 @@
+"""Allow ``python -m norga``."""
+
+from norga.cli import main
+
+raise SystemExit(main())
