@@ -1,0 +1,36 @@
+"""The ``norga`` command line: one sub-command per job (later issues add run, quickstart, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from norga import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each sub-command module adds its own sub-parser here."""
+    parser = argparse.ArgumentParser(
+        prog="norga",
+        description="Prompt-based continual learning on pre-trained Vision Transformers "
+        "(NoRGa, HiDe-Prompt and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"norga {__version__}")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``norga`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

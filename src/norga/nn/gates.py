@@ -1,0 +1,111 @@
+"""Score gates: what happens to the pre-softmax attention scores of prefix (prompt) keys.
+
+`IdentityGate` is plain prefix tuning (HiDe-Prompt). `NoRGaGate` is the non-linear residual gate of
+NoRGa, ``s + α·σ(τ·s)``, with α and τ learnable scalars (one pair per prompted layer, shared across
+heads, positions and tasks, as in the official code's ``act_scale``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Activations σ the NoRGa gate supports (the official code's ``--gate_act`` choices).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,  # erf GELU, as torch.nn.GELU() in the official code
+    "relu": F.relu,
+    "softplus": F.softplus,
+    "elu": F.elu,
+    "identity": lambda s: s,
+}
+
+
+class ScoreGate(nn.Module):
+    """Maps prefix scores ``s`` (already divided by sqrt(head_dim)) to gated scores.
+
+    `gate(s, *params)` is a pure function of its tensor inputs so that fused attention kernels can
+    recompute it (and differentiate it) from saved inputs; `forward` binds the module's own parameters.
+    """
+
+    #: True when the gate is exactly the identity (lets attention take the plain fused path).
+    is_identity: bool = False
+
+    def gate_parameters(self) -> tuple[Tensor, ...]:
+        """The tensors `gate` depends on besides the scores, in the order `gate` takes them."""
+        return ()
+
+    def gate(self, scores: Tensor, *params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, scores: Tensor) -> Tensor:
+        return self.gate(scores, *self.gate_parameters())
+
+
+class IdentityGate(ScoreGate):
+    """No gate: prefix scores enter the softmax unchanged (HiDe-Prompt / plain prefix tuning)."""
+
+    is_identity = True
+
+    def gate(self, scores: Tensor, *params: Tensor) -> Tensor:
+        return scores
+
+
+class NoRGaGate(ScoreGate):
+    """Non-linear residual gate ``s + α·σ(τ·s)`` with learnable scalars α (outside) and τ (inside σ)."""
+
+    def __init__(self, activation: str = "tanh", alpha: float = 1.0, tau: float = 1.0) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown NoRGa gate activation {activation!r}; choose one of {sorted(ACTIVATIONS)}"
+            )
+        self.activation = activation
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.tau = nn.Parameter(torch.tensor(float(tau)))
+
+    def gate_parameters(self) -> tuple[Tensor, ...]:
+        return (self.alpha, self.tau)
+
+    def gate(self, scores: Tensor, *params: Tensor) -> Tensor:
+        alpha, tau = params
+        return scores + alpha * ACTIVATIONS[self.activation](tau * scores)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def make_gate(kind: str | None) -> ScoreGate:
+    """A gate from a config value: ``None``/``"none"`` -> identity, else a NoRGa activation name."""
+    if kind is None or kind == "none":
+        return IdentityGate()
+    return NoRGaGate(kind)
+
+
+class GateSchedule(str, enum.Enum):
+    """When the gate scalars are trained (`gate_train_tasks`); the official code trains them on task 0 only."""
+
+    FIRST = "first"
+    ALL = "all"
+    NONE = "none"
+
+    def trainable_at(self, task: int) -> bool:
+        """Whether the gate scalars receive gradient while training `task` (0-based)."""
+        if self is GateSchedule.ALL:
+            return True
+        if self is GateSchedule.FIRST:
+            return task == 0
+        return False
+
+
+def apply_gate_schedule(gates: Iterable[ScoreGate], schedule: GateSchedule | str, task: int) -> None:
+    """Set ``requires_grad`` of every gate parameter for training `task` according to `schedule`."""
+    trainable = GateSchedule(schedule).trainable_at(task)
+    for gate in gates:
+        for param in gate.parameters():
+            param.requires_grad_(trainable)

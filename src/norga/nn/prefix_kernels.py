@@ -1,0 +1,169 @@
+"""Gated prefix attention as functions of per-head tensors: an explicit reference and a fused path.
+
+All functions take ``q, k, v`` shaped (B, H, N, d) (the N real tokens), per-sample prefix keys and
+values shaped (B, H, Lp, d) (or (1, H, Lp, d) to share one prefix across the batch) and a
+`ScoreGate` applied to the prefix columns only. They compute
+
+    softmax([gate(q·Pkᵀ·scale), q·Kᵀ·scale]) · [Pv; V]
+
+The fused path picks, by device:
+- identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
+- CPU, no dropout: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
+  makes fewer passes over the (N × (Lp+N)) score matrix than autograd does, and skips the token-side
+  gradients when q, k, v need none (the first prompted layer of a frozen backbone). On CPU the fused
+  flash kernel is no faster (its backward is ~2x slower than explicit batched matmuls here), and
+  attention is then bound by its six batched matmuls.
+- otherwise (CUDA, dropout): SDPA with the gate's residual ``gate(s) - s`` as an additive bias on the
+  prefix columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from norga.nn.gates import ScoreGate
+
+
+def reference_prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: ScoreGate,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The obvious implementation (the official code's): explicit scores, gate, softmax, weighted sum."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    values = v
+    if prefix_k is not None:
+        prefix_scores = gate((q @ prefix_k.transpose(-2, -1)) * scale)
+        scores = torch.cat([prefix_scores, scores], dim=-1)
+        values = torch.cat([_batch_like(prefix_v, v), v], dim=2)
+    attn = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ values
+
+
+def fused_prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    gate: ScoreGate,
+    scale: float,
+    dropout_p: float = 0.0,
+    kernel: str = "auto",
+) -> Tensor:
+    """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit" or "bias"."""
+    if prefix_k is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    prefix_k = _batch_like(prefix_k, k).to(q.dtype)
+    prefix_v = _batch_like(prefix_v, v).to(q.dtype)
+    if gate.is_identity and kernel == "auto":
+        keys = torch.cat([prefix_k, k], dim=2)
+        values = torch.cat([prefix_v, v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, scale=scale)
+    if kernel == "auto":
+        kernel = "explicit" if q.device.type == "cpu" and dropout_p == 0.0 else "bias"
+    if kernel == "explicit":
+        if dropout_p != 0.0:
+            raise ValueError("the explicit fused prefix kernel has no attention dropout; use kernel='bias'")
+        return _GatedPrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale, gate, *gate.gate_parameters())
+    if kernel == "bias":
+        return _bias_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale, dropout_p)
+    raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit' or 'bias'")
+
+
+def _batch_like(prefix: Tensor, tokens: Tensor) -> Tensor:
+    """Expand a batch-shared (1, H, Lp, d) prefix to the token batch size."""
+    if prefix.shape[0] == tokens.shape[0]:
+        return prefix
+    return prefix.expand(tokens.shape[0], -1, -1, -1)
+
+
+def _bias_prefix_attention(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate, scale: float, dropout_p: float
+) -> Tensor:
+    """SDPA over [prefix; tokens] with ``gate(s) - s`` added to the prefix columns as a float mask."""
+    prefix_scores = (q @ prefix_k.transpose(-2, -1)) * scale
+    residual = gate(prefix_scores) - prefix_scores
+    token_bias = residual.new_zeros(*residual.shape[:-1], k.shape[2])
+    bias = torch.cat([residual, token_bias], dim=-1).to(q.dtype)
+    keys = torch.cat([prefix_k, k], dim=2)
+    values = torch.cat([prefix_v, v], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16 inputs (gate and softmax are computed there), else the input's own."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+class _GatedPrefixAttention(torch.autograd.Function):
+    """Explicit gated prefix attention with a fused backward (CPU fast path).
+
+    Forward: ``S = scale·q·[Pk; K]ᵀ`` in one batched matmul, gate on the Lp prefix columns in place,
+    ``P = softmax(S)``, ``O = P·[Pv; V]``. Saved: P, the raw prefix scores and the inputs.
+    Backward: ``dS = P ∘ (dO·[Pv; V]ᵀ − rowsum(dO ∘ O))`` in place, the gate differentiated by autograd
+    on the small (N × Lp) block, then dq and d[Pk; K] by two batched matmuls. When q, k and v need no
+    gradient only the Lp prefix columns are touched.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, scale, gate, *gate_params):
+        acc = _accumulation_dtype(q)
+        length = prefix_k.shape[2]
+        keys = torch.cat([prefix_k, k], dim=2)
+        values = torch.cat([prefix_v, v], dim=2)
+        scores = torch.matmul(q, keys.transpose(-2, -1)).to(acc).mul_(scale)
+        prefix_scores = scores[..., :length].clone()
+        scores[..., :length] = gate.gate(prefix_scores, *gate_params)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        out = torch.matmul(probs.to(q.dtype), values)
+        ctx.scale, ctx.gate = scale, gate
+        ctx.save_for_backward(q, keys, values, prefix_scores, probs, out, *gate_params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, keys, values, prefix_scores, probs, out, *gate_params = ctx.saved_tensors
+        length = prefix_scores.shape[-1]
+        acc = probs.dtype
+        needs_tokens = any(ctx.needs_input_grad[:3])
+        delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O)
+
+        if needs_tokens:
+            grad_values = torch.matmul(probs.to(q.dtype).transpose(-2, -1), grad_out)
+            grad_scores = torch.matmul(grad_out, values.transpose(-2, -1)).to(acc)
+        else:  # only the prefix columns matter
+            probs = probs[..., :length]
+            grad_values = torch.matmul(probs.transpose(-2, -1), grad_out.to(acc)).to(q.dtype)
+            grad_scores = torch.matmul(grad_out.to(acc), values[:, :, :length].to(acc).transpose(-2, -1))
+        grad_scores.sub_(delta).mul_(probs)  # softmax backward
+
+        leaves = [prefix_scores.detach().requires_grad_(), *(p.detach().requires_grad_(need)
+                  for p, need in zip(gate_params, ctx.needs_input_grad[7:]))]
+        with torch.enable_grad():
+            gated = ctx.gate.gate(*leaves)
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(gated, wanted, grad_scores[..., :length]))
+        grad_prefix_scores, *grad_params = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+        grad_scores[..., :length] = grad_prefix_scores
+        grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
+
+        grad_q = grad_k = grad_v = None
+        if needs_tokens:
+            grad_q = torch.matmul(grad_scores, keys)
+            grad_keys = torch.matmul(grad_scores.transpose(-2, -1), q)
+            grad_k, grad_v = grad_keys[:, :, length:], grad_values[:, :, length:]
+            grad_pk, grad_pv = grad_keys[:, :, :length], grad_values[:, :, :length]
+        else:
+            grad_pk, grad_pv = torch.matmul(grad_scores.transpose(-2, -1), q), grad_values
+        return (grad_q, grad_k, grad_v, grad_pk, grad_pv, None, None, *grad_params)
