@@ -80,6 +80,8 @@ def test_bad_slots_and_layout():
     pool = make_pool()
     with pytest.raises(IndexError, match=r"prompt slots must be in \[0, 4\)"):
         pool.gather(torch.tensor([0, 4]))
+    with pytest.raises(IndexError, match=r"prompt slots must be in \[0, 4\)"):
+        pool.gather(-1)
     with pytest.raises(ValueError, match="unknown prefix layout 'shuffled'"):
         pool.gather(torch.tensor([0]), "shuffled")
 
@@ -95,18 +97,41 @@ def test_copy_slot():
 def test_momentum_blend_formula_gradient_and_commit():
     pool = make_pool()
     m = torch.rand(()).item()
+    before = pool.prompts.detach().clone()
     blended = pool.blended(2, m)
-    expected = (1 - m) * pool.prompts[:, :, 2] + m * (pool.prompts[:, :, 0] + pool.prompts[:, :, 1]) / 2
-    torch.testing.assert_close(blended[:, :, 2], expected)
-    assert torch.equal(blended[:, :, [0, 1, 3]], pool.prompts[:, :, [0, 1, 3]])
-    blended[:, :, 2].sum().backward()
-    grad = pool.prompts.grad
-    assert torch.all(grad[:, :, 2] == 1 - m) and torch.all(grad[:, :, [0, 1, 3]] == 0)
+    expected = (1 - m) * before[:, :, 2] + m * (before[:, :, 0] + before[:, :, 1]) / 2
+    torch.testing.assert_close(blended, expected)
+    blended.sum().backward()
+    torch.testing.assert_close(pool.slots[2].grad, torch.full_like(expected, 1 - m))
+    assert all(pool.slots[i].grad is None for i in (0, 1, 3))
     pool.commit_blend(2, m)
-    torch.testing.assert_close(pool.prompts[:, :, 2], expected.detach())
+    torch.testing.assert_close(pool.prompts[:, :, 2], expected)
+    assert torch.equal(pool.prompts[:, :, [0, 1, 3]], before[:, :, [0, 1, 3]])
+
+
+def test_momentum_gather_matches_blend_and_needs_an_int_slot():
+    pool = make_pool()
+    keys, values = pool.gather(1, "correct", momentum=0.25)[0]
+    blended = pool.blended(1, 0.25)
+    assert torch.equal(keys[0], blended[0, 0].transpose(0, 1)) and torch.equal(values[0], blended[0, 1].transpose(0, 1))
+    with pytest.raises(ValueError, match="pass slots as an int"):
+        pool.gather(torch.tensor([1, 1]), momentum=0.25)
 
 
 def test_momentum_is_a_no_op_for_slot_zero_or_zero_momentum():
     pool = make_pool()
-    assert pool.blended(0, 0.5) is pool.prompts
-    assert pool.blended(3, 0.0) is pool.prompts
+    assert pool.blended(0, 0.5) is pool.slots[0]
+    assert pool.blended(3, 0.0) is pool.slots[3]
+
+
+def test_trainable_slot_and_load_prompts():
+    pool = make_pool()
+    pool.set_trainable_slot(2)
+    assert [p.requires_grad for p in pool.slots] == [False, False, True, False]
+    pool.set_trainable_slot(None)
+    assert not any(p.requires_grad for p in pool.slots)
+    official = torch.randn(LAYERS, 2, SLOTS, LP, H, D)
+    pool.load_prompts(official)
+    assert torch.equal(pool.prompts, official)
+    with pytest.raises(ValueError, match="prompts must be shaped"):
+        pool.load_prompts(official[:, :, :2])

@@ -113,8 +113,7 @@ def _load_prompts(model: PromptedViT, prompts: Tensor) -> None:
             f"model's pool is {tuple(target.shape)}: build the model with num_slots={prompts.shape[2]}, "
             f"prompt_length={prompts.shape[3]} and {prompts.shape[0]} prompt layers"
         )
-    with torch.no_grad():
-        target.copy_(prompts)
+    model.pool.load_prompts(prompts)
 
 
 def _load_gates(model: PromptedViT, act_scale: Tensor | None, official_activation: str | None) -> None:

@@ -12,52 +12,71 @@ LayerPrefix = tuple[Tensor, Tensor]
 
 
 class PrefixPool(nn.Module):
-    """Prefix slots shaped (layers, 2 = key/value, slots, Lp, heads, head_dim), uniform(-1, 1) init.
+    """Prefix slots, one per task, uniform(-1, 1) init; `prompts` stacks them in the official layout
+    (layers, 2 = key/value, slots, Lp, heads, head_dim).
 
-    Slot i belongs to task i. The official code's tensor layout is kept so its checkpoints load as is.
+    Each slot is its own parameter (layers, 2, Lp, heads, head_dim), so a finished task's slot can be
+    frozen (`set_trainable_slot`) and no optimizer (weight decay, stale moments) can move it.
     """
 
     def __init__(self, num_layers: int, num_slots: int, length: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
-        shape = (num_layers, 2, num_slots, length, num_heads, head_dim)
-        self.prompts = nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0))
+        shape = (num_layers, 2, length, num_heads, head_dim)
+        self.slots = nn.ParameterList(nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0)) for _ in range(num_slots))
+
+    @property
+    def prompts(self) -> Tensor:
+        """All slots stacked as the official ``e_prompt.prompt`` tensor (differentiable)."""
+        return torch.stack(list(self.slots), dim=2)
 
     @property
     def num_layers(self) -> int:
-        return self.prompts.shape[0]
+        return self.slots[0].shape[0]
 
     @property
     def num_slots(self) -> int:
-        return self.prompts.shape[2]
+        return len(self.slots)
 
     @property
     def length(self) -> int:
-        return self.prompts.shape[3]
+        return self.slots[0].shape[2]
+
+    def set_trainable_slot(self, slot: int | None) -> None:
+        """Only `slot` keeps ``requires_grad`` (None: every slot frozen)."""
+        for index, param in enumerate(self.slots):
+            param.requires_grad_(index == slot)
+
+    @torch.no_grad()
+    def load_prompts(self, prompts: Tensor) -> None:
+        """Overwrite every slot from a tensor in the official (layers, 2, slots, Lp, heads, head_dim) layout."""
+        if prompts.shape != self.prompts.shape:
+            raise ValueError(f"prompts must be shaped {tuple(self.prompts.shape)}, got {tuple(prompts.shape)}")
+        for index, param in enumerate(self.slots):
+            param.copy_(prompts[:, :, index])
 
     @torch.no_grad()
     def copy_slot(self, source: int, target: int) -> None:
         """Initialise slot `target` from slot `source` (all layers, key and value): sequential init."""
-        self.prompts[:, :, target] = self.prompts[:, :, source]
+        self.slots[target].copy_(self.slots[source])
 
     def blended(self, slot: int, momentum: float) -> Tensor:
-        """The whole pool with `slot` replaced by ``(1-m)·P_slot + m·stopgrad(mean of slots < slot)``.
+        """Slot `slot` as ``(1-m)·P_slot + m·stopgrad(mean of slots < slot)`` (layers, 2, Lp, heads, head_dim).
 
         This is HiDe-Prompt's prompt ensemble used while training task `slot`; slot 0 and m = 0 are
         left as they are. Gradient flows to slot `slot` only.
         """
         if momentum == 0.0 or slot == 0:
-            return self.prompts
-        earlier = self.prompts[:, :, :slot].detach().mean(dim=2)
-        mixed = (1.0 - momentum) * self.prompts[:, :, slot] + momentum * earlier
-        return torch.cat([self.prompts[:, :, :slot], mixed.unsqueeze(2), self.prompts[:, :, slot + 1 :]], dim=2)
+            return self.slots[slot]
+        earlier = torch.stack([self.slots[i].detach() for i in range(slot)]).mean(dim=0)
+        return (1.0 - momentum) * self.slots[slot] + momentum * earlier
 
     @torch.no_grad()
     def commit_blend(self, slot: int, momentum: float) -> None:
         """Overwrite `slot` in place by its momentum blend (done once, after the last epoch of its task)."""
-        self.prompts.copy_(self.blended(slot, momentum))
+        self.slots[slot].copy_(self.blended(slot, momentum))
 
     def gather(
-        self, slots: Tensor | int, layout: str = "correct", pool: Tensor | None = None, batch_size: int = 1
+        self, slots: Tensor | int, layout: str = "correct", momentum: float = 0.0, batch_size: int = 1
     ) -> list[LayerPrefix]:
         """Per prompted layer, the (key, value) prefixes of a batch whose sample b uses ``slots[b]``.
 
@@ -67,15 +86,20 @@ class PrefixPool(nn.Module):
         ``layout="correct"``: sample b gets K = P[l, 0, slots[b]] and V = P[l, 1, slots[b]].
         ``layout="official"``: the official code's reshape of the gathered (L, 2, B, ...) tensor into
         (L, B, 2, ...), which pairs halves of different samples' slots (NORGA_SPEC §1.6); only for
-        reproducing published numbers. `pool` overrides the parameters (e.g. a `blended` pool).
+        reproducing published numbers. `momentum` (int `slots` only) uses the `blended` training slot.
         """
-        prompts = self.prompts if pool is None else pool
         if isinstance(slots, int):
-            slots = [slots] * (batch_size if layout == "official" else 1)
-        slots = torch.as_tensor(slots, device=prompts.device).long().reshape(-1)
-        if slots.numel() and (slots.min() < 0 or slots.max() >= prompts.shape[2]):
-            raise IndexError(f"prompt slots must be in [0, {prompts.shape[2]}), got {slots.tolist()}")
-        picked = prompts[:, :, slots]  # (L, 2, B, Lp, H, d)
+            if not 0 <= slots < self.num_slots:
+                raise IndexError(f"prompt slots must be in [0, {self.num_slots}), got {slots}")
+            one = self.blended(slots, momentum).unsqueeze(2)
+            picked = one.expand(-1, -1, batch_size if layout == "official" else 1, -1, -1, -1)
+        else:
+            if momentum:
+                raise ValueError("prompt momentum applies to one training slot: pass slots as an int")
+            slots = torch.as_tensor(slots, device=self.slots[0].device).long().reshape(-1)
+            if slots.numel() and (slots.min() < 0 or slots.max() >= self.num_slots):
+                raise IndexError(f"prompt slots must be in [0, {self.num_slots}), got {slots.tolist()}")
+            picked = self.prompts[:, :, slots]  # (L, 2, B, Lp, H, d)
         if layout == "correct":
             per_layer = picked.permute(0, 2, 1, 3, 4, 5)  # (L, B, 2, Lp, H, d) by a permute, not a reshape
         elif layout == "official":

@@ -97,9 +97,15 @@ class PromptedViT(nn.Module):
         apply_gate_schedule(self.gates, schedule, task)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by role: ``prompts`` (pool), ``gates`` (α, τ) and ``head``."""
-        head = [p for name, p in self.backbone.named_parameters() if p.requires_grad]
-        return {"prompts": [self.pool.prompts], "gates": list(self.gates.parameters()), "head": head}
+        """Trainable parameters by role: ``prompts`` (the trainable slots), ``gates`` (α, τ) and ``head``."""
+        def trainable(params):
+            return [p for p in params if p.requires_grad]
+
+        return {
+            "prompts": trainable(self.pool.slots),
+            "gates": trainable(self.gates.parameters()),
+            "head": trainable(self.backbone.parameters()),
+        }
 
     def forward_features(self, x: Tensor, slots: Tensor | int | None = None, momentum: float = 0.0) -> Tensor:
         """Pre-logits of images `x` with prefix slot ``slots[b]`` for sample b (an int: one slot for all).
@@ -109,10 +115,7 @@ class PromptedViT(nn.Module):
         """
         if slots is None:
             return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        if momentum and not isinstance(slots, int):
-            raise ValueError("prompt momentum applies to one training slot: pass slots as an int")
-        pool = self.pool.blended(slots, momentum) if momentum else None
-        prefixes = self.pool.gather(slots, self.prefix_layout, pool=pool, batch_size=x.shape[0])
+        prefixes = self.pool.gather(slots, self.prefix_layout, momentum=momentum, batch_size=x.shape[0])
         with ExitStack() as stack:
             for attention, gate, (prefix_k, prefix_v) in zip(self._prefix_attentions(), self.gates, prefixes):
                 stack.enter_context(attention.bound(prefix_k, prefix_v, gate))

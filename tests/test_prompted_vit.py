@@ -1,0 +1,181 @@
+"""PromptedViT on several timm ViTs: equality with timm, batch invariance, layouts, what trains."""
+
+from contextlib import ExitStack
+
+import pytest
+import timm
+import torch
+from torch.nn.functional import cross_entropy
+
+from norga.nn import PrefixAttention, PromptedViT
+
+SMALL_VITS = {
+    "vit_tiny_32px": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3)),
+    "vit_small_48px": ("vit_small_patch16_224", dict(img_size=48, patch_size=16, depth=2, embed_dim=96, num_heads=4)),
+    "deit_tiny": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=16, depth=2)),
+    "vit_base_qknorm": ("vit_base_patch16_224", dict(img_size=32, patch_size=16, depth=2, embed_dim=64, num_heads=4, qk_norm=True)),
+}
+NUM_CLASSES = 6
+
+
+def build(key, **kwargs):
+    name, timm_kwargs = SMALL_VITS[key]
+    backbone = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **timm_kwargs).eval()
+    options = dict(num_slots=3, prompt_length=4, prompt_layers=(0, 1), gate="tanh") | kwargs
+    return backbone, PromptedViT(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **timm_kwargs), **options).eval()
+
+
+def images(key, batch):
+    size = SMALL_VITS[key][1]["img_size"]
+    return torch.randn(batch, 3, size, size)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL_VITS))
+def test_unprompted_forward_equals_timm(key):
+    timm_model, model = build(key)
+    model.backbone.load_state_dict(timm_model.state_dict())
+    x = images(key, 3)
+    with torch.no_grad():
+        out = model(x)
+        assert (out.logits - timm_model(x)).abs().max() <= 1e-5
+        assert (out.features - timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)).abs().max() <= 1e-5
+    prompted = [isinstance(block.attn, PrefixAttention) for block in model.backbone.blocks]
+    assert prompted == [index in (0, 1) for index in range(len(prompted))]
+
+
+@pytest.mark.parametrize("key", sorted(SMALL_VITS))
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_correct_layout_is_batch_invariant(key, impl):
+    _, model = build(key, attention_impl=impl)
+    x = images(key, 5)
+    slots = torch.tensor([0, 2, 1, 2, 0])
+    with torch.no_grad():
+        together = model(x, slots).logits
+        alone = torch.cat([model(x[b : b + 1], slots[b : b + 1]).logits for b in range(5)])
+        shuffled = torch.randperm(5)
+        reordered = model(x[shuffled], slots[shuffled]).logits
+    assert (together - alone).abs().max() <= 1e-5
+    assert (reordered - together[shuffled]).abs().max() <= 1e-5
+
+
+def run_with_prefixes(model, x, per_layer):
+    """Run the backbone with explicitly given per-layer prefixes (bypassing the pool)."""
+    attentions = [model.backbone.blocks[i].attn for i in model.prompt_layers]
+    with ExitStack() as stack:
+        for attention, gate, (keys, values) in zip(attentions, model.gates, per_layer):
+            stack.enter_context(attention.bound(keys, values, gate))
+        return model.classify(model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True))
+
+
+def test_official_layout_equals_explicit_reshape_and_leaks_across_samples():
+    from test_prefix_pool import official_reshape_by_hand
+
+    _, model = build("vit_tiny_32px", prefix_layout="official")
+    x = images("vit_tiny_32px", 6)
+    slots = torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        official = model(x, slots).logits
+        by_hand = run_with_prefixes(model, x, official_reshape_by_hand(model.pool.prompts, slots.tolist()))
+        assert (official - by_hand).abs().max() <= 1e-5
+        # a sample's logits change when only its neighbour's slot changes
+        changed = slots.clone()
+        changed[1] = 2
+        assert (model(x, changed).logits[0] - official[0]).abs().max() > 1e-3
+
+
+def test_reference_and_fused_models_agree_in_outputs_and_gradients():
+    _, model = build("vit_tiny_32px", gate="sigmoid")
+    x = images("vit_tiny_32px", 4)
+    labels = torch.randint(0, NUM_CLASSES, (4,))
+    results = {}
+    for impl in ("reference", "fused"):
+        model.attention_impl = impl
+        model.zero_grad()
+        out = model(x, 1)
+        cross_entropy(out.logits, labels).backward()
+        results[impl] = (out.logits.detach(), [p.grad.clone() for p in (model.pool.slots[1], *model.gates.parameters(), *model.backbone.head.parameters())])
+    (ref_logits, ref_grads), (fused_logits, fused_grads) = results["reference"], results["fused"]
+    assert (ref_logits - fused_logits).abs().max() <= 1e-5
+    for got, want in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in ref_grads[:3])  # gradient really reaches the used slot
+
+
+def test_only_prompts_gates_and_head_train():
+    _, model = build("vit_tiny_32px")
+    model.train()
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
+    model.pool.set_trainable_slot(0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"pool.slots.0", "gates.0.alpha", "gates.0.tau", "gates.1.alpha", "gates.1.tau",
+                         "backbone.head.weight", "backbone.head.bias"}
+    groups = model.parameter_groups()
+    assert sum(len(g) for g in groups.values()) == len(trainable)
+    # weight decay on every parameter given to the optimizer: frozen slots must still not move
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1)
+    prompts_before = model.pool.prompts.detach().clone()
+    x = images("vit_tiny_32px", 4)
+    cross_entropy(model(x, 0, momentum=0.0).logits, torch.randint(0, NUM_CLASSES, (4,))).backward()
+    optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert not torch.equal(model.pool.prompts[:, :, 0], prompts_before[:, :, 0])
+    assert torch.equal(model.pool.prompts[:, :, 1:], prompts_before[:, :, 1:])  # other slots untouched
+
+
+def test_alpha_zero_norga_equals_hide_prompt():
+    _, norga = build("vit_tiny_32px", gate="gelu")
+    _, hide = build("vit_tiny_32px", gate=None)
+    hide.load_state_dict({k: v for k, v in norga.state_dict().items() if "gates" not in k})
+    for gate in norga.gates:
+        torch.nn.init.zeros_(gate.alpha)
+    x = images("vit_tiny_32px", 3)
+    slots = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        assert (norga(x, slots).logits - hide(x, slots).logits).abs().max() <= 1e-5
+        assert (norga(x, slots).logits - norga(x).logits).abs().max() > 1e-4  # prompts do act
+
+
+def test_momentum_forward_uses_the_blended_slot():
+    _, model = build("vit_tiny_32px")
+    x = images("vit_tiny_32px", 2)
+    with torch.no_grad():
+        blended = model(x, 2, momentum=0.3).logits
+        model.pool.commit_blend(2, 0.3)
+        committed = model(x, 2).logits
+    assert (blended - committed).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="pass slots as an int"):
+        model(x, torch.tensor([2, 2]), momentum=0.3)
+
+
+def test_gate_schedule_and_attention_switch():
+    _, model = build("vit_tiny_32px")
+    model.set_gate_schedule("first", 1)
+    assert not any(p.requires_grad for p in model.gates.parameters())
+    model.attention_impl = "reference"
+    assert all(model.backbone.blocks[i].attn.impl == "reference" for i in model.prompt_layers)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        model.attention_impl = "flash"
+
+
+def test_bad_configuration_errors():
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    with pytest.raises(ValueError, match=r"prompt_layers must be block indices in \[0, 2\)"):
+        PromptedViT(backbone, num_slots=2, prompt_length=3, prompt_layers=(0, 5))
+    with pytest.raises(ValueError, match="unknown prefix layout"):
+        PromptedViT(backbone, num_slots=2, prompt_length=3, prompt_layers=(0,), prefix_layout="mixed")
+    with pytest.raises(TypeError, match="needs a timm VisionTransformer"):
+        PromptedViT(torch.nn.Linear(2, 2), num_slots=2, prompt_length=3)
+    with pytest.raises(ValueError, match=r"prefix_k must be shaped \(batch, 3, length, 64\)"):
+        model = PromptedViT(backbone, num_slots=2, prompt_length=3, prompt_layers=(0,))
+        with model.backbone.blocks[0].attn.bound(torch.zeros(1, 2, 3, 64), torch.zeros(1, 3, 3, 64), model.gates[0]):
+            pass
+
+
+def test_from_timm_builds_a_prompted_model():
+    model = PromptedViT.from_timm(
+        "vit_tiny_patch16_224", timm_kwargs=dict(img_size=32, patch_size=8, depth=2), num_slots=2,
+        prompt_length=3, prompt_layers=(0, 1), num_classes=4, gate="sigmoid",
+    )
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 4) and out.features.shape == (2, 192)
