@@ -106,7 +106,8 @@ def test_identity_gate_and_alpha_zero_are_plain_prefix_attention():
         gate.alpha.zero_()
     plain = loop_attention(q, k, v, pk, pv, IdentityGate(), D**-0.5)
     torch.testing.assert_close(fused_prefix_attention(q, k, v, pk, pv, gate, D**-0.5), plain)
-    torch.testing.assert_close(fused_prefix_attention(q, k, v, pk, pv, IdentityGate(), D**-0.5), plain)
+    for kernel in ("auto", "explicit", "bias", "sdpa"):
+        torch.testing.assert_close(fused_prefix_attention(q, k, v, pk, pv, IdentityGate(), D**-0.5, kernel=kernel), plain)
     torch.testing.assert_close(reference_prefix_attention(q, k, v, pk, pv, gate, D**-0.5), plain)
 
 
@@ -133,5 +134,7 @@ def test_unknown_kernel_and_dropout_with_explicit_kernel():
     q, k, v, pk, pv = random_inputs()
     with pytest.raises(ValueError, match="unknown fused prefix-attention kernel 'magic'"):
         fused_prefix_attention(q, k, v, pk, pv, gate, D**-0.5, kernel="magic")
+    with pytest.raises(ValueError, match="identity gate only"):
+        fused_prefix_attention(q, k, v, pk, pv, gate, D**-0.5, kernel="sdpa")
     with pytest.raises(ValueError, match="no attention dropout"):
         fused_prefix_attention(q, k, v, pk, pv, gate, D**-0.5, dropout_p=0.1, kernel="explicit")

@@ -7,12 +7,12 @@ values shaped (B, H, Lp, d) (or (1, H, Lp, d) to share one prefix across the bat
     softmax([gate(q·Pkᵀ·scale), q·Kᵀ·scale]) · [Pv; V]
 
 The fused path picks, by device:
-- identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
-- CPU, no dropout: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
+- CPU, no dropout, any gate: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
   makes fewer passes over the (N × (Lp+N)) score matrix than autograd does, and skips the token-side
   gradients when q, k, v need none (the first prompted layer of a frozen backbone). On CPU the fused
   flash kernel is no faster (its backward is ~2x slower than explicit batched matmuls here), and
-  attention is then bound by its six batched matmuls.
+  attention is then bound by its six batched matmuls;
+- elsewhere, identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
 - otherwise (CUDA, dropout): SDPA with the gate's residual ``gate(s) - s`` as an additive bias on the
   prefix columns.
 """
@@ -60,24 +60,26 @@ def fused_prefix_attention(
     dropout_p: float = 0.0,
     kernel: str = "auto",
 ) -> Tensor:
-    """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit" or "bias"."""
+    """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit", "bias" or "sdpa" (identity gate only)."""
     if prefix_k is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     prefix_k = _batch_like(prefix_k, k).to(q.dtype)
     prefix_v = _batch_like(prefix_v, v).to(q.dtype)
-    if gate.is_identity and kernel == "auto":
+    if kernel == "auto":
+        kernel = "explicit" if q.device.type == "cpu" and dropout_p == 0.0 else "sdpa" if gate.is_identity else "bias"
+    if kernel == "sdpa":
+        if not gate.is_identity:
+            raise ValueError("kernel='sdpa' has no gate: use it with the identity gate only")
         keys = torch.cat([prefix_k, k], dim=2)
         values = torch.cat([prefix_v, v], dim=2)
         return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, scale=scale)
-    if kernel == "auto":
-        kernel = "explicit" if q.device.type == "cpu" and dropout_p == 0.0 else "bias"
     if kernel == "explicit":
         if dropout_p != 0.0:
             raise ValueError("the explicit fused prefix kernel has no attention dropout; use kernel='bias'")
         return _GatedPrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale, gate, *gate.gate_parameters())
     if kernel == "bias":
         return _bias_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale, dropout_p)
-    raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit' or 'bias'")
+    raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit', 'bias' or 'sdpa'")
 
 
 def _batch_like(prefix: Tensor, tokens: Tensor) -> Tensor:
@@ -156,14 +158,14 @@ class _GatedPrefixAttention(torch.autograd.Function):
         grads = iter(torch.autograd.grad(gated, wanted, grad_scores[..., :length]))
         grad_prefix_scores, *grad_params = [next(grads) if leaf.requires_grad else None for leaf in leaves]
         grad_scores[..., :length] = grad_prefix_scores
-        grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
+        grad_scores = grad_scores.to(q.dtype)  # d/d(unscaled scores) = scale · this, applied to the results
 
         grad_q = grad_k = grad_v = None
         if needs_tokens:
-            grad_q = torch.matmul(grad_scores, keys)
-            grad_keys = torch.matmul(grad_scores.transpose(-2, -1), q)
+            grad_q = torch.matmul(grad_scores, keys).mul_(ctx.scale)
+            grad_keys = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
             grad_k, grad_v = grad_keys[:, :, length:], grad_values[:, :, length:]
             grad_pk, grad_pv = grad_keys[:, :, :length], grad_values[:, :, :length]
         else:
-            grad_pk, grad_pv = torch.matmul(grad_scores.transpose(-2, -1), q), grad_values
+            grad_pk, grad_pv = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale), grad_values
         return (grad_q, grad_k, grad_v, grad_pk, grad_pv, None, None, *grad_params)
