@@ -11,13 +11,13 @@ evaluate them with ``prefix_layout="official"`` to reproduce its numbers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from norga.io_utils import sha256_file
 from norga.nn.gates import NoRGaGate
 from norga.nn.prompted_vit import PromptedViT
 
@@ -74,7 +74,7 @@ def load_official_checkpoint(
 ) -> OfficialCheckpointReport:
     """Copy prompts, gate scalars and head from an official checkpoint into `model`, strictly."""
     state, args = read_official_checkpoint(path)
-    report = OfficialCheckpointReport(str(path), _sha256(path), official_gate_activation=args.get("gate_act"))
+    report = OfficialCheckpointReport(str(path), sha256_file(path), official_gate_activation=args.get("gate_act"))
     _load_prompts(model, state[PROMPT_KEY])
     report.loaded.append(PROMPT_KEY)
     _load_gates(model, state.get(GATE_KEY), report.official_gate_activation)
@@ -163,11 +163,3 @@ def _check_same_backbone(ours: Tensor, theirs: Tensor, key: str) -> None:
             "build the model on the pre-trained weights the checkpoint was trained on, "
             "or pass check_backbone=False to load the prompts anyway"
         )
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
