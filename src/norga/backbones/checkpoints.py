@@ -78,14 +78,19 @@ def _torch_load(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        message = str(err)
+        blocked = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if blocked:
             raise BackboneLoadError(
-                f"backbone file {path} pickles objects other than tensors and argparse.Namespace ({text}); "
+                f"backbone file {path} pickles {blocked.group(1)}, not only tensors and argparse.Namespace; "
                 "norga only loads with weights_only=True: re-save its state dict (torch.save(sd, ...)) "
                 "or convert it to .safetensors on a machine where you trust the file"
             ) from err
-        raise BackboneLoadError(f"backbone file {path} is not a readable PyTorch checkpoint (truncated or corrupt?): {text}") from err
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", message)
+        text = detail.group(1).strip() if detail else (message.splitlines()[0] if message else type(err).__name__)
+        raise BackboneLoadError(
+            f"backbone file {path} is not a readable PyTorch checkpoint (truncated or corrupt?): {text}"
+        ) from err
 
 
 def _only_tensors(obj: object) -> bool:
