@@ -187,7 +187,7 @@ def _read_npz(path: Path) -> Checkpoint:
             context="norga backbone",
         )
     except Exception as err:  # noqa: BLE001 - numpy/zipfile raise many types for corrupt archives
-        raise BackboneLoadError(f"backbone file {path} is not a readable original-ViT .npz checkpoint: {err}") from err
+        raise BackboneLoadError(f"backbone file {path} is not a readable original-ViT .npz checkpoint (truncated or corrupt?): {err}") from err
     try:
         with archive:
             arrays = {k: np.asarray(archive[k]) for k in archive.files}

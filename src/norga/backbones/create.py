@@ -52,12 +52,15 @@ def create_backbone(
     *,
     weights: str | Path = "hub",
     num_classes: int = 0,
+    expected_sha256: str | None = None,
     **timm_kwargs: Any,
 ) -> tuple[nn.Module, BackboneRecord]:
     """Build backbone ``name`` (a registry entry such as ``sup21k`` or any timm model name) with its weights.
 
     ``weights``: ``"hub"`` (timm's pretrained weights; needs network or a filled cache), ``"none"`` (random
     init) or the path of a checkpoint file in one of its original layouts, loaded with strict key matching.
+    ``expected_sha256``: refuse a file whose checksum differs (corruption that still parses is otherwise
+    undetectable; the checksum is always recorded).
     ``timm_kwargs`` are passed to ``timm.create_model`` on top of the entry's own (e.g. ``img_size``).
     """
     spec = resolve_pretraining(name)
@@ -71,6 +74,11 @@ def create_backbone(
         return model, _record(spec, model, kwargs, weights="none", loaded=0)
     path = Path(weights)
     checkpoint = read_checkpoint(path)
+    digest = sha256_file(path)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise BackboneLoadError(
+            f"backbone file {path} has SHA-256 {digest}, expected {expected_sha256}: corrupt or a different file; download it again"
+        )
     result = load_strict(
         model, checkpoint.tensors, source=str(path), ignore=[*checkpoint.ignore, *spec.ignore], fresh=list(spec.fresh)
     )
@@ -79,7 +87,7 @@ def create_backbone(
         model,
         kwargs,
         weights=str(path),
-        sha256=sha256_file(path),
+        sha256=digest,
         layout=checkpoint.layout,
         loaded=len(result.loaded),
         ignored={**checkpoint.ignored, **result.ignored},

@@ -70,6 +70,7 @@ def load_strict(
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
         else:
             unexpected.append(key)
+    nonfinite = [k for k, v in to_load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     missing = []
     for key in target:
         if key in to_load:
@@ -82,6 +83,8 @@ def load_strict(
     problems = []
     if mismatched:
         problems.append(f"shape mismatch for {len(mismatched)} key(s): {_listing(mismatched)}")
+    if nonfinite:
+        problems.append(f"NaN/Inf values (corrupt file?) in: {_listing(nonfinite)}")
     if missing:
         problems.append(f"{len(missing)} model key(s) missing from the checkpoint: {_listing(missing)}")
     if unexpected:
