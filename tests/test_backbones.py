@@ -324,3 +324,12 @@ def test_hub_offline_error_says_where_to_get_the_file():
         create_backbone("ibot21k", **TINY)
     with pytest.raises(BackboneLoadError, match=r"from the hub.*No network\?.*dino_vitbase16_pretrain\.pth.*weights=<file>"):
         create_backbone("dino1k", weights="hub", **TINY)
+
+
+def test_fp16_safetensors_loads_into_fp32_model(tmp_path):
+    """The shipped tiny backbone is fp16 safetensors: values are the fp16 ones, model stays fp32."""
+    source = tiny_vit()
+    save_file({k: v.half() for k, v in source.state_dict().items()}, str(tmp_path / "w16.safetensors"))
+    model, _ = create_backbone(ARCH, weights=tmp_path / "w16.safetensors", **TINY)
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, source.state_dict()[key].half().float()), key
