@@ -263,6 +263,12 @@ def test_missing_key_refused(layout, tmp_path):
         create_backbone("sup21k", weights=path, **TINY)
 
 
+def test_npz_of_other_model_refused(tmp_path):
+    np.savez(tmp_path / "resnet.npz", **{"conv_root/kernel": np.ones((7, 7, 3, 8), np.float32)})
+    with pytest.raises(BackboneLoadError, match=r"resnet\.npz is a \.npz without 'embedding/kernel'"):
+        create_backbone("sup21k", weights=tmp_path / "resnet.npz", **TINY)
+
+
 def test_unknown_npz_key_refused(tmp_path):
     path = save_jax_npz(tiny_vit(), tmp_path / "x.npz", extra={"Transformer/encoderblock_0/Adapter/kernel": np.ones(3)})
     with pytest.raises(BackboneLoadError, match="Transformer/encoderblock_0/Adapter/kernel"):

@@ -187,14 +187,22 @@ def _read_npz(path: Path) -> Checkpoint:
             context="norga backbone",
         )
     except Exception as err:  # noqa: BLE001 - numpy/zipfile raise many types for corrupt archives
-        raise BackboneLoadError(f"backbone file {path} is not a readable original-ViT .npz checkpoint (truncated or corrupt?): {err}") from err
+        if "did not find a supported" in str(err):
+            raise BackboneLoadError(
+                f"backbone file {path} is a .npz without 'embedding/kernel': not an original Google ViT checkpoint"
+            ) from err
+        raise BackboneLoadError(
+            f"backbone file {path} is not a readable .npz archive (truncated or corrupt?): {err}"
+        ) from err
     try:
         with archive:
             arrays = {k: np.asarray(archive[k]) for k in archive.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise BackboneLoadError(f"backbone file {path}: corrupt .npz member ({err}); download it again") from err
     if any(k.startswith("params/") for k in arrays):
-        raise BackboneLoadError(f"backbone file {path} is a big_vision checkpoint; only the original ViT .npz layout is supported")
+        raise BackboneLoadError(
+            f"backbone file {path} is a big_vision checkpoint; only the original ViT .npz layout is supported"
+        )
     arrays = {k.removeprefix("opt/target/"): v for k, v in arrays.items()}
     return Checkpoint(jax_vit_to_timm(arrays, path), "npz", [_NPZ_PRE_LOGITS])
 
@@ -237,6 +245,8 @@ def jax_vit_to_timm(arrays: dict[str, np.ndarray], path: Path | str = "<npz>") -
         if missing:
             raise BackboneLoadError(f"backbone file {path}: encoderblock_{i} attention lacks {missing}")
         # query/key/value kernels (D, H, d) -> rows of qkv.weight (3*H*d, D); biases (H, d) -> flat.
-        out[f"blocks.{i}.attn.qkv.weight"] = t(np.concatenate([parts[f"{n}/kernel"].reshape(parts[f"{n}/kernel"].shape[0], -1).T for n in ("query", "key", "value")]))
-        out[f"blocks.{i}.attn.qkv.bias"] = t(np.concatenate([parts[f"{n}/bias"].reshape(-1) for n in ("query", "key", "value")]))
+        kernels = [parts[f"{n}/kernel"] for n in ("query", "key", "value")]
+        biases = [parts[f"{n}/bias"] for n in ("query", "key", "value")]
+        out[f"blocks.{i}.attn.qkv.weight"] = t(np.concatenate([k.reshape(k.shape[0], -1).T for k in kernels]))
+        out[f"blocks.{i}.attn.qkv.bias"] = t(np.concatenate([b.reshape(-1) for b in biases]))
     return out
