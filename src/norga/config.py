@@ -74,6 +74,7 @@ class TIIConfig:
     """Task-identity inference model: frozen features -> residual MLP -> head."""
 
     mlp_hidden: list[int] = field(default_factory=lambda: [2])
+    augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
     train: OptimConfig = field(default_factory=OptimConfig)
     tap: TAPConfig = field(default_factory=lambda: TAPConfig(lr=0.0025, samples_per_class=128))
 

@@ -1,0 +1,1 @@
+"""The engine: task loop, training phases, checkpoints, seeding and the run directory."""

@@ -1,0 +1,156 @@
+"""The task loop: run a method's phases task after task, evaluate, checkpoint after every epoch, resume."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from norga.config import RunConfig
+from norga.engine.context import RunContext, TaskDatasets
+from norga.engine.progress import Progress
+from norga.engine.run_dir import RunDirectory
+from norga.engine.seeding import seed_everything
+from norga.methods import METHODS
+from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod
+from norga.metrics import AccuracyMatrix
+from norga.nn import PromptedViT
+
+log = logging.getLogger("norga")
+
+MATRICES = ("accuracy", "before_tap", "task_identity")
+
+
+@dataclass
+class Position:
+    """Where a run stands: the next task, phase index within it and epoch within that phase."""
+
+    task: int = 0
+    phase: int = 0
+    epoch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"task": self.task, "phase": self.phase, "epoch": self.epoch}
+
+
+class Engine:
+    """Runs one continual-learning experiment into a run directory."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: PromptedViT,
+        tasks: Sequence[TaskDatasets],
+        num_classes: int,
+        run_dir: RunDirectory,
+        device: torch.device,
+        progress: Progress | None = None,
+        after_epoch: Callable[[Position], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        seed_everything(config.seed)  # before any module the method creates is initialised
+        self.context = RunContext(config, model.to(device), tasks, num_classes, device, workers=config.data.workers)
+        self.method: ContinualMethod = METHODS[config.method](self.context)
+        self.num_tasks = len(tasks)
+        self.matrices = {name: AccuracyMatrix(self.num_tasks) for name in MATRICES}
+        self.position = Position()
+        self.progress = progress or Progress(enabled=False)
+        self.after_epoch = after_epoch  # test hook: called after each checkpointed epoch
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {
+            "position": self.position.to_dict(),
+            "method": self.method.state_dict(),
+            "matrices": {name: matrix.to_dict() for name, matrix in self.matrices.items()},
+        }
+
+    def resume(self) -> None:
+        """Continue from the run directory's last checkpoint."""
+        state, heavy = self.run_dir.load_state()
+        self.position = Position(**state["position"])
+        self.method.load_state_dict(state["method"])
+        self.method.load_heavy_state_dict(heavy)
+        self.matrices = {name: AccuracyMatrix.from_dict(data) for name, data in state["matrices"].items()}
+        log.info("resuming at task %d, phase %d, epoch %d", self.position.task, self.position.phase, self.position.epoch)
+
+    def _checkpoint(self, task: int, phase: int, epoch: int) -> None:
+        """Save the state; class statistics only change between phases, so they are saved only there."""
+        self.position = Position(task, phase, epoch)
+        self.run_dir.save_state(self.state(), self.method.heavy_state_dict() if epoch == 0 else None)
+        if self.after_epoch is not None:
+            self.after_epoch(self.position)
+
+    # ------------------------------------------------------------------- loop
+    def run(self) -> dict[str, AccuracyMatrix]:
+        start = self.position
+        for task in range(start.task, self.num_tasks):
+            phases = self.method.phases(task)
+            first_phase = start.phase if task == start.task else 0
+            for index in range(first_phase, len(phases)):
+                phase = phases[index]
+                first_epoch = start.epoch if (task, index) == (start.task, start.phase) else 0
+                if phase.name == EVALUATE_BEFORE_TAP:
+                    self.evaluate(task, self.matrices["before_tap"])
+                else:
+                    bar = self.progress.bar(f"task {task + 1}/{self.num_tasks} {phase.name}", phase.epochs, first_epoch)
+
+                    def on_epoch_end(epoch: int, logs: dict, task=task, index=index, bar=bar) -> None:
+                        bar.update(logs)
+                        self._checkpoint(task, index, epoch + 1)
+
+                    self.method.run_phase(task, phase, first_epoch, on_epoch_end)
+                    bar.close()
+                self._checkpoint(task, index + 1, 0)
+            self.evaluate(task, self.matrices["accuracy"], self.matrices["task_identity"])
+            self._checkpoint(task + 1, 0, 0)
+            self.run_dir.save_task_checkpoint(task, self.state(), self.method.heavy_state_dict())
+            self.run_dir.write_results(self.config, self.matrices, upto=task)
+            self.progress.write(self.run_dir.summary_line(self.matrices["accuracy"], task))
+        return self.matrices
+
+    # ------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def evaluate(self, task: int, matrix: AccuracyMatrix, identity: AccuracyMatrix | None = None) -> None:
+        """Accuracy on the test set of every task seen so far, after learning `task`."""
+        self.context.model.eval()
+        batch_size = self.config.eval.batch_size
+        for seen in range(task + 1):
+            frozen = self.context.frozen_test_features(seen)
+            correct = task_correct = total = 0
+            loader = self.context.loader(self.context.tasks[seen].test, batch_size)
+            for start, (images, labels) in zip(range(0, len(frozen.labels), batch_size), loader):
+                prediction = self.method.predict(images, task + 1, frozen.features[start : start + len(images)])
+                correct += int((prediction.classes == labels).sum())
+                if prediction.tasks is not None:
+                    task_correct += int((prediction.tasks == seen).sum())
+                total += len(labels)
+            matrix.update(seen, task, correct, total)
+            if identity is not None:
+                identity.update(seen, task, task_correct, total)
+
+
+def run_experiment(
+    config: RunConfig,
+    model: PromptedViT,
+    tasks: Sequence[TaskDatasets],
+    num_classes: int,
+    run_dir: Path | str,
+    *,
+    resume: bool = False,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+    after_epoch: Callable[[Position], None] | None = None,
+) -> dict[str, AccuracyMatrix]:
+    """Library entry point: run (or resume) one experiment on already-built model and task data."""
+    directory = RunDirectory(Path(run_dir), create=not resume)
+    if not resume:
+        directory.write_config(config)
+    engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch)
+    if resume:
+        engine.resume()
+    return engine.run()

@@ -1,0 +1,56 @@
+"""Optimisers and learning-rate schedules as the official code steps them, as pure functions of the epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from norga.config import OptimConfig
+
+SCHEDULES = ("constant", "step", "cosine")
+STEP_DECAY_EPOCHS, STEP_DECAY_RATE, COSINE_MIN_LR = 30, 0.1, 1e-5
+
+
+def schedule_factor(schedule: str, epoch: int, epochs: int, base_lr: float) -> float:
+    """Multiplier of the base lr for 0-based `epoch`.
+
+    The official code steps timm's scheduler with the epoch index *after* each epoch, so epoch e trains
+    with the value for e-1 (epoch 0 with the base lr): a 'step' decay starts at epoch 31.
+    """
+    if schedule == "constant" or epoch == 0:
+        return 1.0
+    t = epoch - 1
+    if schedule == "step":
+        return STEP_DECAY_RATE ** (t // STEP_DECAY_EPOCHS)
+    if schedule == "cosine":
+        if t >= epochs:
+            return COSINE_MIN_LR / base_lr
+        lr = COSINE_MIN_LR + 0.5 * (base_lr - COSINE_MIN_LR) * (1 + math.cos(math.pi * t / epochs))
+        return lr / base_lr
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def cosine_annealing_factor(epoch: int, epochs: int) -> float:
+    """torch's CosineAnnealingLR (eta_min 0) stepped once per epoch: the TAP schedule."""
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def build_optimizer(groups: Iterable[dict], config: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over parameter groups; each group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
+    groups = [dict(group, lr=config.lr * group.get("lr_scale", 1.0)) for group in groups if group["params"]]
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+        group["base_lr"] = group["lr"]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam' or 'sgd'")
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to its base lr times `factor`."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

@@ -1,0 +1,134 @@
+"""A run is a directory: config, environment, state checkpoints, results, matrices, log and plots."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+
+from norga import __version__
+from norga.config import RunConfig
+from norga.engine.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from norga.metrics import AccuracyMatrix
+
+STATE = "state.pt"
+HEAVY_STATE = "state_heavy.pt"
+
+
+def metrics_of(matrix: AccuracyMatrix, upto: int) -> dict[str, float]:
+    """The reported metrics after task `upto` (0-based), derived from the stored matrix."""
+    return {
+        "final_average_accuracy": matrix.final_average_accuracy(upto),
+        "sample_weighted_final_accuracy": matrix.sample_weighted_final_accuracy(upto),
+        "cumulative_average_accuracy": matrix.cumulative_average_accuracy(upto),
+        "forgetting": matrix.forgetting(upto),
+        "backward_transfer": matrix.backward_transfer(upto),
+    }
+
+
+class RunDirectory:
+    """Owns every file of a run; all writes are atomic."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if create:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise FileExistsError(
+                    f"run directory {self.path} already exists and is not empty: resume it with "
+                    f"`norga run --resume {self.path}` or choose another name"
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not (self.path / STATE).is_file():
+            raise FileNotFoundError(f"{self.path} holds no {STATE}: not a run directory that can be resumed")
+        self._attach_log()
+
+    def _attach_log(self) -> None:
+        logger = logging.getLogger("norga")
+        logger.setLevel(logging.INFO)
+        log_file = str((self.path / "log.txt").resolve())
+        if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+
+    # ------------------------------------------------------------- records
+    def write_config(self, config: RunConfig) -> None:
+        write_text(yaml.safe_dump(asdict(config), sort_keys=False), self.path / "config.yaml")
+
+    def write_environment(self, extra: dict[str, Any]) -> None:
+        write_json(
+            {
+                "norga": __version__,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "git_sha": _git_sha(),
+                **extra,
+            },
+            self.path / "environment.json",
+        )
+
+    # -------------------------------------------------------------- state
+    def save_state(self, state: dict[str, Any], heavy: dict[str, Any] | None = None) -> None:
+        """Heavy parts (class statistics) are written only when given; the light state every time."""
+        if heavy is not None:
+            save_checkpoint(heavy, self.path / HEAVY_STATE)
+        save_checkpoint(state, self.path / STATE)
+
+    def load_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        heavy_path = self.path / HEAVY_STATE
+        heavy = load_checkpoint(heavy_path) if heavy_path.is_file() else {}
+        return load_checkpoint(self.path / STATE), heavy
+
+    def save_task_checkpoint(self, task: int, state: dict[str, Any], heavy: dict[str, Any]) -> None:
+        save_checkpoint({**state, **heavy}, self.path / "checkpoints" / f"task{task + 1}.pt")
+
+    # ------------------------------------------------------------ results
+    def write_results(self, config: RunConfig, matrices: dict[str, AccuracyMatrix], upto: int) -> dict[str, Any]:
+        accuracy = matrices["accuracy"]
+        results = {
+            "method": config.method,
+            "gate": config.prompt.gate,
+            "tasks_finished": upto + 1,
+            "metrics": metrics_of(accuracy, upto),
+            "task_identity_accuracy": matrices["task_identity"].final_average_accuracy(upto),
+            "compat": {
+                "prefix_layout": config.prompt.prefix_layout,
+                "batchwise_prompt": config.eval.batchwise_prompt,
+                "normalization": config.data.normalization,
+                "gate_train_tasks": config.prompt.gate_train_tasks,
+                "mask_final_logits": config.eval.mask_final_logits,
+                "test_batch_size": config.eval.batch_size,
+            },
+            "matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
+        }
+        write_json(results, self.path / "results.json")
+        for name, matrix in matrices.items():
+            matrix.to_csv(self.path / f"{name}_matrix.csv")
+        from norga.report import plot_run  # matplotlib is imported only when plotting
+
+        plot_run(accuracy, self.path, upto)
+        return results
+
+    @staticmethod
+    def summary_line(matrix: AccuracyMatrix, upto: int) -> str:
+        m = metrics_of(matrix, upto)
+        return (f"after task {upto + 1}: FA {m['final_average_accuracy']:.2f}  CA {m['cumulative_average_accuracy']:.2f}"
+                f"  FFM {m['forgetting']:.2f}")
+
+
+def _git_sha() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None

@@ -1,0 +1,76 @@
+"""What a continual-learning method is to the engine: named phases per task, prediction, state."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+#: A phase name that asks the engine to evaluate all seen tasks into the "before_tap" matrices.
+EVALUATE_BEFORE_TAP = "evaluate_before_tap"
+
+
+@dataclass
+class Phase:
+    """One step of learning a task; `epochs` > 0 marks a resumable training phase."""
+
+    name: str
+    epochs: int = 0
+
+
+@dataclass
+class Prediction:
+    """Predicted classes and, where the method infers it, predicted tasks, for a batch of images."""
+
+    classes: Tensor
+    tasks: Tensor | None = None
+
+
+class ContinualMethod(ABC):
+    """A method is a set of task hooks; the engine never branches on its name.
+
+    `phases(task)` lists what learning `task` takes; the engine runs each with `run_phase` and, after every
+    epoch of a training phase, checkpoints `state_dict()` so a run can resume from the last finished epoch.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def phases(self, task: int) -> list[Phase]: ...
+
+    @abstractmethod
+    def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
+        """Run `phase` from `start_epoch`; call ``on_epoch_end(epoch, logs)`` after each finished epoch."""
+
+    @abstractmethod
+    def predict(self, images: Tensor, seen_tasks: int) -> Prediction: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def heavy_state_dict(self) -> dict[str, Any]:
+        """Large state that changes only between phases (class statistics); saved only there."""
+        return {}
+
+    def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `heavy_state_dict` returned."""
+
+
+METHODS: dict[str, type[ContinualMethod]] = {}
+
+
+def register_method(*names: str) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
+    """Class decorator: make a method available to configs under `names`."""
+
+    def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+        for name in names:
+            METHODS[name] = cls
+        return cls
+
+    return register

@@ -1,0 +1,239 @@
+"""HiDe-Prompt and NoRGa (HiDe-Prompt with a non-linear residual gate): one method, the gate is config.
+
+Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run:
+task-identity model training -> its class Gaussians -> its task-adaptive training (t > 0); then prompt
+training on slot t (copied from t-1, momentum blend, CE + contrastive) -> momentum commit -> prompted
+class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of the head (t > 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from norga.config import OptimConfig, RunConfig, TAPConfig
+from norga.engine.context import RunContext
+from norga.engine.optim import build_optimizer, cosine_annealing_factor, schedule_factor, set_epoch_lr
+from norga.engine.seeding import derive_seed, generator
+from norga.gaussians import ClassGaussians, official_tap_batches
+from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, Phase, Prediction, register_method
+from norga.tii import TaskIdentityModel
+
+NEG_INF = float("-inf")
+
+
+def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Logits with every class outside the boolean mask `allowed` set to -inf."""
+    return logits.masked_fill(~allowed.to(logits.device), NEG_INF)
+
+
+def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: float) -> Tensor:
+    """HiDe-Prompt's regulariser: rows of [prototypes; features] must be most similar to themselves."""
+    rows = features if prototypes is None else torch.cat([prototypes.to(features), features])
+    similarity = rows @ rows.T / temperature
+    return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
+
+
+@register_method("norga", "hide")
+class HiDePrompt(ContinualMethod):
+    """HiDe-Prompt pipeline; ``config.prompt.gate`` None is HiDe-Prompt, an activation name is NoRGa."""
+
+    name = "hide"
+
+    def __init__(self, context: RunContext) -> None:
+        self.ctx = context
+        self.config: RunConfig = context.config
+        self.model = context.model
+        dim = self.model.backbone.num_features
+        num_classes = context.num_classes
+        self.tii = TaskIdentityModel(dim, num_classes, self.config.tii.mlp_hidden).to(context.device)
+        self.tii_gaussians = ClassGaussians()
+        self.prompt_gaussians = ClassGaussians()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._saved_optimizer: dict | None = None
+
+    # ----------------------------------------------------------------- phases
+    def phases(self, task: int) -> list[Phase]:
+        cfg = self.config
+        later = task > 0
+        phases = [Phase("tii_train", cfg.tii.train.epochs), Phase("tii_stats")]
+        if later:
+            phases.append(Phase("tii_tap", cfg.tii.tap.epochs))
+        phases += [Phase("wtp_train", cfg.wtp.train.epochs), Phase("momentum"), Phase("prompt_stats")]
+        if later:
+            phases += [Phase(EVALUATE_BEFORE_TAP), Phase("tap", cfg.wtp.tap.epochs)]
+        return phases
+
+    def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
+        trainers = {"tii_train": self._train_tii, "tii_tap": self._tii_tap, "wtp_train": self._train_prompts,
+                    "tap": self._head_tap}
+        steps = {"tii_stats": self._tii_stats, "momentum": self._commit_momentum, "prompt_stats": self._prompt_stats}
+        if phase.name in trainers:
+            trainers[phase.name](task, start_epoch, on_epoch_end)
+        else:
+            steps[phase.name](task)
+
+    # ------------------------------------------------------ task identity model
+    def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
+        cfg = self.config.tii.train
+        self.tii.train()
+        self._phase_optimizer([{"params": list(self.tii.parameters())}], cfg, start_epoch)
+        allowed = self.ctx.class_mask(task)
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            total = 0.0
+            for features, labels in self.ctx.tii_training_batches(task, epoch, cfg.batch_size):
+                loss = F.cross_entropy(masked_logits(self.tii(features), allowed), labels)
+                total += self._step(loss, self.tii.parameters(), cfg)
+            on_epoch_end(epoch, {"loss": total})
+
+    def _tii_stats(self, task: int) -> None:
+        frozen = self.ctx.frozen_train_features(task)
+        for label in self.ctx.classes(task):
+            self.tii_gaussians.add_class(label, frozen.features[frozen.labels == label])
+
+    def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
+        self.tii.train()
+        self._tap(task, start_epoch, on_epoch_end, self.config.tii.tap, self.tii_gaussians,
+                  list(self.tii.parameters()), self.tii, "tii_tap")
+
+    # ---------------------------------------------------------- prompt training
+    def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
+        cfg, model = self.config.wtp.train, self.model
+        if start_epoch == 0 and task > 0:
+            model.pool.copy_slot(task - 1, task)
+        model.set_gate_schedule(self.config.prompt.gate_train_tasks, task)
+        model.pool.set_trainable_slot(task)
+        groups = model.parameter_groups()
+        self._phase_optimizer(
+            [{"params": groups["prompts"] + groups["gates"]},
+             {"params": groups["head"], "lr_scale": self.config.wtp.head_lr_scale}], cfg, start_epoch)
+        momentum = self.config.prompt.momentum if task > 0 else 0.0
+        allowed = self.ctx.class_mask(task)
+        prototypes = self.prompt_gaussians.means(self.ctx.classes_before(task)) if task > 0 else None
+        params = [p for group in groups.values() for p in group]
+        model.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            total = 0.0
+            for images, labels in self.ctx.train_loader(task, epoch, cfg.batch_size):
+                with self.ctx.autocast():
+                    out = model(images, task, momentum=momentum)
+                    loss = F.cross_entropy(masked_logits(out.logits.float(), allowed), labels)
+                    loss = loss + self.config.wtp.contrastive_weight * contrastive_loss(
+                        out.features.float(), prototypes, self.config.wtp.contrastive_temperature)
+                total += self._step(loss, params, cfg)
+            on_epoch_end(epoch, {"loss": total})
+        model.eval()
+
+    def _commit_momentum(self, task: int) -> None:
+        if task > 0 and self.config.prompt.momentum > 0:
+            self.model.pool.commit_blend(task, self.config.prompt.momentum)
+
+    def _prompt_stats(self, task: int) -> None:
+        features, labels = self.ctx.prompted_train_features(task)
+        for label in self.ctx.classes(task):
+            self.prompt_gaussians.add_class(label, features[labels == label])
+
+    def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
+        head = self.model.backbone.head
+        self._tap(task, start_epoch, on_epoch_end, self.config.wtp.tap, self.prompt_gaussians,
+                  list(head.parameters()), head, "tap")
+
+    # ------------------------------------------------------------------ shared
+    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key) -> None:
+        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class."""
+        optim_cfg = OptimConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", clip_grad=None)
+        self._phase_optimizer([{"params": params}], optim_cfg, start_epoch)
+        seen = self.ctx.classes_until(task)
+        allowed = self.ctx.class_mask_until(task)
+        previous = len(self.ctx.classes_before(task))
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, cosine_annealing_factor(epoch, cfg.epochs))
+            rng = generator(self.config.seed, key, task, epoch)
+            total = 0.0
+            chunks = official_tap_batches(gaussians, seen, previous if cfg.official_chunking else len(seen),
+                                          cfg.samples_per_class, rng)
+            for features, labels in chunks:
+                features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
+                loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
+                total += self._step(loss, params, optim_cfg)
+            on_epoch_end(epoch, {"loss": total})
+
+    def _step(self, loss: Tensor, params, cfg: OptimConfig) -> Tensor:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()}: lower the learning rate (now {cfg.lr}) or check the data; "
+                "the last good checkpoint is intact"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+    # --------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
+        """Task-identity inference from frozen features (masked to the seen classes)."""
+        self.tii.eval()
+        logits = masked_logits(self.tii(frozen_features.to(self.ctx.device)), self.ctx.class_mask_until(seen_tasks - 1))
+        return self.ctx.class_to_task[logits.argmax(dim=1).cpu()]
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+        """Frozen pass -> predicted task -> prompted pass with that task's slot -> class."""
+        if frozen_features is None:
+            frozen_features = self.ctx.frozen_encode(images)
+        tasks = self.predict_tasks(frozen_features, seen_tasks)
+        slots = tasks
+        if self.config.eval.batchwise_prompt:  # official compat (P2): the batch's majority task for all
+            slots = torch.full_like(tasks, int(torch.mode(tasks).values))
+        with self.ctx.autocast():
+            logits = self.model(images.to(self.ctx.device), slots.to(self.ctx.device)).logits.float()
+        if self.config.eval.mask_final_logits:
+            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
+        return Prediction(logits.argmax(dim=1).cpu(), tasks)
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v for k, v in self.model.state_dict().items() if not self._frozen_key(k)},
+            "tii": self.tii.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not self._frozen_key(k)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        self.tii.load_state_dict(state["tii"])
+        self._saved_optimizer = state["optimizer"]
+
+    def heavy_state_dict(self) -> dict[str, Any]:
+        return {"tii_gaussians": self.tii_gaussians.state_dict(), "prompt_gaussians": self.prompt_gaussians.state_dict()}
+
+    def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.tii_gaussians.load_state_dict(state["tii_gaussians"])
+            self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
+
+    def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
+        """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
+        mid-phase, it gets the interrupted phase's saved state back."""
+        self.optimizer = build_optimizer(groups, cfg)
+        saved, self._saved_optimizer = self._saved_optimizer, None
+        if start_epoch > 0:
+            if saved is None:
+                raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
+            self.optimizer.load_state_dict(saved)
+
+    def _frozen_key(self, key: str) -> bool:
+        """Backbone weights are not checkpointed (they are the pre-trained file, recorded by checksum)."""
+        return key.startswith("backbone.") and not key.startswith(("backbone.head.", "backbone.fc_norm."))

@@ -1,0 +1,107 @@
+"""Accuracy matrices and the continual-learning metrics derived from them (NORGA_SPEC §4).
+
+``acc[i, t]`` is the top-1 accuracy (%) on the test set of task i after training task t. Each cell keeps
+its correct / total counts, so both the official task-averaged final accuracy and a sample-weighted
+one come from the same record. Every metric takes ``upto`` (0-based last finished task), giving the
+official "till task t" values after every task.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from norga.engine.checkpoint import atomic_write
+
+
+class AccuracyMatrix:
+    """T×T counts of correct and total test samples per (evaluated task, after task)."""
+
+    def __init__(self, num_tasks: int) -> None:
+        if num_tasks <= 0:
+            raise ValueError(f"an accuracy matrix needs at least one task, got {num_tasks}")
+        self.correct = np.zeros((num_tasks, num_tasks), dtype=np.int64)
+        self.total = np.zeros((num_tasks, num_tasks), dtype=np.int64)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.correct.shape[0]
+
+    def update(self, task_evaluated: int, after_task: int, correct: int, total: int) -> None:
+        """Record the test result of `task_evaluated` after training `after_task`."""
+        if not 0 <= task_evaluated <= after_task < self.num_tasks:
+            raise IndexError(f"cell ({task_evaluated}, {after_task}) is outside the seen part of a {self.num_tasks}-task matrix")
+        if not 0 <= correct <= total or total == 0:
+            raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
+        self.correct[task_evaluated, after_task] = correct
+        self.total[task_evaluated, after_task] = total
+
+    def accuracies(self) -> np.ndarray:
+        """acc[i, t] in percent; cells never evaluated are 0 (as the official zero-initialised matrix)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.total > 0, 100.0 * self.correct / np.maximum(self.total, 1), 0.0)
+
+    def final_average_accuracy(self, upto: int | None = None) -> float:
+        """FA (official): unweighted mean over tasks i <= upto of acc[i, upto]."""
+        upto = self._upto(upto)
+        return float(self.accuracies()[: upto + 1, upto].mean())
+
+    def sample_weighted_final_accuracy(self, upto: int | None = None) -> float:
+        """Correct / total over all test samples of tasks <= upto, after task `upto`."""
+        upto = self._upto(upto)
+        return float(100.0 * self.correct[: upto + 1, upto].sum() / max(self.total[: upto + 1, upto].sum(), 1))
+
+    def cumulative_average_accuracy(self, upto: int | None = None) -> float:
+        """CA (official): mean over t <= upto of the average accuracy on tasks <= t after task t."""
+        upto = self._upto(upto)
+        acc = self.accuracies()
+        return float(np.mean([acc[: t + 1, t].mean() for t in range(upto + 1)]))
+
+    def forgetting(self, upto: int | None = None) -> float:
+        """FFM (official): mean over i < upto of max over ALL columns <= upto of acc[i] minus acc[i, upto]."""
+        upto = self._upto(upto)
+        if upto == 0:
+            return 0.0
+        acc = self.accuracies()[:, : upto + 1]
+        return float(np.mean(acc[:upto].max(axis=1) - acc[:upto, upto]))
+
+    def backward_transfer(self, upto: int | None = None) -> float:
+        """Mean over i < upto of acc[i, upto] - acc[i, i]."""
+        upto = self._upto(upto)
+        if upto == 0:
+            return 0.0
+        acc = self.accuracies()
+        return float(np.mean([acc[i, upto] - acc[i, i] for i in range(upto)]))
+
+    def _upto(self, upto: int | None) -> int:
+        upto = self.num_tasks - 1 if upto is None else upto
+        if not 0 <= upto < self.num_tasks:
+            raise IndexError(f"upto must be a task index in [0, {self.num_tasks}), got {upto}")
+        return upto
+
+    # ------------------------------------------------------------ storage
+    def to_dict(self) -> dict:
+        return {"correct": self.correct.tolist(), "total": self.total.tolist(),
+                "accuracy": np.round(self.accuracies(), 6).tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AccuracyMatrix:
+        matrix = cls(len(data["correct"]))
+        matrix.correct[:] = np.asarray(data["correct"], dtype=np.int64)
+        matrix.total[:] = np.asarray(data["total"], dtype=np.int64)
+        return matrix
+
+    def to_csv(self, path: str | Path) -> None:
+        """Accuracies (%) with a header row of "after task" columns and the evaluated task in column 0."""
+        acc = self.accuracies()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["test_task"] + [f"after_task_{t + 1}" for t in range(self.num_tasks)])
+                for i in range(self.num_tasks):
+                    writer.writerow([i + 1] + [f"{acc[i, t]:.4f}" for t in range(self.num_tasks)])
+
+        atomic_write(path, write)

@@ -1,0 +1,97 @@
+"""The HiDe-Prompt / NoRGa pipeline end to end on a generated 3-task benchmark and a tiny ViT."""
+
+import json
+
+import pytest
+import torch
+
+from engine_fixtures import (CLASSES_PER_TASK, NUM_TASKS, TEST_PER_CLASS, TRAIN_PER_CLASS, FailingDataset,
+                             make_model, make_tasks, tiny_config)
+from norga.config import OptimConfig, TAPConfig
+from norga.engine.context import TaskDatasets
+from norga.engine.loop import Engine, run_experiment
+from norga.engine.run_dir import RunDirectory
+
+NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
+
+
+def run(tmp_path, name="run", config=None, tasks=None, **kwargs):
+    config = config or tiny_config()
+    return run_experiment(config, make_model(config), tasks or make_tasks(), NUM_CLASSES, tmp_path / name, **kwargs)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", None])
+def test_every_phase_runs_and_the_run_directory_is_complete(tmp_path, gate):
+    matrices = run(tmp_path, config=tiny_config(**{"prompt.gate": gate}))
+    accuracy = matrices["accuracy"].accuracies()
+    assert accuracy.shape == (NUM_TASKS, NUM_TASKS)
+    upper = [(i, t) for t in range(NUM_TASKS) for i in range(t + 1)]
+    assert all(0 <= accuracy[i, t] <= 100 for i, t in upper)
+    assert all(accuracy[i, t] == 0 for t in range(NUM_TASKS) for i in range(t + 1, NUM_TASKS))
+    before = matrices["before_tap"].accuracies()
+    assert before[0, 0] == 0 and before[:2, 1].sum() > 0  # no TAP (so no before-TAP eval) after task 0
+    directory = tmp_path / "run"
+    for name in ("config.yaml", "results.json", "accuracy_matrix.csv", "before_tap_matrix.csv",
+                 "task_identity_matrix.csv", "accuracy_matrix.png", "accuracy_curve.png", "log.txt", "state.pt",
+                 *(f"checkpoints/task{t + 1}.pt" for t in range(NUM_TASKS))):
+        assert (directory / name).is_file(), name
+    results = json.loads((directory / "results.json").read_text())
+    assert results["tasks_finished"] == NUM_TASKS and results["gate"] == gate
+    assert results["compat"]["prefix_layout"] == "correct"
+    fa = results["metrics"]["final_average_accuracy"]
+    assert fa == pytest.approx(accuracy[:, -1].mean())
+
+
+def test_it_learns_the_generated_benchmark(tmp_path):
+    """Separable class templates: final and task-identity accuracy far above chance (1/6), and TAP helps."""
+    config = tiny_config(**{"wtp.train.lr": 0.05, "wtp.head_lr_scale": 1.0, "wtp.train.epochs": 5})
+    config.tii.train = OptimConfig(epochs=8, lr=1e-2, batch_size=4)
+    config.tii.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
+    config.wtp.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
+    matrices = run(tmp_path, config=config)
+    last = NUM_TASKS - 1
+    assert matrices["accuracy"].final_average_accuracy(last) > 70
+    assert matrices["task_identity"].final_average_accuracy(last) > 70
+    assert matrices["accuracy"].final_average_accuracy(last) > matrices["before_tap"].final_average_accuracy(last)
+
+
+def test_resume_after_a_crash_mid_epoch_gives_identical_results(tmp_path):
+    config = tiny_config()
+    uninterrupted = run(tmp_path, "straight", config)
+
+    tasks = make_tasks()
+    # reads of task 1's augmented training set: 2 TII epochs + 1 WTP epoch, then crash inside WTP epoch 2
+    per_epoch = CLASSES_PER_TASK * TRAIN_PER_CLASS
+    failing = FailingDataset(tasks[1].train, fail_at=3 * per_epoch + per_epoch // 2)
+    tasks[1] = TaskDatasets(tasks[1].classes, failing, tasks[1].train_eval, tasks[1].test)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(tmp_path, "crashed", config, tasks=tasks)
+    state, _ = RunDirectory(tmp_path / "crashed", create=False).load_state()
+    assert state["position"]["task"] == 1 and state["position"]["epoch"] == 1  # mid-task, after WTP epoch 1
+    resumed = run(tmp_path, "crashed", config, resume=True)
+    for name in uninterrupted:
+        assert torch.equal(torch.as_tensor(uninterrupted[name].accuracies()), torch.as_tensor(resumed[name].accuracies())), name
+
+
+def test_frozen_backbone_encodes_each_image_once(tmp_path):
+    config = tiny_config(**{"tii.augment": False, "tii.train.epochs": 3})
+    model, tasks = make_model(config), make_tasks()
+    engine = Engine(config, model, tasks, NUM_CLASSES, RunDirectory(tmp_path / "cache"), torch.device("cpu"))
+    engine.run()
+    distinct = NUM_TASKS * CLASSES_PER_TASK * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    assert engine.context.frozen_images_encoded == distinct
+
+    config = tiny_config(**{"tii.augment": False, "tii.train.epochs": 3, "cache_frozen_features": False})
+    uncached = Engine(config, make_model(config), tasks, NUM_CLASSES, RunDirectory(tmp_path / "nocache"),
+                      torch.device("cpu"))
+    uncached.run()
+    assert uncached.context.frozen_images_encoded > 2 * distinct
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="norga run --resume"):
+        run(tmp_path, "taken")
+    with pytest.raises(FileNotFoundError, match="not a run directory that can be resumed"):
+        run(tmp_path, "nothing_here", resume=True)
