@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import timm
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import TaskDatasets
 from norga.nn import PromptedViT
+from norga.synthetic import synthetic_tasks
 
 NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE = 3, 2, 8, 4, 16, 0.5
 
 
 def make_tasks(seed: int = 0) -> list[TaskDatasets]:
-    """Class c = a fixed random 16x16 template + noise; tasks are consecutive class pairs."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.randn(NUM_TASKS * CLASSES_PER_TASK, 3, SIZE, SIZE, generator=g)
-    tasks = []
-    for t in range(NUM_TASKS):
-        classes = list(range(t * CLASSES_PER_TASK, (t + 1) * CLASSES_PER_TASK))
-
-        def split(per_class: int) -> TensorDataset:
-            labels = torch.tensor(classes).repeat_interleave(per_class)
-            images = templates[labels] + NOISE * torch.randn(len(labels), 3, SIZE, SIZE, generator=g)
-            return TensorDataset(images, labels)
-
-        train, test = split(TRAIN_PER_CLASS), split(TEST_PER_CLASS)
-        tasks.append(TaskDatasets(classes, train, train, test))
-    return tasks
+    return synthetic_tasks(NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE, seed)
 
 
 def make_model(config: RunConfig, seed: int = 0) -> PromptedViT:
