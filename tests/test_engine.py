@@ -95,3 +95,27 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
         run(tmp_path, "taken")
     with pytest.raises(FileNotFoundError, match="not a run directory that can be resumed"):
         run(tmp_path, "nothing_here", resume=True)
+
+
+def test_environment_is_recorded(tmp_path):
+    config = tiny_config(**{"wtp.train.epochs": 1, "tii.train.epochs": 1})
+    run(tmp_path, config=config, records={"backbone": {"sha256": "abc"}})
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__ and environment["backbone"] == {"sha256": "abc"}
+
+
+def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_intact(tmp_path):
+    tasks = make_tasks()
+    images, labels = tasks[1].train.tensors
+    poisoned = torch.utils.data.TensorDataset(torch.full_like(images, float("nan")), labels)
+    tasks[1] = TaskDatasets(tasks[1].classes, poisoned, tasks[1].train_eval, tasks[1].test)
+    with pytest.raises(FloatingPointError, match="training loss became nan.*last good checkpoint is intact"):
+        run(tmp_path, tasks=tasks)
+    state, heavy = RunDirectory(tmp_path / "run", create=False).load_state()
+    assert state["position"]["task"] == 1 and heavy  # task 0 finished and saved, loadable
+
+
+def test_bf16_autocast_run_completes(tmp_path):
+    matrices = run(tmp_path, config=tiny_config(amp="bf16"))
+    accuracy = matrices["accuracy"].accuracies()
+    assert ((accuracy >= 0) & (accuracy <= 100)).all() and accuracy[:, -1].sum() > 0

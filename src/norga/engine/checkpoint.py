@@ -43,7 +43,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}; is the file complete?") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a norga checkpoint ({first_line})"
+        ) from error
 
 
 def write_json(data: Any, path: str | Path) -> None:

@@ -145,11 +145,16 @@ def run_experiment(
     device: torch.device | None = None,
     progress: Progress | None = None,
     after_epoch: Callable[[Position], None] | None = None,
+    records: dict | None = None,
 ) -> dict[str, AccuracyMatrix]:
-    """Library entry point: run (or resume) one experiment on already-built model and task data."""
+    """Library entry point: run (or resume) one experiment on already-built model and task data.
+
+    `records` (backbone and benchmark provenance) go into environment.json with the software versions.
+    """
     directory = RunDirectory(Path(run_dir), create=not resume)
     if not resume:
         directory.write_config(config)
+        directory.write_environment({"device": str(device or "cpu"), **(records or {})})
     engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch)
     if resume:
         engine.resume()
