@@ -1,8 +1,9 @@
 """Benchmark the core: gated prefix attention alone, and a whole prompted-ViT training step.
 
 Reference (explicit attention, as the official code computes it) vs fused, on CPU threads.
-Each measurement runs in its own subprocess so its peak memory (peak RSS above the RSS after
-set-up) is its own. Usage:
+Times are medians over iterations that alternate reference and fused in one process (this machine's
+timings drift by tens of percent over seconds; alternating cancels that). Peak memory (peak RSS above
+the RSS after set-up) is measured in a separate subprocess per implementation. Usage:
 
     python benchmarks/bench_core.py [--threads 2] [--quick] [--out results.json]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,18 +30,29 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(step, warmup: int, repeats: int) -> tuple[float, float]:
-    """Seconds per call of `step` and peak memory (MB) above the RSS before the first call."""
-    base = _rss_mb()
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
+def _median_ms(steps: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each step, calls alternating between the steps."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _peak_mb(step, warmup: int) -> float:
+    base = _rss_mb()
+    for _ in range(warmup + 1):
         step()
-    return (time.perf_counter() - start) / repeats, _peak_rss_mb() - base
+    return _peak_rss_mb() - base
 
 
-def measure_attention(impl: str, prompt_length: int, first_layer: bool, gate: str | None, repeats: int) -> dict:
+def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str | None):
+    """One forward + backward of the attention core at ViT-B/16 shapes (B 8, 12 heads, 197 tokens)."""
     from norga.nn import fused_prefix_attention, make_gate, reference_prefix_attention
 
     batch, heads, tokens, dim = 8, 12, 197, 64
@@ -48,15 +61,11 @@ def measure_attention(impl: str, prompt_length: int, first_layer: bool, gate: st
     pk, pv = (torch.randn(batch, heads, prompt_length, dim, requires_grad=True) for _ in range(2))
     attend = fused_prefix_attention if impl == "fused" else reference_prefix_attention
     grad_out = torch.randn(batch, heads, tokens, dim)
-
-    def step():
-        attend(q, k, v, pk, pv, score_gate, dim**-0.5).backward(grad_out)
-
-    seconds, peak = _time(step, warmup=3, repeats=repeats)
-    return {"ms": seconds * 1e3, "images_per_s": batch / seconds, "peak_mb": peak}
+    return (lambda: attend(q, k, v, pk, pv, score_gate, dim**-0.5).backward(grad_out)), batch
 
 
-def measure_train_step(impl: str, model_kind: str, repeats: int) -> dict:
+def train_step(impl: str, model_kind: str):
+    """One optimizer step on prompts, gate and head of a prompted ViT with a frozen backbone."""
     from norga.nn import PromptedViT
 
     if model_kind == "vit_base_224":
@@ -81,18 +90,27 @@ def measure_train_step(impl: str, model_kind: str, repeats: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    seconds, peak = _time(step, warmup=1, repeats=repeats)
-    return {"ms": seconds * 1e3, "images_per_s": batch / seconds, "peak_mb": peak}
+    return step, batch
 
 
-CASES = {
-    "attention": measure_attention,
-    "train_step": measure_train_step,
-}
+def measure(case: str, repeats: int, **kwargs) -> dict:
+    """Interleaved median times of both implementations (memory is measured by `measure_memory`)."""
+    maker = CASES[case]
+    built = {impl: maker(impl, **kwargs) for impl in ("reference", "fused")}
+    ms = _median_ms({impl: step for impl, (step, _) in built.items()}, warmup=2, repeats=repeats)
+    return {impl: {"ms": ms[impl], "images_per_s": built[impl][1] / ms[impl] * 1e3} for impl in built}
 
 
-def run_case_in_subprocess(threads: int, case: str, **kwargs) -> dict:
-    command = [sys.executable, __file__, "--threads", str(threads), "--case", json.dumps({"case": case, **kwargs})]
+def measure_memory(case: str, impl: str, **kwargs) -> dict:
+    step, _ = CASES[case](impl, **kwargs)
+    return {"peak_mb": _peak_mb(step, warmup=1)}
+
+
+CASES = {"attention": attention_step, "train_step": train_step}
+
+
+def in_subprocess(threads: int, function: str, **kwargs) -> dict:
+    command = [sys.executable, __file__, "--threads", str(threads), "--call", json.dumps({"function": function, **kwargs})]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -102,49 +120,46 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, tiny training step only")
     parser.add_argument("--out", help="also write the results as JSON here")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement, JSON in/out
+    parser.add_argument("--call", help=argparse.SUPPRESS)  # internal: one measurement, JSON in/out
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.case:
-        spec = json.loads(args.case)
-        print(json.dumps(CASES[spec.pop("case")](**spec)))
+    if args.call:
+        spec = json.loads(args.call)
+        function = {"measure": measure, "measure_memory": measure_memory}[spec.pop("function")]
+        print(json.dumps(function(**spec)))
         return
 
-    repeats = 5 if args.quick else 20
-    rows = []
-    print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
+    repeats = 7 if args.quick else 31
+    cases = []
     for gate in ("tanh", None):
         for length in (5, 20):
             for first_layer in (False, True):
-                label = f"attention B8 H12 N197 Lp{length} gate={gate or 'none'} {'first layer' if first_layer else 'inner layer'}"
-                results = {
-                    impl: run_case_in_subprocess(
-                        args.threads, "attention", impl=impl, prompt_length=length,
-                        first_layer=first_layer, gate=gate, repeats=repeats,
-                    )
-                    for impl in ("reference", "fused")
-                }
-                rows.append((label, results))
-    models = ["vit_tiny_32"] if args.quick else ["vit_tiny_32", "vit_base_224"]
-    for model_kind in models:
-        step_repeats = 3 if model_kind == "vit_base_224" else repeats // 2
-        results = {
-            impl: run_case_in_subprocess(args.threads, "train_step", impl=impl, model_kind=model_kind, repeats=step_repeats)
-            for impl in ("reference", "fused")
-        }
-        rows.append((f"train step {model_kind} (prompts+gate+head, frozen backbone)", results))
+                where = "first prompted layer (q, k, v need no grad)" if first_layer else "inner layer"
+                cases.append((f"attention fwd+bwd, Lp {length}, gate {gate or 'none (HiDe)'}, {where}",
+                              "attention", repeats, dict(prompt_length=length, first_layer=first_layer, gate=gate)))
+    for model_kind in ["vit_tiny_32"] + ([] if args.quick else ["vit_base_224"]):
+        step_repeats = 5 if model_kind == "vit_base_224" else max(repeats // 3, 3)
+        cases.append((f"training step {model_kind} (prompts+gate+head, frozen backbone)", "train_step",
+                      step_repeats, dict(model_kind=model_kind)))
 
+    print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
     print("| what | reference ms | fused ms | speed-up | reference img/s | fused img/s | ref peak MB | fused peak MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, res in rows:
-        ref, fused = res["reference"], res["fused"]
+    rows = []
+    for label, case, case_repeats, kwargs in cases:
+        result = in_subprocess(args.threads, "measure", case=case, repeats=case_repeats, **kwargs)
+        for impl in ("reference", "fused"):
+            result[impl].update(in_subprocess(args.threads, "measure_memory", case=case, impl=impl, **kwargs))
+        ref, fused = result["reference"], result["fused"]
         print(
             f"| {label} | {ref['ms']:.1f} | {fused['ms']:.1f} | {ref['ms'] / fused['ms']:.2f}x | "
-            f"{ref['images_per_s']:.1f} | {fused['images_per_s']:.1f} | {ref['peak_mb']:.0f} | {fused['peak_mb']:.0f} |"
+            f"{ref['images_per_s']:.1f} | {fused['images_per_s']:.1f} | {ref['peak_mb']:.0f} | {fused['peak_mb']:.0f} |",
+            flush=True,
         )
+        rows.append({"what": label, **result})
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump([{"what": label, **res} for label, res in rows], handle, indent=2)
+            json.dump(rows, handle, indent=2)
 
 
 if __name__ == "__main__":
