@@ -10,19 +10,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
+from norga.data.sources import read_image_folder
 from norga.pretrain import PretrainConfig, pretrain
-
-
-def load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            images.append(decode_image(str(file), mode=ImageReadMode.RGB))
-            labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
 
 
 def main() -> None:
@@ -30,9 +20,10 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
-    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    train, test = load_split(args.data / "train"), load_split(args.data / "test")
+    train_set, test_set, _ = read_image_folder(args.data, in_memory=True)
+    train = (train_set.images, torch.tensor(train_set.targets))
+    test = (test_set.images, torch.tensor(test_set.targets))
     print(f"loaded {len(train[1])} training and {len(test[1])} test images", flush=True)
     card = pretrain(PretrainConfig(epochs=args.epochs), train, test, args.out, "CIFAR-10 (JPEG, ../shared/data)",
                     log=lambda line: print(line, flush=True))

@@ -7,6 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from norga import __version__
+from norga.backbones import BackboneLoadError
+from norga.commands import SUBCOMMANDS
+from norga.config_io import ConfigError
+from norga.data import DatasetNotFoundError
+
+#: Exceptions that mean "the input is wrong", reported as one line with exit code 2.
+USER_ERRORS = (ConfigError, DatasetNotFoundError, BackboneLoadError, FileExistsError, FileNotFoundError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(NoRGa, HiDe-Prompt and baselines).",
     )
     parser.add_argument("--version", action="version", version=f"norga {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in SUBCOMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 
@@ -29,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except USER_ERRORS as error:  # bad input: one clear line, no traceback
+        print(f"norga {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

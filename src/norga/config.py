@@ -18,6 +18,7 @@ class DataConfig:
     num_tasks: int | None = None  # None: the benchmark's own number of tasks
     normalization: str = "backbone"  # backbone | official (NORGA_SPEC P7)
     train_per_class: int | None = None  # subsample the training set (quick runs)
+    test_per_class: int | None = None  # subsample the test set (quick runs; reported in the run record)
     workers: int = 0
     download: bool = False
     fiveds_transform_carryover: bool = False  # official bug P6, compat only

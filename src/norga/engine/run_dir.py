@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import yaml
 
 from norga import __version__
 from norga.config import RunConfig
-from norga.engine.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from norga.engine.checkpoint import load_checkpoint, save_checkpoint, write_json
 from norga.metrics import AccuracyMatrix
 
 STATE = "state.pt"
@@ -60,7 +58,9 @@ class RunDirectory:
 
     # ------------------------------------------------------------- records
     def write_config(self, config: RunConfig) -> None:
-        write_text(yaml.safe_dump(asdict(config), sort_keys=False), self.path / "config.yaml")
+        from norga.config_io import dump_config
+
+        dump_config(config, self.path / "config.yaml")
 
     def write_environment(self, extra: dict[str, Any]) -> None:
         write_json(

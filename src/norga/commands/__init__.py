@@ -1,0 +1,5 @@
+"""Sub-commands of the `norga` CLI; each module's `add_parser(subparsers)` registers one."""
+
+from norga.commands import presets, run
+
+SUBCOMMANDS = (run, presets)

@@ -1,0 +1,55 @@
+"""`norga run CONFIG [--set key=value ...]` and `norga run --resume RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from norga.config_io import load_config
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run one continual-learning experiment (a preset or YAML file) into a run directory",
+        description="Run an experiment: both official stages per task in one run, checkpointed after every "
+        "epoch. Example: norga run cifar100_sup21k_norga --set data.root=/data --set wtp.train.epochs=5",
+    )
+    parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set prompt.gate=tanh (repeatable)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    parser.add_argument("--run-dir", type=Path, help="where to write the run (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit("norga run: --resume takes the run directory's own config; drop CONFIG and --set")
+        config = load_config(args.resume / "config.yaml")
+        run_dir = args.resume
+    else:
+        if not args.config:
+            raise SystemExit("norga run: give a preset name or YAML file (see `norga presets`), or --resume RUN_DIR")
+        config = load_config(args.config, args.overrides)
+        name = config.name or (Path(args.config).stem if Path(args.config).suffix else args.config)
+        run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from norga.engine.build import build_run  # torch, timm and the data readers load only for a real run
+    from norga.engine.loop import run_experiment
+    from norga.engine.progress import Progress
+    from norga.report import format_matrix
+
+    built = build_run(config)
+    matrices = run_experiment(
+        config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume),
+        device=built.device, progress=Progress(enabled=not args.quiet), records=built.records,
+    )
+    last = len(built.tasks) - 1
+    accuracy = matrices["accuracy"]
+    print(f"run directory: {run_dir}")
+    print(format_matrix(accuracy, last))
+    print(f"FA {accuracy.final_average_accuracy(last):.2f}  CA {accuracy.cumulative_average_accuracy(last):.2f}  "
+          f"FFM {accuracy.forgetting(last):.2f}  task-identity {matrices['task_identity'].final_average_accuracy(last):.2f}")
+    return 0

@@ -1,0 +1,37 @@
+"""The official train/test transforms at any backbone input size, on uint8 image tensors (torchvision v2)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+NORMALIZATIONS = ("backbone", "official")
+
+
+def build_transforms(
+    size: int, mean: tuple[float, ...], std: tuple[float, ...], normalization: str = "backbone", cifar_style: bool = False,
+) -> tuple[T.Compose, T.Compose]:
+    """(train, test) transforms of NORGA_SPEC §3.3 scaled to `size` (test: resize to size/0.875, centre crop).
+
+    ``cifar_style``: RandomResizedCrop scale (0.08, 1) bicubic + ColorJitter(brightness 63/255); otherwise
+    scale (0.05, 1) bilinear. ``normalization="official"``: CIFAR-100 statistics for CIFAR-style data and no
+    normalisation otherwise (pitfall P7); ``"backbone"``: the backbone's own `mean` / `std`.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    if normalization == "official":
+        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if cifar_style else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    to_float = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    if cifar_style:
+        crop = T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        augment = [crop, T.RandomHorizontalFlip(), T.ColorJitter(brightness=63 / 255)]
+    else:
+        crop = T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3),
+                                   interpolation=InterpolationMode.BILINEAR, antialias=True)
+        augment = [crop, T.RandomHorizontalFlip()]
+    resize = round(size / 0.875)
+    test = [T.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size)]
+    return T.Compose([*augment, *to_float]), T.Compose([*test, *to_float])

@@ -1,0 +1,73 @@
+"""From a resolved `RunConfig` to the objects a run needs: device, backbone, prompted model, task data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from norga.backbones import create_backbone
+from norga.config import RunConfig
+from norga.data import build_benchmark
+from norga.engine.context import TaskDatasets
+from norga.nn import PromptedViT
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available: use --set device=cpu")
+    return torch.device(name)
+
+
+@dataclass
+class BuiltRun:
+    model: PromptedViT
+    tasks: list[TaskDatasets]
+    num_classes: int
+    device: torch.device
+    records: dict[str, Any]
+
+
+def build_run(config: RunConfig) -> BuiltRun:
+    """Backbone (with its weights, strictly loaded), benchmark sized to it, and the prompted model."""
+    backbone, record = create_backbone(
+        config.backbone.name, weights=config.backbone.weights, **config.backbone.timm_kwargs
+    )
+    benchmark = build_benchmark(
+        config.data.benchmark,
+        data_root=config.data.root,
+        seed=config.seed,
+        num_tasks=config.data.num_tasks,
+        image_size=record.input_size[-1],
+        mean=tuple(record.mean),
+        std=tuple(record.std),
+        normalization=config.data.normalization,
+        train_per_class=config.data.train_per_class,
+        test_per_class=config.data.test_per_class,
+        download=config.data.download,
+        fiveds_transform_carryover=config.data.fiveds_transform_carryover,
+    )
+    model = PromptedViT(
+        backbone,
+        num_slots=len(benchmark.tasks),
+        prompt_length=config.prompt.length,
+        prompt_layers=config.prompt.layers,
+        gate=config.prompt.gate,
+        num_classes=benchmark.num_classes,
+        attention_impl=config.prompt.attention_impl,
+        prefix_layout=config.prompt.prefix_layout,
+        train_fc_norm=not isinstance(getattr(backbone, "fc_norm", nn.Identity()), nn.Identity),
+    )
+    tasks = [TaskDatasets(list(task.classes), task.train, task.train_eval, task.test) for task in benchmark.tasks]
+    device = resolve_device(config.device)
+    return BuiltRun(model, tasks, benchmark.num_classes, device,
+                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "device": str(device)})
