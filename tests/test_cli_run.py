@@ -51,3 +51,18 @@ def test_smoke_run_on_real_fashion_mnist_and_resume_refuses_a_finished_overwrite
     resumed = norga("run", "--resume", str(run_dir), "--quiet")  # a finished run resumes to the same results
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "results.json").read_text())["metrics"] == results["metrics"]
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not os.environ.get("NORGA_CIFAR10_JPG"),
+                    reason="CIFAR-10 JPEG folders absent: set NORGA_CIFAR10_JPG (.ci/run extracts them)")
+def test_smoke_run_on_real_cifar10_two_tasks(tmp_path):
+    run_dir = tmp_path / "c10"
+    result = norga("run", "tiny_smoke", "--set", "data.benchmark=cifar10", "--set", "data.num_tasks=2",
+                   "--set", "data.train_per_class=10", "--set", "data.test_per_class=10", "--run-dir", str(run_dir),
+                   "--quiet", env={"NORGA_DATA": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["tasks_finished"] == 2 and len(results["matrices"]["accuracy"]["accuracy"]) == 2
+    record = json.loads((run_dir / "environment.json").read_text())["benchmark"]
+    assert record["name"] == "cifar10" and record["train_images"] == 100 and record["test_images"] == 100

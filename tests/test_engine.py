@@ -119,3 +119,20 @@ def test_bf16_autocast_run_completes(tmp_path):
     matrices = run(tmp_path, config=tiny_config(amp="bf16"))
     accuracy = matrices["accuracy"].accuracies()
     assert ((accuracy >= 0) & (accuracy <= 100)).all() and accuracy[:, -1].sum() > 0
+
+
+def test_features_cached_on_disk_survive_a_resume(tmp_path):
+    config = tiny_config(**{"tii.augment": False, "cache_features_on_disk": True})
+    tasks = make_tasks()
+    failing = FailingDataset(tasks[2].train_eval, fail_at=1)  # crash on task 2's first frozen pass
+    tasks[2] = TaskDatasets(tasks[2].classes, tasks[2].train, failing, tasks[2].test)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(tmp_path, "disk", config, tasks=tasks)
+    cached = sorted(p.name for p in (tmp_path / "disk" / "feature_cache").iterdir())
+    assert cached == ["test_0.pt", "test_1.pt", "train_0.pt", "train_1.pt"]
+    engine = Engine(config, make_model(config), make_tasks(), NUM_CLASSES, RunDirectory(tmp_path / "disk", create=False),
+                    torch.device("cpu"))
+    engine.resume()
+    engine.run()
+    per_task = CLASSES_PER_TASK * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    assert engine.context.frozen_images_encoded == per_task  # only task 2's images; tasks 0-1 came from disk

@@ -115,6 +115,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: str = "none"  # none | bf16
     cache_frozen_features: bool = True
+    cache_features_on_disk: bool = False  # keep them in the run directory too (a resume needs no recompute)
     output_dir: str = "runs"
     name: str | None = None
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ class RunContext:
         num_classes: int,
         device: torch.device,
         workers: int = 0,
+        feature_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -48,7 +50,8 @@ class RunContext:
         for index, task in enumerate(self.tasks):
             self.class_to_task[task.classes] = index
         self.frozen_images_encoded = 0
-        self.cache = FrozenFeatureCache(self.frozen_encode, device, enabled=config.cache_frozen_features)
+        self.cache = FrozenFeatureCache(self.frozen_encode, device, enabled=config.cache_frozen_features,
+                                        directory=feature_dir)
 
     # ------------------------------------------------------------ classes
     def classes(self, task: int) -> list[int]:
@@ -136,5 +139,3 @@ class RunContext:
     def _eval_batch(self) -> int:
         return self.config.eval.batch_size
 
-
-ContextFactory = Callable[[RunConfig], RunContext]

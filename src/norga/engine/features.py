@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+from norga.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -25,10 +28,13 @@ class FrozenFeatureCache:
     each image is encoded once per run, not once per epoch or evaluation.
     """
 
-    def __init__(self, encode: Callable[[Tensor], Tensor], device: torch.device, enabled: bool = True) -> None:
+    def __init__(
+        self, encode: Callable[[Tensor], Tensor], device: torch.device, enabled: bool = True, directory: Path | None = None
+    ) -> None:
         self.encode = encode
         self.device = device
         self.enabled = enabled
+        self.directory = directory  # also keep features on disk (survive a resume)
         self.images_encoded = 0
         self._store: dict[Hashable, FeatureSet] = {}
 
@@ -36,6 +42,11 @@ class FrozenFeatureCache:
     def features(self, key: Hashable, loader: DataLoader) -> FeatureSet:
         """The features of every image of `loader` (which must not shuffle), computed at most once."""
         if self.enabled and key in self._store:
+            return self._store[key]
+        file = self._file(key)
+        if file is not None and file.is_file():
+            saved = load_checkpoint(file)
+            self._store[key] = FeatureSet(saved["features"], saved["labels"])
             return self._store[key]
         chunks, labels = [], []
         for images, targets in loader:
@@ -45,4 +56,12 @@ class FrozenFeatureCache:
         result = FeatureSet(torch.cat(chunks), torch.cat(labels).long())
         if self.enabled:
             self._store[key] = result
+            if file is not None:
+                save_checkpoint({"features": result.features, "labels": result.labels}, file)
         return result
+
+    def _file(self, key: Hashable) -> Path | None:
+        if not self.enabled or self.directory is None:
+            return None
+        parts = key if isinstance(key, tuple) else (key,)
+        return self.directory / ("_".join(str(part) for part in parts) + ".pt")

@@ -53,7 +53,9 @@ class Engine:
         self.config = config
         self.run_dir = run_dir
         seed_everything(config.seed)  # before any module the method creates is initialised
-        self.context = RunContext(config, model.to(device), tasks, num_classes, device, workers=config.data.workers)
+        feature_dir = run_dir.path / "feature_cache" if config.cache_features_on_disk else None
+        self.context = RunContext(config, model.to(device), tasks, num_classes, device, workers=config.data.workers,
+                                  feature_dir=feature_dir)
         self.method: ContinualMethod = METHODS[config.method](self.context)
         self.num_tasks = len(tasks)
         self.matrices = {name: AccuracyMatrix(self.num_tasks) for name in MATRICES}
