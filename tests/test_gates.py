@@ -19,8 +19,10 @@ HAND_ACTIVATIONS = {
 }
 
 
-def test_every_supported_activation_has_a_hand_reference():
-    assert set(ACTIVATIONS) == set(HAND_ACTIVATIONS)
+def test_every_supported_activation_has_a_hand_reference_and_a_config_name():
+    from norga.config import GATE_ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(HAND_ACTIVATIONS) == set(GATE_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("activation", sorted(HAND_ACTIVATIONS))

@@ -7,13 +7,16 @@ import sys
 from collections.abc import Sequence
 
 from norga import __version__
-from norga.backbones import BackboneLoadError
 from norga.commands import SUBCOMMANDS
 from norga.config_io import ConfigError
-from norga.data import DatasetNotFoundError
 
-#: Exceptions that mean "the input is wrong", reported as one line with exit code 2.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, BackboneLoadError, FileExistsError, FileNotFoundError, FloatingPointError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong": one line on stderr, exit code 2 (imported lazily: torch is slow)."""
+    from norga.backbones import BackboneLoadError
+    from norga.data import DatasetNotFoundError
+
+    return (ConfigError, DatasetNotFoundError, BackboneLoadError, FileExistsError, FileNotFoundError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(handler(args) or 0)
-    except USER_ERRORS as error:  # bad input: one clear line, no traceback
-        print(f"norga {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"norga {args.command}: error: {error}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+#: σ of the NoRGa gate (norga.nn.gates.ACTIVATIONS implements exactly these; kept here so configs load without torch).
+GATE_ACTIVATIONS = ("tanh", "sigmoid", "gelu", "relu", "softplus", "elu", "identity")
+
 
 @dataclass
 class DataConfig:

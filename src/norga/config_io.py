@@ -13,16 +13,14 @@ from typing import Any
 
 import yaml
 
-from norga.config import RunConfig
-from norga.engine.checkpoint import write_text
-from norga.nn.gates import ACTIVATIONS
+from norga.config import GATE_ACTIVATIONS, RunConfig
 
 PRESET_PACKAGE = "norga.presets"
 
 #: Allowed values of the string-valued switches, by dotted key suffix.
 CHOICES: dict[str, tuple] = {
     "method": ("norga", "hide"),
-    "prompt.gate": (*ACTIVATIONS, None),
+    "prompt.gate": (*GATE_ACTIVATIONS, None),
     "prompt.gate_train_tasks": ("first", "all", "none"),
     "prompt.prefix_layout": ("correct", "official"),
     "prompt.attention_impl": ("fused", "reference"),
@@ -96,6 +94,8 @@ def apply_override(config: RunConfig, override: str) -> None:
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config` reads it back identically."""
+    from norga.engine.checkpoint import write_text
+
     write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), path)
 
 

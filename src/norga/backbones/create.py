@@ -13,6 +13,7 @@ from norga.backbones.checkpoints import read_checkpoint
 from norga.backbones.errors import BackboneLoadError
 from norga.backbones.matching import load_strict
 from norga.backbones.registry import Pretraining, resolve_pretraining
+from norga.assets import shipped_weights
 from norga.io_utils import sha256_file
 
 
@@ -58,7 +59,8 @@ def create_backbone(
     """Build backbone ``name`` (a registry entry such as ``sup21k`` or any timm model name) with its weights.
 
     ``weights``: ``"hub"`` (timm's pretrained weights; needs network or a filled cache), ``"none"`` (random
-    init) or the path of a checkpoint file in one of its original layouts, loaded with strict key matching.
+    init), ``"package"`` (weights shipped with norga, e.g. ``norga-vit-tiny-c10``) or the path of a checkpoint
+    file in one of its original layouts, loaded with strict key matching.
     ``expected_sha256``: refuse a file whose checksum differs (corruption that still parses is otherwise
     undetectable; the checksum is always recorded).
     ``timm_kwargs`` are passed to ``timm.create_model`` on top of the entry's own (e.g. ``img_size``).
@@ -69,6 +71,10 @@ def create_backbone(
         model = _create_from_hub(spec, num_classes, kwargs)
         record = _record(spec, model, kwargs, weights=f"hub:{_hub_name(model, spec)}", loaded=len(model.state_dict()))
         return model, record
+    if weights == "package":
+        weights = shipped_weights(spec.name)
+        if weights is None:
+            raise BackboneLoadError(f"the norga package ships no weights for '{name}'; use weights='hub', 'none' or a file")
     model = timm.create_model(spec.arch, pretrained=False, num_classes=num_classes, **kwargs)
     if weights == "none":
         return model, _record(spec, model, kwargs, weights="none", loaded=0)

@@ -100,6 +100,18 @@ PRETRAININGS: dict[str, Pretraining] = {
             fresh=((r"fc_norm\.(weight|bias)", "fresh fc_norm of the official MoCo v3 variant (trainable)"),),
         ),
         Pretraining(
+            "norga-vit-tiny-c10",
+            "vit_tiny_patch16_224",
+            "norga's own small backbone: ViT-Ti width 192, depth 6, 4 px patches at 32 px, supervised on CIFAR-10",
+            "norga/assets/norga-vit-tiny-c10.safetensors (shipped; weights='package')",
+            "safetensors",
+            "shipped with norga; reproduce with tools/pretrain_tiny_c10.py (recipe in the .json card beside it)",
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            hub=False,
+            timm_kwargs={"img_size": 32, "patch_size": 4, "depth": 6},
+        ),
+        Pretraining(
             "mocov3_norm",
             "vit_base_patch16_224",
             "MoCo v3 ViT-B/16 with its own final LayerNorm loaded (not the official fc_norm variant)",

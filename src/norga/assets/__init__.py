@@ -1,0 +1,12 @@
+"""Files shipped with the package: the small pretrained backbone of the offline quickstart and its card."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The shipped ``<name>.safetensors``, or None when the package has no weights of that name."""
+    path = Path(str(resources.files(__name__).joinpath(f"{name}.safetensors")))
+    return path if path.is_file() else None
