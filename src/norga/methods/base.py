@@ -58,8 +58,8 @@ class ContinualMethod(ABC):
         """Large state that changes only between phases (class statistics); saved only there."""
         return {}
 
-    def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `heavy_state_dict` returned."""
+    def load_heavy_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what `heavy_state_dict` returned (nothing by default)."""
 
 
 METHODS: dict[str, type[ContinualMethod]] = {}

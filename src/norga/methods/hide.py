@@ -18,7 +18,7 @@ from torch import Tensor
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import RunContext
 from norga.engine.optim import build_optimizer, cosine_annealing_factor, schedule_factor, set_epoch_lr
-from norga.engine.seeding import derive_seed, generator
+from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
 from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, Phase, Prediction, register_method
 from norga.tii import TaskIdentityModel
@@ -89,7 +89,7 @@ class HiDePrompt(ContinualMethod):
             for features, labels in self.ctx.tii_training_batches(task, epoch, cfg.batch_size):
                 loss = F.cross_entropy(masked_logits(self.tii(features), allowed), labels)
                 total += self._step(loss, self.tii.parameters(), cfg)
-            on_epoch_end(epoch, {"loss": total})
+            self._end_epoch(epoch, total, cfg, on_epoch_end)
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)
@@ -127,7 +127,7 @@ class HiDePrompt(ContinualMethod):
                     loss = loss + self.config.wtp.contrastive_weight * contrastive_loss(
                         out.features.float(), prototypes, self.config.wtp.contrastive_temperature)
                 total += self._step(loss, params, cfg)
-            on_epoch_end(epoch, {"loss": total})
+            self._end_epoch(epoch, total, cfg, on_epoch_end)
         model.eval()
 
     def _commit_momentum(self, task: int) -> None:
@@ -162,20 +162,27 @@ class HiDePrompt(ContinualMethod):
                 features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
                 loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
                 total += self._step(loss, params, optim_cfg)
-            on_epoch_end(epoch, {"loss": total})
+            self._end_epoch(epoch, total, optim_cfg, on_epoch_end)
 
     def _step(self, loss: Tensor, params, cfg: OptimConfig) -> Tensor:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()}: lower the learning rate (now {cfg.lr}) or check the data; "
-                "the last good checkpoint is intact"
-            )
+        """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         self.optimizer.step()
         return loss.detach()
+
+    @staticmethod
+    def _end_epoch(epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end) -> None:
+        """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
+        total = float(total)
+        if not torch.isfinite(torch.tensor(total)):
+            raise FloatingPointError(
+                f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
+                "the last good checkpoint is intact"
+            )
+        on_epoch_end(epoch, {"loss": total})
 
     # --------------------------------------------------------------- inference
     @torch.inference_mode()
