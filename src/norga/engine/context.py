@@ -41,7 +41,7 @@ class RunContext:
         feature_dir: Path | None = None,
     ) -> None:
         self.config = config
-        self.model = model
+        self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
         self.tasks = list(tasks)
         self.num_classes = num_classes
         self.device = device
