@@ -13,7 +13,7 @@ from norga.backbones.checkpoints import read_checkpoint
 from norga.backbones.errors import BackboneLoadError
 from norga.backbones.matching import load_strict
 from norga.backbones.registry import Pretraining, resolve_pretraining
-from norga.assets import shipped_weights
+from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.io_utils import sha256_file
 
 
@@ -72,6 +72,7 @@ def create_backbone(
         record = _record(spec, model, kwargs, weights=f"hub:{_hub_name(model, spec)}", loaded=len(model.state_dict()))
         return model, record
     if weights == "package":
+        expected_sha256 = expected_sha256 or SHIPPED_SHA256.get(spec.name)
         weights = shipped_weights(spec.name)
         if weights is None:
             raise BackboneLoadError(f"the norga package ships no weights for '{name}'; use weights='hub', 'none' or a file")
