@@ -1,9 +1,17 @@
 """Continual benchmarks: data sources, seeded class orders and task splits, the official transforms."""
 
-from norga.data.benchmark import SOURCES, ContinualBenchmark, DatasetNotFoundError, Task, build_benchmark, locate
-from norga.data.datasets import ImageDataset, UnreadableImageError
+from norga.data.benchmark import (
+    BENCHMARKS, SOURCES, ContinualBenchmark, Task, build_benchmark, known_benchmarks, locate, subsample_per_class,
+)
+from norga.data.datasets import ImageDataset, SourceData
+from norga.data.errors import DataLayoutError, DatasetNotFoundError, UnreadableImageError
+from norga.data.fivedatasets import dataset_order
+from norga.data.loader import make_loader
+from norga.data.manifest import make_split_manifest, read_manifest, verify_manifest, write_manifest
 from norga.data.splits import class_order, split_into_tasks
-from norga.data.transforms import build_transforms
+from norga.data.transforms import backbone_input, build_transforms
 
-__all__ = ["SOURCES", "ContinualBenchmark", "DatasetNotFoundError", "ImageDataset", "Task", "UnreadableImageError",
-           "build_benchmark", "build_transforms", "class_order", "locate", "split_into_tasks"]
+__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DataLayoutError", "DatasetNotFoundError", "ImageDataset",
+           "SourceData", "Task", "UnreadableImageError", "backbone_input", "build_benchmark", "build_transforms",
+           "class_order", "dataset_order", "known_benchmarks", "locate", "make_loader", "make_split_manifest",
+           "read_manifest", "split_into_tasks", "subsample_per_class", "verify_manifest", "write_manifest"]

@@ -1,29 +1,34 @@
-"""Continual benchmarks: a labelled image source split into tasks by the seeded official class order."""
+"""Continual benchmarks: labelled image sources split into tasks by the seeded official class order.
+
+One entry point, `build_benchmark(name, ...)`, over a registry of benchmark names (`BENCHMARKS`, plus
+``torchvision/<DatasetClass>`` for any torchvision classification dataset).
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from norga.data.datasets import ImageDataset
-from norga.data.sources import has_mnist_like, read_cifar_pickles, read_image_folder, read_mnist_like
+from norga.data.datasets import ImageDataset, SourceData
+from norga.data.errors import DataLayoutError, DatasetNotFoundError
+from norga.data.fivedatasets import SOURCE_OF, cifar_style_flags, dataset_order
+from norga.data.registry import SOURCES, locate, search_roots
 from norga.data.splits import class_order, split_into_tasks
+from norga.data.torchvision_source import PREFIX as TORCHVISION_PREFIX
+from norga.data.torchvision_source import read_torchvision
 from norga.data.transforms import build_transforms
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The data is not where it was looked for; the message says where it looked and how to get it."""
+__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DatasetNotFoundError", "Task", "build_benchmark", "locate"]
 
 
 @dataclass
 class Task:
-    """One task: its classes and datasets (train augmented, train under the test transform, test)."""
+    """One task: its (global) class ids and datasets: train (train transform), train_eval (the same training
+    images under the test transform, for statistics passes), test."""
 
     index: int
     classes: list[int]
@@ -31,9 +36,18 @@ class Task:
     train_eval: ImageDataset
     test: ImageDataset
 
+    def train_with(self, transform: Callable | None) -> ImageDataset:
+        """The training images, same order, under `transform`."""
+        return self.train.with_transform(transform)
+
+    def test_with(self, transform: Callable | None) -> ImageDataset:
+        return self.test.with_transform(transform)
+
 
 @dataclass
 class ContinualBenchmark:
+    """Ordered tasks over `num_classes` global labels (the classifier head covers all of them)."""
+
     name: str
     num_classes: int
     class_order: list[int]
@@ -44,159 +58,191 @@ class ContinualBenchmark:
 
     @property
     def class_to_task(self) -> list[int]:
+        """Task index of every label (indexable by label; -1 for a label in no task)."""
         mapping = [-1] * self.num_classes
         for task in self.tasks:
             for label in task.classes:
                 mapping[label] = task.index
         return mapping
 
+    def split_sha256(self) -> str:
+        """sha256 of the split itself: every task's classes and train/test labels in order."""
+        content = [[t.classes, t.train.targets, t.test.targets] for t in self.tasks]
+        return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
+
     def record(self) -> dict:
-        """Provenance for the run record."""
+        """Provenance for the run record: sources, split hash, compat switches, skipped files."""
         return {"name": self.name, "source": self.source, "num_classes": self.num_classes,
                 "num_tasks": len(self.tasks), "class_order": self.class_order,
+                "task_classes": [t.classes for t in self.tasks],
                 "train_images": sum(len(t.train) for t in self.tasks),
-                "test_images": sum(len(t.test) for t in self.tasks), **self.details}
+                "test_images": sum(len(t.test) for t in self.tasks),
+                "split_sha256": self.split_sha256(), **self.details}
 
 
-@dataclass(frozen=True)
-class Source:
-    """How to find one dataset under a data root and read it."""
+@dataclass
+class _Options:
+    seed: int
+    num_tasks: int | None
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    normalization: str
+    train_per_class: int | None
+    test_per_class: int | None
+    download: bool
+    skip_unreadable: bool
+    train_transform: Callable | None
+    test_transform: Callable | None
 
-    num_classes: int
-    default_tasks: int
-    cifar_style: bool
-    candidates: Callable[[Path], list[Path]]
-    present: Callable[[Path], bool]
-    read: Callable[[Path], tuple]
-    layout: str
-    how_to_get: str
-    download: Callable[[Path], None] | None = None
-
-
-def _torchvision_download(name: str) -> Callable[[Path], None]:
-    def download(root: Path) -> None:
-        import torchvision.datasets as tv
-
-        getattr(tv, name)(str(root), train=True, download=True)  # verifies torchvision's checksums
-        getattr(tv, name)(str(root), train=False, download=True)
-
-    return download
-
-
-def _cifar10_candidates(root: Path) -> list[Path]:
-    extra = [Path(os.environ["NORGA_CIFAR10_JPG"])] if os.environ.get("NORGA_CIFAR10_JPG") else []
-    return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra]
-
-
-def _read_cifar10(path: Path) -> tuple:
-    if (path / "data_batch_1").is_file():
-        return read_cifar_pickles(path, fine=False)
-    return read_image_folder(path, in_memory=True)
-
-
-SOURCES: dict[str, Source] = {
-    "cifar100": Source(
-        100, 10, True, lambda r: [r / "cifar-100-python"], lambda p: (p / "train").is_file(),
-        lambda p: read_cifar_pickles(p, fine=True), "<root>/cifar-100-python/{train,test,meta} (torchvision's format)",
-        "pass --set data.download=true on a machine with network, or copy torchvision's cifar-100-python folder there",
-        _torchvision_download("CIFAR100"),
-    ),
-    "cifar10": Source(
-        10, 5, True, _cifar10_candidates,
-        lambda p: (p / "data_batch_1").is_file() or (p / "train").is_dir(), _read_cifar10,
-        "<root>/cifar-10-batches-py (torchvision's format) or <root>/cifar10-jpg/{train,test}/<class>/*.jpg "
-        "(or $NORGA_CIFAR10_JPG)",
-        "pass --set data.download=true with network, or extract a CIFAR-10 JPEG archive to <root>/cifar10-jpg",
-        _torchvision_download("CIFAR10"),
-    ),
-    "fashion-mnist": Source(
-        10, 5, False, lambda r: [r / "fashion-mnist", r / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST],
-        has_mnist_like, lambda p: read_mnist_like(p, FASHION_CLASSES),
-        "<root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-        "`apt-get install dataset-fashion-mnist` (installs to /usr/share/datasets/fashion-mnist), "
-        "or --set data.download=true with network, or copy the four IDX files to <root>/fashion-mnist",
-        _torchvision_download("FashionMNIST"),
-    ),
-    "mnist": Source(
-        10, 5, False, lambda r: [r / "mnist", r / "MNIST" / "raw"], has_mnist_like,
-        lambda p: read_mnist_like(p, [str(d) for d in range(10)]),
-        "<root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-        "--set data.download=true with network, or copy the four IDX files to <root>/mnist", _torchvision_download("MNIST"),
-    ),
-    "imagefolder": Source(
-        0, 0, False, lambda r: [r], lambda p: (p / "train").is_dir() and (p / "test").is_dir(),
-        lambda p: read_image_folder(p, in_memory=False), "<root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg",
-        "point data.root at a folder with train/ and test/ class folders",
-    ),
-}
-
-
-def locate(name: str, data_root: str | Path | None, download: bool) -> Path:
-    """The folder holding `name`: under `data_root`, else $NORGA_DATA, else downloaded when allowed."""
-    if name not in SOURCES:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(SOURCES)}")
-    source = SOURCES[name]
-    roots = [Path(data_root)] if data_root else ([Path(os.environ["NORGA_DATA"])] if os.environ.get("NORGA_DATA") else [])
-    searched = [path for root in roots for path in source.candidates(root)]
-    if name == "fashion-mnist" and DEBIAN_FASHION_MNIST not in searched:
-        searched.append(DEBIAN_FASHION_MNIST)
-    for path in searched:
-        if source.present(path):
-            return path
-    if download and source.download is not None and roots:
-        source.download(roots[0])
-        for path in source.candidates(roots[0]):
-            if source.present(path):
-                return path
-    raise DatasetNotFoundError(
-        f"{name} not found; looked in: {', '.join(map(str, searched)) or '(nowhere: set data.root or $NORGA_DATA)'}. "
-        f"Expected layout: {source.layout}. To get it: {source.how_to_get}."
-    )
+    def transforms(self, cifar_style: bool) -> tuple[Callable, Callable]:
+        train, test = build_transforms(self.image_size, self.mean, self.std, self.normalization, cifar_style)
+        return self.train_transform or train, self.test_transform or test
 
 
 def subsample_per_class(dataset: ImageDataset, per_class: int, seed: int) -> ImageDataset:
-    """At most `per_class` images of each class, chosen by the seed (recorded in the run record)."""
+    """At most `per_class` images of each class, chosen by the seed, in the original order."""
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(dataset.targets):
         by_class.setdefault(label, []).append(index)
-    chosen = sorted(i for indices in by_class.values() for i in (rng.sample(indices, per_class) if len(indices) > per_class else indices))
+    chosen = sorted(i for _, indices in sorted(by_class.items())
+                    for i in (rng.sample(indices, per_class) if len(indices) > per_class else indices))
     return dataset.subset(chosen)
+
+
+def _read(name: str, data_root, opts: _Options, split_manifest) -> tuple[SourceData, str]:
+    """Read source `name` and check it holds the classes the benchmark needs."""
+    if name.startswith(TORCHVISION_PREFIX):
+        roots = search_roots(data_root)
+        if not roots:
+            raise DatasetNotFoundError(f"{name}: no data root to look in: pass data_root / --data-root or set $NORGA_DATA")
+        return read_torchvision(name[len(TORCHVISION_PREFIX):], roots[0], opts.download), str(roots[0])
+    path = locate(name, data_root, opts.download)
+    kwargs = {"manifest_path": split_manifest} if name == "imagenet-r" and split_manifest else {}
+    data = SOURCES[name].read(path, skip_unreadable=opts.skip_unreadable, **kwargs)
+    if not isinstance(data, SourceData):
+        data = SourceData(*data)
+    expected = SOURCES[name].num_classes
+    if expected and len(data.class_names) != expected:
+        raise DataLayoutError(f"{path}: found {len(data.class_names)} classes, {name} has {expected}: "
+                              "the folder is incomplete or not this dataset")
+    return data, str(path)
+
+
+def _check_classes(data: SourceData, num_classes: int, where: str) -> None:
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        if not len(dataset):
+            raise DataLayoutError(f"{where}: the {split} split is empty")
+        present = set(dataset.targets)
+        if max(present) >= num_classes or min(present) < 0:
+            raise DataLayoutError(f"{where}: {split} labels out of range [0, {num_classes}): {max(present)}")
+    missing = sorted(set(range(num_classes)) - set(data.train.targets))
+    if missing:
+        raise DataLayoutError(f"{where}: no training images for classes {missing[:10]} "
+                              f"({len(missing)} of {num_classes}); the data is incomplete")
+
+
+def _sized(data: SourceData, opts: _Options) -> tuple[ImageDataset, ImageDataset]:
+    train, test = data.train, data.test
+    if opts.train_per_class is not None:
+        train = subsample_per_class(train, opts.train_per_class, opts.seed)
+    if opts.test_per_class is not None:
+        test = subsample_per_class(test, opts.test_per_class, opts.seed)
+    return train, test
+
+
+def _task(index: int, classes: list[int], train: ImageDataset, test: ImageDataset, transforms, where: str) -> Task:
+    wanted = set(classes)
+    train_part = train.subset([i for i, y in enumerate(train.targets) if y in wanted])
+    test_part = test.subset([i for i, y in enumerate(test.targets) if y in wanted])
+    if not len(test_part):
+        raise DataLayoutError(f"{where}: no test images for the classes of task {index + 1}: {classes}")
+    train_tf, test_tf = transforms
+    return Task(index, classes, train_part.with_transform(train_tf), train_part.with_transform(test_tf),
+                test_part.with_transform(test_tf))
+
+
+def _skipped(*datasets: ImageDataset) -> dict:
+    files = [f for d in datasets for f in d.skipped]
+    return {"skipped_unreadable": len(files), "skipped_files": files[:20]}
+
+
+def _split_benchmark(name: str, data_root, opts: _Options, split_manifest=None, fiveds_transform_carryover=False):
+    """One labelled source, classes shuffled by the seed and cut into tasks."""
+    data, where = _read(name, data_root, opts, split_manifest)
+    source = SOURCES.get(name)
+    num_classes = (source.num_classes if source else 0) or len(data.class_names)
+    _check_classes(data, num_classes, where)
+    train, test = _sized(data, opts)
+    default_tasks = (source.default_tasks if source else 0) or min(10, num_classes)
+    order = class_order(num_classes, opts.seed)
+    transforms = opts.transforms(bool(source and source.cifar_style))
+    tasks = [_task(i, classes, train, test, transforms, where)
+             for i, classes in enumerate(split_into_tasks(order, opts.num_tasks or default_tasks))]
+    details = {**data.details, **_skipped(data.train, data.test)}
+    return ContinualBenchmark(name, num_classes, order, list(data.class_names), tasks, where, details)
+
+
+def _five_datasets(name: str, data_root, opts: _Options, split_manifest=None, fiveds_transform_carryover=False):
+    """5-Datasets: one task per dataset in the seeded official order, labels offset by 10 per position."""
+    if opts.num_tasks not in (None, 5):
+        raise ValueError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.num_tasks}")
+    order = dataset_order(opts.seed)
+    tasks, names, paths, skipped = [], [], {}, []
+    for index, (dataset, cifar_style) in enumerate(zip(order, cifar_style_flags(order, fiveds_transform_carryover))):
+        data, where = _read(SOURCE_OF[dataset], data_root, opts, None)
+        _check_classes(data, 10, where)
+        train, test = (d.relabel(10 * index) for d in _sized(data, opts))
+        classes = list(range(10 * index, 10 * index + 10))
+        tasks.append(_task(index, classes, train, test, opts.transforms(cifar_style), where))
+        names += [f"{dataset}:{c}" for c in data.class_names]
+        paths[dataset] = where
+        skipped += [data.train, data.test]
+    details = {"dataset_order": order, "sources": paths, **_skipped(*skipped),
+               "cifar_style_transforms": cifar_style_flags(order, fiveds_transform_carryover)}
+    return ContinualBenchmark(name, 50, list(range(50)), names, tasks, "; ".join(paths.values()), details)
+
+
+BENCHMARKS: dict[str, Callable[..., ContinualBenchmark]] = {
+    **{name: _split_benchmark for name in SOURCES}, "5-datasets": _five_datasets,
+}
+
+
+def known_benchmarks() -> list[str]:
+    return [*sorted(BENCHMARKS), f"{TORCHVISION_PREFIX}<DatasetClass>"]
 
 
 def build_benchmark(
     name: str, *, data_root: str | Path | None = None, seed: int = 42, num_tasks: int | None = None,
     image_size: int = 224, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
     normalization: str = "backbone", train_per_class: int | None = None, test_per_class: int | None = None,
-    download: bool = False,
-    fiveds_transform_carryover: bool = False,
+    download: bool = False, fiveds_transform_carryover: bool = False, skip_unreadable: bool = False,
+    split_manifest: str | Path | None = None, train_transform: Callable | None = None,
+    test_transform: Callable | None = None,
 ) -> ContinualBenchmark:
-    """Read benchmark `name`, order its classes by `seed` and split them into `num_tasks` tasks."""
-    if fiveds_transform_carryover:
-        raise NotImplementedError("5-datasets is not available yet, so its transform carry-over switch is not either")
-    path = locate(name, data_root, download)
-    source = SOURCES[name]
-    train, test, class_names = source.read(path)
-    num_classes = source.num_classes or len(class_names)
-    if max(train.targets) >= num_classes or len(set(train.targets)) != num_classes:
-        raise ValueError(f"{path}: expected {num_classes} classes with training images, found {len(set(train.targets))}")
-    if train_per_class is not None:
-        train = subsample_per_class(train, train_per_class, seed)
-    if test_per_class is not None:
-        test = subsample_per_class(test, test_per_class, seed)
-    num_tasks = num_tasks or source.default_tasks or min(10, num_classes)
-    order = class_order(num_classes, seed)
-    train_tf, test_tf = build_transforms(image_size, mean, std, normalization, source.cifar_style)
-    tasks = []
-    for index, classes in enumerate(split_into_tasks(order, num_tasks)):
-        wanted = set(classes)
-        train_part = train.subset([i for i, y in enumerate(train.targets) if y in wanted])
-        test_part = test.subset([i for i, y in enumerate(test.targets) if y in wanted])
-        if not len(test_part):
-            raise ValueError(f"{path}: no test images for the classes of task {index + 1}: {classes}")
-        tasks.append(Task(index, classes, train_part.with_transform(train_tf), train_part.with_transform(test_tf),
-                          test_part.with_transform(test_tf)))
-    details = {"normalization": normalization, "image_size": image_size, "train_per_class": train_per_class,
-               "test_per_class": test_per_class,
-               "fiveds_transform_carryover": fiveds_transform_carryover}
-    return ContinualBenchmark(name, num_classes, order, class_names, tasks, str(path), details)
+    """Read benchmark `name`, order its classes by `seed` and split them into `num_tasks` tasks.
+
+    ``image_size``, ``mean``, ``std``: the backbone's input (see `transforms.backbone_input`);
+    ``normalization``: "backbone" (mean/std above) or "official" (NORGA_SPEC P7); ``train_transform`` /
+    ``test_transform`` replace the official transforms; ``skip_unreadable``: leave out (and count) image files
+    that cannot be decoded instead of failing; ``split_manifest``: an ImageNet-R split manifest file;
+    ``fiveds_transform_carryover``: reproduce the official 5-datasets transform bug (P6).
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        builder = _split_benchmark
+    elif name in BENCHMARKS:
+        builder = BENCHMARKS[name]
+    else:
+        raise ValueError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
+    if fiveds_transform_carryover and builder is not _five_datasets:
+        raise ValueError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
+    opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
+                    test_per_class, download, skip_unreadable, train_transform, test_transform)
+    bench = builder(name, data_root, opts, split_manifest=split_manifest,
+                    fiveds_transform_carryover=fiveds_transform_carryover)
+    bench.details.update({"seed": seed, "normalization": normalization, "image_size": image_size,
+                          "train_per_class": train_per_class, "test_per_class": test_per_class,
+                          "custom_transforms": train_transform is not None or test_transform is not None,
+                          "compat": {"fiveds_transform_carryover": fiveds_transform_carryover}})
+    return bench

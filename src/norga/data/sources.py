@@ -1,21 +1,26 @@
-"""Readers of the on-disk formats: IDX (MNIST-likes), CIFAR python pickles, ImageFolder trees.
+"""Readers of the small on-disk formats, decoded once into memory: IDX (MNIST-likes), CIFAR python pickles,
+SVHN .mat, notMNIST letter folders (or its zip), and JPEG/PNG class folders small enough to hold.
 
-Each returns (train, test, class names) as `ImageDataset`s without transforms; images are RGB uint8.
+Each returns (train, test, class names) as `ImageDataset`s without transforms; labels are the dataset's own.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from norga.data.datasets import ImageDataset, read_image, to_rgb
+from norga.data.datasets import ImageDataset, decode_all
+from norga.data.errors import DataLayoutError, UnreadableImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+NOTMNIST_CLASSES = list("ABCDEFGHIJ")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -24,12 +29,12 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+        raise DataLayoutError(f"{path} is not an unsigned-byte IDX file (bad magic number): replace it with the original")
     dims = data[3]
     shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values")
+        raise DataLayoutError(f"{path} is truncated: header says {shape}, found {array.size} values; download it again")
     return array.reshape(shape)
 
 
@@ -40,23 +45,23 @@ def find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def read_mnist_like(folder: Path, class_names: list[str]) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    """train-/t10k- images and labels IDX files in `folder` (MNIST, Fashion-MNIST)."""
+def has_mnist_like(folder: Path) -> bool:
+    return all(find_idx(folder, f"{p}-{k}") for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+
+
+def read_mnist_like(folder: Path, class_names: list[str], skip_unreadable: bool = False) -> tuple:
+    """train-/t10k- images and labels IDX files in `folder` (MNIST, Fashion-MNIST); greyscale kept 1-channel."""
     splits = []
     for prefix in ("train", "t10k"):
         images = read_idx(find_idx(folder, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
         if len(images) != len(labels):
-            raise ValueError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels")
-        splits.append(ImageDataset(to_rgb(torch.from_numpy(images.copy())), labels.tolist()))
+            raise DataLayoutError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels; re-download the IDX files")
+        splits.append(ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), labels.tolist()))
     return splits[0], splits[1], class_names
 
 
-def has_mnist_like(folder: Path) -> bool:
-    return all(find_idx(folder, f"{p}-{k}") for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-
-
-def read_cifar_pickles(folder: Path, fine: bool) -> tuple[ImageDataset, ImageDataset, list[str]]:
+def read_cifar_pickles(folder: Path, fine: bool, skip_unreadable: bool = False) -> tuple:
     """torchvision's CIFAR python format: cifar-10-batches-py (fine=False) or cifar-100-python (fine=True)."""
     label_key = "fine_labels" if fine else "labels"
     if fine:
@@ -65,39 +70,133 @@ def read_cifar_pickles(folder: Path, fine: bool) -> tuple[ImageDataset, ImageDat
         train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
         meta, names_key = "batches.meta", "label_names"
 
-    def load(files: list[str]) -> ImageDataset:
+    def load(name: str):
+        path = folder / name
+        if not path.is_file():
+            raise DataLayoutError(f"{path} is missing: the CIFAR folder needs {train_files + test_files + [meta]}")
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")
+
+    def split(files: list[str]) -> ImageDataset:
         images, labels = [], []
         for name in files:
-            with open(folder / name, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
+            entry = load(name)
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry[label_key])
         return ImageDataset(torch.from_numpy(np.concatenate(images)), labels)
 
-    with open(folder / meta, "rb") as handle:
-        names = pickle.load(handle, encoding="latin1")[names_key]
-    return load(train_files), load(test_files), list(names)
+    return split(train_files), split(test_files), list(load(meta)[names_key])
 
 
-def read_image_folder(root: Path, in_memory: bool) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    """root/train/<class>/* and root/test/<class>/*; the same class folders in both."""
-    splits, classes = [], None
-    for split in ("train", "test"):
-        folder = root / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is missing: an image-folder benchmark needs {root}/train/<class>/ and {root}/test/<class>/")
-        names = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        if classes is not None and names != classes:
-            missing = sorted(set(classes) ^ set(names))
-            raise ValueError(f"train/ and test/ of {root} have different class folders: {missing}")
-        classes = names
-        files, labels = [], []
-        for label, name in enumerate(names):
-            found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            files += found
-            labels += [label] * len(found)
-        if not files:
-            raise ValueError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        images = torch.stack([read_image(f) for f in files]) if in_memory else files
-        splits.append(ImageDataset(images, labels))
-    return splits[0], splits[1], classes
+def read_svhn_mat(folder: Path, skip_unreadable: bool = False) -> tuple:
+    """SVHN cropped digits: train_32x32.mat / test_32x32.mat (X: 32x32x3xN, y: 1..10 with 10 = digit 0)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:  # pragma: no cover - scipy is a dependency
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install scipy") from error
+    splits = []
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        mat = loadmat(folder / name)
+        images = np.transpose(mat["X"], (3, 2, 0, 1))  # as torchvision: (N, 3, 32, 32)
+        labels = mat["y"].astype(np.int64).squeeze(1)
+        labels[labels == 10] = 0
+        splits.append(ImageDataset(torch.from_numpy(np.ascontiguousarray(images)), labels.tolist()))
+    return splits[0], splits[1], [str(d) for d in range(10)]
+
+
+def _stack(images: list[torch.Tensor], where: Path) -> torch.Tensor:
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) != 1:
+        raise DataLayoutError(f"{where}: images of different sizes {sorted(shapes)[:3]}: cannot hold them as one tensor")
+    return torch.stack(images)
+
+
+def read_class_folders_in_memory(root: Path, splits: tuple[str, str] = ("train", "test"),
+                                 classes: list[str] | None = None, skip_unreadable: bool = False) -> tuple:
+    """root/<train>/<class>/* and root/<test>/<class>/* decoded once; labels by sorted class folder name
+    (or by position in `classes`, which must all be present)."""
+    datasets, names = [], None
+    for split in splits:
+        files, labels, split_names = class_folder_files(root / split, classes)
+        if names is not None and split_names != names:
+            raise DataLayoutError(f"{root}: {splits[0]}/ and {split}/ have different class folders: "
+                                  f"{sorted(set(names) ^ set(split_names))}; make both hold the same classes")
+        names = split_names
+        images, kept, skipped = decode_all(files, skip_unreadable)
+        if not images:
+            raise DataLayoutError(f"{root / split} holds no readable images")
+        datasets.append(ImageDataset(_stack(images, root / split), [labels[i] for i in kept], skipped=skipped))
+    return datasets[0], datasets[1], names
+
+
+def class_folder_files(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Image files under folder/<class>/ in sorted order, their labels and the class names."""
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder} is missing: expected class folders {folder}/<class>/*.jpg")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if classes is None:
+        classes = found
+    missing = [name for name in classes if name not in found]
+    if missing:
+        raise DataLayoutError(f"{folder}: class folders missing: {missing} (found {found}); restore them from the archive")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        members = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not members:
+            raise DataLayoutError(f"{folder / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += members
+        labels += [label] * len(members)
+    return files, labels, list(classes)
+
+
+def notmnist_split_folders(root: Path) -> tuple[str, str] | None:
+    """notMNIST/{Train,Test} as in the ACL zip (lower-case accepted)."""
+    for pair in (("Train", "Test"), ("train", "test")):
+        if all((root / name).is_dir() for name in pair):
+            return pair
+    return None
+
+
+def read_notmnist(root: Path, skip_unreadable: bool = False) -> tuple:
+    """notMNIST letters A-J (label = ord(letter) - 65, as the official code) from root/{Train,Test}/<A-J>/*.png,
+    or straight from the ACL repository's notMNIST.zip without extracting it."""
+    if root.is_file():
+        return _read_notmnist_zip(root, skip_unreadable)
+    pair = notmnist_split_folders(root)
+    if pair is None:
+        raise DataLayoutError(f"{root} needs Train/ and Test/ folders of letter folders A-J")
+    train, test, names = read_class_folders_in_memory(root, pair, NOTMNIST_CLASSES, skip_unreadable)
+    return _grey(train), _grey(test), names
+
+
+def _grey(dataset: ImageDataset) -> ImageDataset:
+    """Letter images are greyscale: keep one channel (the RGB view is made on access)."""
+    return ImageDataset(dataset.images[:, :1].contiguous(), dataset.targets, skipped=dataset.skipped)
+
+
+def _read_notmnist_zip(path: Path, skip_unreadable: bool) -> tuple:
+    from PIL import Image
+
+    by_split: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
+    with zipfile.ZipFile(path) as archive:
+        for member in sorted(archive.namelist()):
+            parts = member.split("/")
+            if len(parts) < 3 or parts[-3].lower() not in by_split or parts[-2] not in NOTMNIST_CLASSES or not parts[-1]:
+                continue
+            images, labels, skipped = by_split[parts[-3].lower()]
+            try:
+                with Image.open(io.BytesIO(archive.read(member))) as image:
+                    images.append(torch.from_numpy(np.asarray(image.convert("L")).copy())[None])
+            except (OSError, ValueError, SyntaxError) as error:
+                if not skip_unreadable:
+                    raise UnreadableImageError(f"cannot decode {path}:{member}: {error}; pass skip_unreadable=True "
+                                               "to skip it (counted in the run record)") from error
+                skipped.append(f"{path}:{member}")
+                continue
+            labels.append(ord(parts[-2]) - 65)
+    datasets = []
+    for split, (images, labels, skipped) in by_split.items():
+        if not images:
+            raise DataLayoutError(f"{path} holds no notMNIST/{split.title()}/<A-J>/*.png images")
+        datasets.append(ImageDataset(_stack(images, path), labels, skipped=skipped))
+    return datasets[0], datasets[1], list(NOTMNIST_CLASSES)

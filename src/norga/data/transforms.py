@@ -35,3 +35,11 @@ def build_transforms(
     resize = round(size / 0.875)
     test = [T.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size)]
     return T.Compose([*augment, *to_float]), T.Compose([*test, *to_float])
+
+
+def backbone_input(model) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(input size, mean, std) of a timm model from its pretrained config (timm's own resolution)."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model)
+    return int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"])

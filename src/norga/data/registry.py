@@ -1,0 +1,194 @@
+"""Where each dataset lives and how it is read: a registry of named sources, and the data-root search
+(explicit root, then $NORGA_DATA, then a checksum-verified download when allowed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from norga.data.errors import DataLayoutError, DatasetNotFoundError
+from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
+from norga.data.sources import (
+    has_mnist_like, notmnist_split_folders, read_cifar_pickles, read_class_folders_in_memory, read_mnist_like,
+    read_notmnist, read_svhn_mat,
+)
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
+NOTMNIST_URL = "https://github.com/facebookresearch/Adversarial-Continual-Learning/raw/main/data/notMNIST.zip"
+
+
+@dataclass(frozen=True)
+class Source:
+    """How to find one dataset under a data root and read it: ``read(path, skip_unreadable=False)`` returns
+    (train, test, class names) with the dataset's own labels."""
+
+    num_classes: int  # 0: as many as the data has (image folders)
+    default_tasks: int
+    cifar_style: bool  # the official CIFAR transforms (NORGA_SPEC §3.3) rather than the others
+    candidates: Callable[[Path], list[Path]]
+    present: Callable[[Path], bool]
+    read: Callable[..., tuple]
+    layout: str
+    how_to_get: str
+    download: Callable[[Path], None] | None = None
+    fixed_places: tuple[Path, ...] = field(default=())  # searched after the roots (e.g. Debian's package)
+
+
+def _torchvision_download(name: str, subfolder: str = "", split_arg: bool = False) -> Callable[[Path], None]:
+    def download(root: Path) -> None:
+        import torchvision.datasets as tv
+
+        cls, where = getattr(tv, name), str(root / subfolder)
+        for split in ("train", "test"):  # torchvision verifies its own md5 checksums
+            cls(where, split=split, download=True) if split_arg else cls(where, train=split == "train", download=True)
+
+    return download
+
+
+def _archive_download(url: str, md5: str) -> Callable[[Path], None]:
+    def download(root: Path) -> None:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(url, str(root), md5=md5)  # md5-verified before extraction
+
+    return download
+
+
+def _cifar10_candidates(root: Path) -> list[Path]:
+    extra = [Path(os.environ["NORGA_CIFAR10_JPG"])] if os.environ.get("NORGA_CIFAR10_JPG") else []
+    return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra]
+
+
+def _read_cifar10(path: Path, skip_unreadable: bool = False) -> tuple:
+    if (path / "data_batch_1").is_file():
+        return read_cifar_pickles(path, fine=False)
+    return read_class_folders_in_memory(path, skip_unreadable=skip_unreadable)
+
+
+def _imagenet_r_present(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir() if p.is_dir()}
+    if names and names <= {"train", "test"}:
+        raise DataLayoutError(f"{path} holds only train/ and test/: the official code's split moved the files there "
+                              "and deleted the class folders. Extract imagenet-r.tar again (norga never moves files)")
+    return bool(names)
+
+
+def _cub_candidates(root: Path) -> list[Path]:
+    return [root / "CUB_200_2011", root / "cub200" / "CUB_200_2011", root / "cub200", root / "CUB200"]
+
+
+def _notmnist_candidates(root: Path) -> list[Path]:
+    return [root / "notMNIST", root / "notmnist", root / "notmnist" / "notMNIST", root / "notMNIST.zip",
+            root / "notmnist" / "notMNIST.zip"]
+
+
+def _notmnist_present(path: Path) -> bool:
+    return (path.is_file() and path.suffix == ".zip") or (path.is_dir() and notmnist_split_folders(path) is not None)
+
+
+SOURCES: dict[str, Source] = {
+    "cifar100": Source(
+        100, 10, True, lambda r: [r / "cifar-100-python"], lambda p: (p / "train").is_file(),
+        partial(read_cifar_pickles, fine=True), "<root>/cifar-100-python/{train,test,meta} (torchvision's format)",
+        "pass download=True (--set data.download=true) on a machine with network, or copy torchvision's "
+        "cifar-100-python folder there",
+        _torchvision_download("CIFAR100"),
+    ),
+    "cifar10": Source(
+        10, 5, True, _cifar10_candidates,
+        lambda p: (p / "data_batch_1").is_file() or (p / "train").is_dir(), _read_cifar10,
+        "<root>/cifar-10-batches-py (torchvision's format) or <root>/cifar10-jpg/{train,test}/<class>/*.jpg "
+        "(or $NORGA_CIFAR10_JPG)",
+        "pass download=True with network, or extract a CIFAR-10 JPEG archive to <root>/cifar10-jpg",
+        _torchvision_download("CIFAR10"),
+    ),
+    "fashion-mnist": Source(
+        10, 5, False, lambda r: [r / "fashion-mnist", r / "FashionMNIST" / "raw"],
+        has_mnist_like, partial(read_mnist_like, class_names=FASHION_CLASSES),
+        "<root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+        "`apt-get install dataset-fashion-mnist` (installs to /usr/share/datasets/fashion-mnist), "
+        "or pass download=True with network, or copy the four IDX files to <root>/fashion-mnist",
+        _torchvision_download("FashionMNIST"), (DEBIAN_FASHION_MNIST,),
+    ),
+    "mnist": Source(
+        10, 5, False, lambda r: [r / "mnist", r / "MNIST" / "raw"], has_mnist_like,
+        partial(read_mnist_like, class_names=[str(d) for d in range(10)]),
+        "<root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+        "pass download=True with network, or copy the four IDX files to <root>/mnist", _torchvision_download("MNIST"),
+    ),
+    "svhn": Source(
+        10, 5, False, lambda r: [r / "svhn", r / "SVHN", r],
+        lambda p: (p / "train_32x32.mat").is_file() and (p / "test_32x32.mat").is_file(), read_svhn_mat,
+        "<root>/svhn/{train,test}_32x32.mat (the cropped-digits format; needs scipy)",
+        "pass download=True with network, or copy train_32x32.mat and test_32x32.mat from "
+        "http://ufldl.stanford.edu/housenumbers/ to <root>/svhn", _torchvision_download("SVHN", "svhn", split_arg=True),
+    ),
+    "notmnist": Source(
+        10, 5, False, _notmnist_candidates, _notmnist_present, read_notmnist,
+        "<root>/notMNIST/{Train,Test}/{A..J}/*.png, or the zip itself at <root>/notMNIST.zip",
+        f"download {NOTMNIST_URL} (the ACL repository's zip, as the official code) to <root>/notMNIST.zip; norga reads "
+        "it without extracting (no published checksum, so norga does not download it itself)",
+    ),
+    "cub200": Source(
+        200, 10, False, _cub_candidates, lambda p: (p / "images.txt").is_file(), read_cub,
+        "<root>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,classes.txt,images/}",
+        f"pass download=True with network (fetches {CUB_URL}, md5-checked), or extract CUB_200_2011.tgz into <root>",
+        _archive_download(CUB_URL, CUB_MD5),
+    ),
+    "imagenet-r": Source(
+        200, 10, False, lambda r: [r / "imagenet-r", r / "imagenet-r" / "imagenet-r"], _imagenet_r_present,
+        read_imagenet_r, "<root>/imagenet-r/<wnid>/*.jpg (200 class folders, as extracted from imagenet-r.tar)",
+        f"pass download=True with network (fetches {IMAGENET_R_URL}, md5-checked), or extract imagenet-r.tar into <root>",
+        _archive_download(IMAGENET_R_URL, IMAGENET_R_MD5),
+    ),
+    "imagefolder": Source(
+        0, 0, False, lambda r: [r], lambda p: (p / "train").is_dir() and (p / "test").is_dir(), read_image_folder,
+        "<root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg",
+        "point data_root (data.root) at a folder with train/ and test/ class folders",
+    ),
+}
+
+
+def search_roots(data_root: str | Path | None) -> list[Path]:
+    """The data roots in the order they are searched: the explicit one, then $NORGA_DATA."""
+    roots = [Path(data_root)] if data_root else []
+    if os.environ.get("NORGA_DATA") and Path(os.environ["NORGA_DATA"]) not in roots:
+        roots.append(Path(os.environ["NORGA_DATA"]))
+    return roots
+
+
+def locate(name: str, data_root: str | Path | None, download: bool = False) -> Path:
+    """The file or folder holding source `name`: under `data_root`, else $NORGA_DATA, else a fixed system
+    place, else downloaded into the first root when `download` (checksum-verified)."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
+    source = SOURCES[name]
+    roots = search_roots(data_root)
+    searched = [path for root in roots for path in source.candidates(root)] + list(source.fixed_places)
+    for path in searched:
+        if source.present(path):
+            return path
+    offline = ""
+    if download and source.download is not None and roots:
+        try:
+            source.download(roots[0])
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision raises RuntimeError on md5
+            offline = f" (download into {roots[0]} failed: {error}; no network access?)"
+        else:
+            for path in source.candidates(roots[0]):
+                if source.present(path):
+                    return path
+            offline = " (the download finished but the expected files are not there)"
+    where = ", ".join(map(str, searched)) or "(nowhere: pass data_root / --data-root or set $NORGA_DATA)"
+    raise DatasetNotFoundError(f"{name} not found; looked in: {where}{offline}. Expected layout: {source.layout}. "
+                               f"To get it: {source.how_to_get}.")
