@@ -1,17 +1,17 @@
-"""Benchmarks from generated on-disk fixtures (IDX, CIFAR pickles, image folders) and, when present, real data."""
+"""Benchmarks from generated on-disk fixtures (IDX, CIFAR pickles, image folders): class order, task split,
+transforms, data-root search, subsampling, and the error paths."""
 
-import gzip
-import os
-import pickle
-import struct
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from norga.data import DatasetNotFoundError, UnreadableImageError, build_benchmark, class_order, split_into_tasks
+from norga.data import (
+    SOURCES, DataLayoutError, DatasetNotFoundError, UnreadableImageError, build_benchmark, class_order, known_benchmarks,
+    split_into_tasks,
+)
 from norga.data.transforms import build_transforms
 
 
@@ -32,27 +32,8 @@ def test_split_covers_every_class_once():
         split_into_tasks(class_order(3, 0), 5)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fashion(root: Path, train_per_class=6, test_per_class=3) -> dict:
-    folder = root / "fashion-mnist"
-    folder.mkdir(parents=True)
-    data = {}
-    for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
-        labels = np.repeat(np.arange(10), per_class)
-        images = np.random.randint(0, 256, (len(labels), 28, 28))
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        data[prefix] = (images, labels)
-    return data
-
-
-def test_fashion_mnist_from_idx_files(tmp_path):
-    data = make_fashion(tmp_path)
+def test_fashion_mnist_from_idx_files(make, tmp_path):
+    data = make.mnist_like("fashion-mnist")
     bench = build_benchmark("fashion-mnist", data_root=tmp_path, seed=3, image_size=32)
     assert bench.num_classes == 10 and len(bench.tasks) == 5
     order = class_order(10, 3)
@@ -62,110 +43,152 @@ def test_fashion_mnist_from_idx_files(tmp_path):
         image, label = task.train_eval[0]
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label in task.classes
         assert torch.equal(image[0], image[1])  # greyscale became RGB
-    # the raw pixels survive: test image of class c equals the IDX file's, through the test transform at 28 -> 28
-    plain = build_benchmark("fashion-mnist", data_root=tmp_path, seed=3, image_size=28, normalization="official")
-    first = plain.tasks[0].test
-    raw_index = [i for i, y in enumerate(data["t10k"][1]) if y in plain.tasks[0].classes][0]
-    expected = torch.from_numpy(data["t10k"][0][raw_index].astype(np.float32) / 255)
-    resized = build_transforms(28, (0, 0, 0), (1, 1, 1), "official")[1]
-    assert torch.allclose(first[0][0][0], resized(torch.from_numpy(data["t10k"][0][raw_index][None].astype(np.uint8)))[0], atol=1e-6)
-    assert expected.shape == (28, 28)
+    # the raw pixels survive: the first test image of task 0 is the IDX file's first image of those classes
+    task = bench.tasks[0]
+    raw_index = [i for i, y in enumerate(data["t10k"][1]) if y in task.classes][0]
+    raw = torch.from_numpy(data["t10k"][0][raw_index])
+    assert torch.equal(task.test.load(0), raw.expand(3, -1, -1))
+    _, test_tf = build_transforms(32, (0.5,) * 3, (0.5,) * 3)
+    assert torch.allclose(task.test[0][0], test_tf(raw.expand(3, -1, -1)))
+    assert bench.class_names[0] == "T-shirt/top" and bench.class_to_task[task.classes[0]] == 0
 
 
-def test_train_per_class_subsample_is_seeded(tmp_path):
-    make_fashion(tmp_path, train_per_class=10)
+def test_mnist_from_uncompressed_idx(make, tmp_path):
+    data = make.mnist_like("mnist", compress=False)
+    bench = build_benchmark("mnist", data_root=tmp_path, num_tasks=2, image_size=28)
+    assert [len(t.classes) for t in bench.tasks] == [5, 5]
+    assert sum(len(t.train) for t in bench.tasks) == len(data["train"][1])
+    all_targets = sorted(y for t in bench.tasks for y in t.test.targets)
+    assert all_targets == sorted(data["t10k"][1].tolist())
+
+
+def test_train_per_class_subsample_is_seeded(make, tmp_path):
+    make.mnist_like("fashion-mnist", train_per_class=10)
     a = build_benchmark("fashion-mnist", data_root=tmp_path, seed=1, image_size=32, train_per_class=4, test_per_class=2)
     b = build_benchmark("fashion-mnist", data_root=tmp_path, seed=1, image_size=32, train_per_class=4, test_per_class=2)
+    c = build_benchmark("fashion-mnist", data_root=tmp_path, seed=2, image_size=32, train_per_class=4, test_per_class=2)
     assert all(len(t.train) == 8 and len(t.test) == 4 for t in a.tasks)
-    assert torch.equal(a.tasks[0].train_eval[3][0], b.tasks[0].train_eval[3][0])
-    assert a.record()["train_per_class"] == 4
+    assert all(torch.equal(a.tasks[0].train.load(i), b.tasks[0].train.load(i)) for i in range(8))
+    assert a.record()["train_per_class"] == 4 and a.record()["split_sha256"] == b.record()["split_sha256"]
+    assert a.record()["split_sha256"] != c.record()["split_sha256"]
 
 
-def make_cifar100(root: Path, per_class=2) -> None:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n in (("train", per_class), ("test", 1)):
-        labels = list(np.repeat(np.arange(100), n))
-        data = np.random.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as handle:
-            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels)}, handle)
-    with open(folder / "meta", "wb") as handle:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, handle)
-
-
-def test_cifar100_pickles_split_into_ten_tasks(tmp_path):
-    make_cifar100(tmp_path)
+def test_cifar100_pickles_split_into_ten_tasks(make, tmp_path):
+    make.cifar100()
     bench = build_benchmark("cifar100", data_root=tmp_path, seed=42, image_size=32)
     assert bench.tasks[0].classes == [1, 9, 15, 41, 42, 50, 65, 70, 78, 91]
     assert all(len(t.train) == 20 and len(t.test) == 10 for t in bench.tasks)
     assert bench.class_to_task[1] == 0 and bench.class_names[1] == "c1"
+    assert sorted(c for t in bench.tasks for c in t.classes) == list(range(100))
 
 
-def make_image_folder(root: Path, classes=("a", "b", "c", "d"), per_class=3) -> None:
-    for split in ("train", "test"):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.random.randint(0, 256, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+def test_cifar10_pickles_keep_pixels_and_labels(make, tmp_path):
+    data = make.cifar10()
+    bench = build_benchmark("cifar10", data_root=tmp_path, seed=7, image_size=32)
+    assert len(bench.tasks) == 5 and bench.class_names == [f"k{i}" for i in range(10)]
+    assert sum(len(t.train) for t in bench.tasks) == 5 * 40 and sum(len(t.test) for t in bench.tasks) == 20
+    pixels, labels = data["test_batch"]
+    task = bench.tasks[2]
+    first = [i for i, y in enumerate(labels) if y in task.classes][0]
+    assert task.test.targets[0] == labels[first]
+    assert torch.equal(task.test.load(0), torch.from_numpy(pixels[first].reshape(3, 32, 32)))
 
 
-def test_image_folder_and_its_errors(tmp_path):
-    make_image_folder(tmp_path)
+def test_task_views_share_images_and_order(make, tmp_path):
+    make.cifar10()
+    task = build_benchmark("cifar10", data_root=tmp_path, image_size=16).tasks[0]
+    assert task.train_eval.targets == task.train.targets
+    plain = task.train_with(None)
+    assert plain.targets == task.train.targets and plain[3][0].dtype == torch.uint8
+    assert torch.equal(plain[3][0], task.train_eval.load(3))
+    assert torch.equal(task.test_with(None)[0][0], task.test.load(0))
+
+
+def test_image_folder_and_its_errors(make, tmp_path):
+    make.image_folder()
     bench = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
     assert bench.num_classes == 4 and [len(t.classes) for t in bench.tasks] == [2, 2]
-    assert bench.tasks[1].train[0][0].shape == (3, 16, 16)
+    assert bench.tasks[1].train[0][0].shape == (3, 16, 16) and bench.class_names == ["a", "b", "c", "d"]
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     broken = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
     task = next(t for t in broken.tasks if 0 in t.classes)
     with pytest.raises(UnreadableImageError, match="broken.png"):
         [task.train[i] for i in range(len(task.train))]
+    skipping = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16, skip_unreadable=True)
+    assert skipping.record()["skipped_unreadable"] == 1 and skipping.record()["skipped_files"][0].endswith("broken.png")
+    assert sum(len(t.train) for t in skipping.tasks) == 12
     (tmp_path / "test" / "e").mkdir()
-    with pytest.raises(ValueError, match="different class folders: \\['e'\\]"):
+    with pytest.raises(DataLayoutError, match="different class folders: \\['e'\\]"):
         build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2)
+
+
+def test_image_folder_missing_or_empty_class_folder(make, tmp_path):
+    make.image_folder()
+    for f in (tmp_path / "test" / "c").iterdir():
+        f.unlink()
+    with pytest.raises(DataLayoutError, match="test/c holds no images"):
+        build_benchmark("imagefolder", data_root=tmp_path)
+    (tmp_path / "test" / "c").rmdir()
+    with pytest.raises(DataLayoutError, match="different class folders: \\['c'\\]"):
+        build_benchmark("imagefolder", data_root=tmp_path)
+
+
+def test_cifar10_jpeg_folder_with_a_class_missing(make, tmp_path):
+    classes = [f"k{i}" for i in range(9)]
+    make.image_folder(tmp_path / "cifar10-jpg", classes=classes, per_class=1, size=(32, 32))
+    with pytest.raises(DataLayoutError, match="found 9 classes, cifar10 has 10"):
+        build_benchmark("cifar10", data_root=tmp_path)
 
 
 def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("NORGA_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/cifar-100-python.*Expected layout.*download"):
         build_benchmark("cifar100", data_root=tmp_path)
-    with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known"):
+    with pytest.raises(DatasetNotFoundError, match="nowhere: pass data_root"):
+        build_benchmark("cifar100")
+    with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known: .*'5-datasets'.*'imagenet-r'"):
         build_benchmark("cifar1000", data_root=tmp_path)
+    assert {"cifar100", "cifar10", "imagenet-r", "cub200", "5-datasets", "fashion-mnist", "imagefolder"} <= set(known_benchmarks())
 
 
-def test_data_root_comes_from_the_environment(tmp_path, monkeypatch):
-    make_fashion(tmp_path)
+def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):
+    def offline(root):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.delenv("NORGA_DATA", raising=False)
+    monkeypatch.setitem(SOURCES, "cub200", dataclasses.replace(SOURCES["cub200"], download=offline))
+    with pytest.raises(DatasetNotFoundError, match="cub200 not found.*download into .* failed.*no network access"):
+        build_benchmark("cub200", data_root=tmp_path, download=True)
+
+
+def test_data_root_comes_from_the_environment(make, tmp_path, monkeypatch):
+    make.mnist_like("fashion-mnist")
     monkeypatch.setenv("NORGA_DATA", str(tmp_path))
     assert build_benchmark("fashion-mnist", image_size=32).source == str(tmp_path / "fashion-mnist")
+    # an explicit root without the data falls back to $NORGA_DATA
+    assert build_benchmark("fashion-mnist", data_root=tmp_path / "elsewhere", image_size=32).source == str(
+        tmp_path / "fashion-mnist")
 
 
-def test_official_transforms_at_any_size():
-    train, test = build_transforms(24, (0.5,) * 3, (0.5,) * 3, "backbone", cifar_style=True)
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    assert train(image).shape == test(image).shape == (3, 24, 24)
-    assert test(torch.full((3, 32, 32), 255, dtype=torch.uint8)).max() == pytest.approx(1.0)
-    _, official = build_transforms(24, (0.5,) * 3, (0.5,) * 3, "official", cifar_style=True)
-    assert official(torch.full((3, 32, 32), 255, dtype=torch.uint8))[0].max() == pytest.approx((1 - 0.5071) / 0.2675, rel=1e-4)
+def test_fashion_mnist_found_in_the_debian_package_place(make, tmp_path, monkeypatch):
+    assert SOURCES["fashion-mnist"].fixed_places == (Path("/usr/share/datasets/fashion-mnist"),)
+    make.mnist_like("debian")
+    monkeypatch.delenv("NORGA_DATA", raising=False)
+    monkeypatch.setitem(SOURCES, "fashion-mnist", dataclasses.replace(SOURCES["fashion-mnist"], fixed_places=(tmp_path / "debian",)))
+    assert build_benchmark("fashion-mnist", data_root=tmp_path / "empty", image_size=28).source == str(tmp_path / "debian")
 
 
-REAL = os.environ.get("NORGA_DATA")
-CIFAR10_JPG = os.environ.get("NORGA_CIFAR10_JPG")
+def test_truncated_idx_file_is_a_clear_error(make, tmp_path):
+    make.mnist_like("mnist", compress=False)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataLayoutError, match="train-images-idx3-ubyte is truncated"):
+        build_benchmark("mnist", data_root=tmp_path)
 
 
-@pytest.mark.realdata
-@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
-def test_real_fashion_mnist_counts():
-    bench = build_benchmark("fashion-mnist", image_size=32)
-    assert [len(t.train) for t in bench.tasks] == [12000] * 5 and [len(t.test) for t in bench.tasks] == [2000] * 5
-    counts = np.bincount([y for t in bench.tasks for y in t.train.targets])
-    assert counts.tolist() == [6000] * 10
-
-
-@pytest.mark.realdata
-@pytest.mark.skipif(not CIFAR10_JPG, reason="CIFAR-10 JPEG folders absent: set NORGA_CIFAR10_JPG (.ci/run extracts them)")
-def test_real_cifar10_jpeg_counts(monkeypatch, tmp_path):
-    monkeypatch.setenv("NORGA_DATA", str(tmp_path))  # only the JPEG folders, not pickles elsewhere
-    bench = build_benchmark("cifar10", image_size=32, seed=42)
-    assert [len(t.train) for t in bench.tasks] == [10000] * 5 and [len(t.test) for t in bench.tasks] == [2000] * 5
-    assert bench.class_names[0] == "airplane" and bench.tasks[0].train_eval[0][0].shape == (3, 32, 32)
+def test_custom_transforms_replace_the_official_ones(make, tmp_path):
+    make.cifar10()
+    bench = build_benchmark("cifar10", data_root=tmp_path, train_transform=lambda x: x.float().mean(),
+                            test_transform=lambda x: x.shape)
+    assert bench.tasks[0].train[0][0].ndim == 0 and bench.tasks[0].test[0][0] == (3, 32, 32)
+    assert bench.record()["custom_transforms"] is True
