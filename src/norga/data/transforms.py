@@ -38,8 +38,11 @@ def build_transforms(
 
 
 def backbone_input(model) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """(input size, mean, std) of a timm model from its pretrained config (timm's own resolution)."""
+    """(input size, mean, std) of a timm model: mean/std from its pretrained config (timm's resolution), the size
+    from the model itself when it has a patch embedding (timm keeps the default-config size, e.g. 224, in the
+    pretrained config of a ViT created with ``img_size=32``)."""
     from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(model)
-    return int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"])
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
+    return int(size[-1]), tuple(config["mean"]), tuple(config["std"])

@@ -1,0 +1,90 @@
+"""ImageNet-R: a deterministic, versioned 80/20 split manifest; files never moved; clear errors."""
+
+import json
+import random
+
+import pytest
+
+from norga.data import DataLayoutError, build_benchmark, make_split_manifest, read_manifest, verify_manifest, write_manifest
+from norga.data.manifest import main as manifest_main
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_split_manifest_is_deterministic_and_per_class_80_20(make, tmp_path):
+    root = make.imagenet_r(num_classes=4, per_class=10)
+    before = snapshot(root)
+    manifest = make_split_manifest(root, "imagenet-r")
+    assert manifest == make_split_manifest(root, "imagenet-r")
+    for c in manifest["classes"]:
+        assert sum(f.startswith(c + "/") for f in manifest["train"]) == 8
+        assert sum(f.startswith(c + "/") for f in manifest["test"]) == 2
+    assert not set(manifest["train"]) & set(manifest["test"]) and manifest["train"] == sorted(manifest["train"])
+    assert make_split_manifest(root, "imagenet-r", seed=1)["sha256"] != manifest["sha256"]
+    assert snapshot(root) == before  # nothing moved, nothing deleted
+
+
+def test_manifest_round_trip_and_tampering(make, tmp_path):
+    root = make.imagenet_r(num_classes=3, per_class=5)
+    manifest = make_split_manifest(root, "imagenet-r", hash_contents=True)
+    path = write_manifest(manifest, tmp_path / "split.json")
+    assert read_manifest(path) == manifest
+    verify_manifest(manifest, root, contents=True)
+    with pytest.raises(FileExistsError):
+        write_manifest(manifest, path)
+    edited = json.loads(path.read_text())
+    edited["test"].append(edited["train"].pop())
+    path.write_text(json.dumps(edited))
+    with pytest.raises(DataLayoutError, match="sha256 does not match"):
+        read_manifest(path)
+    victim = root / random.choice(manifest["test"])
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(DataLayoutError, match="differ from those the manifest was made from"):
+        verify_manifest(manifest, root, contents=True)
+    victim.unlink()
+    with pytest.raises(DataLayoutError, match=f"1 of 15 files .* missing .*{victim.name}"):
+        verify_manifest(manifest, root)
+
+
+def test_imagenet_r_benchmark_uses_the_manifest(make, tmp_path):
+    root = make.imagenet_r()
+    before = snapshot(root)
+    bench = build_benchmark("imagenet-r", data_root=tmp_path, seed=42, image_size=8)
+    assert bench.num_classes == 200 and len(bench.tasks) == 10 and all(len(t.classes) == 20 for t in bench.tasks)
+    assert [len(t.train) for t in bench.tasks] == [80] * 10 and [len(t.test) for t in bench.tasks] == [20] * 10
+    record = bench.record()["split_manifest"]
+    assert record["sha256"] == make_split_manifest(root, "imagenet-r")["sha256"] and record["version"] == 1
+    assert "generated" in record["source"]
+    # an explicit manifest is used as given (here: another seed's split), and recorded
+    other = make_split_manifest(root, "imagenet-r", seed=3)
+    path = write_manifest(other, tmp_path / "other.json")
+    explicit = build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8)
+    assert explicit.record()["split_manifest"] == {"source": str(path), "version": 1, "sha256": other["sha256"]}
+    test_files = {str(p.relative_to(root)) for t in explicit.tasks for p in t.test.images}
+    assert test_files == set(other["test"])
+    assert explicit.tasks[0].train[0][0].shape == (3, 8, 8)
+    assert snapshot(root) == before
+
+
+def test_imagenet_r_errors(make, tmp_path):
+    root = make.imagenet_r(num_classes=199, per_class=2)
+    with pytest.raises(DataLayoutError, match="found 199 classes, imagenet-r has 200"):
+        build_benchmark("imagenet-r", data_root=tmp_path)
+    moved = tmp_path / "official" / "imagenet-r"
+    (moved / "train" / "n0").mkdir(parents=True)
+    (moved / "test" / "n0").mkdir(parents=True)
+    with pytest.raises(DataLayoutError, match="official code's split moved the files.*Extract imagenet-r.tar again"):
+        build_benchmark("imagenet-r", data_root=tmp_path / "official")
+    manifest = make_split_manifest(root, "imagenet-r")
+    path = write_manifest(manifest, tmp_path / "m.json")
+    (root / manifest["train"][0]).unlink()
+    with pytest.raises(DataLayoutError, match="missing under"):
+        build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path)
+
+
+def test_manifest_command_line(make, tmp_path, capsys):
+    root = make.imagenet_r(num_classes=2, per_class=5)
+    assert manifest_main([str(root), "--out", str(tmp_path / "m.json")]) == 0
+    assert read_manifest(tmp_path / "m.json")["sha256"] in capsys.readouterr().out
