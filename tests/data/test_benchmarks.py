@@ -4,12 +4,17 @@ transforms, data-root search, subsampling, and the error paths."""
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from norga.data import (
-    SOURCES, DataLayoutError, DatasetNotFoundError, UnreadableImageError, build_benchmark, class_order, known_benchmarks,
+    SOURCES,
+    DataLayoutError,
+    DatasetNotFoundError,
+    UnreadableImageError,
+    build_benchmark,
+    class_order,
+    known_benchmarks,
     split_into_tasks,
 )
 from norga.data.transforms import build_transforms
@@ -45,7 +50,7 @@ def test_fashion_mnist_from_idx_files(make, tmp_path):
         assert torch.equal(image[0], image[1])  # greyscale became RGB
     # the raw pixels survive: the first test image of task 0 is the IDX file's first image of those classes
     task = bench.tasks[0]
-    raw_index = [i for i, y in enumerate(data["t10k"][1]) if y in task.classes][0]
+    raw_index = next(i for i, y in enumerate(data["t10k"][1]) if y in task.classes)
     raw = torch.from_numpy(data["t10k"][0][raw_index])
     assert torch.equal(task.test.load(0), raw.expand(3, -1, -1))
     _, test_tf = build_transforms(32, (0.5,) * 3, (0.5,) * 3)
@@ -89,7 +94,7 @@ def test_cifar10_pickles_keep_pixels_and_labels(make, tmp_path):
     assert sum(len(t.train) for t in bench.tasks) == 5 * 40 and sum(len(t.test) for t in bench.tasks) == 20
     pixels, labels = data["test_batch"]
     task = bench.tasks[2]
-    first = [i for i, y in enumerate(labels) if y in task.classes][0]
+    first = next(i for i, y in enumerate(labels) if y in task.classes)
     assert task.test.targets[0] == labels[first]
     assert torch.equal(task.test.load(0), torch.from_numpy(pixels[first].reshape(3, 32, 32)))
 

@@ -50,6 +50,7 @@ def test_five_datasets_tasks_and_label_offsets(five_root):
     assert bench.class_names[0] == "NotMNIST:A" and bench.class_names[49] == "SVHN:9"
     notmnist, mnist, cifar = (bench.tasks[i].train.load(0) for i in range(3))
     assert notmnist.shape == (3, 28, 28) and torch.equal(notmnist[0], notmnist[1])  # letters: grey -> RGB
+    assert mnist.shape == (3, 28, 28) and torch.equal(mnist[1], mnist[2])
     assert cifar.shape == (3, 32, 32)
     assert bench.record()["compat"]["fiveds_transform_carryover"] is False
     assert set(bench.record()["sources"]) == set(OFFICIAL_ORDER)

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from norga.data import DataLayoutError, DatasetNotFoundError, UnreadableImageError, build_benchmark, class_order
+from norga.data import (
+    DataLayoutError,
+    DatasetNotFoundError,
+    UnreadableImageError,
+    build_benchmark,
+    class_order,
+)
 from norga.data.registry import SOURCES, locate
 
 
@@ -14,7 +20,7 @@ def test_svhn_mat_pixels_and_labels(make, tmp_path):
     assert len(bench.tasks) == 5 and sum(len(t.train) for t in bench.tasks) == 30
     pixels, digits = data["test"]
     task = bench.tasks[1]
-    first = [i for i, d in enumerate(digits) if d in task.classes][0]
+    first = next(i for i, d in enumerate(digits) if d in task.classes)
     assert task.test.targets[0] == digits[first]  # label 10 in the .mat is digit 0
     assert torch.equal(task.test.load(0), torch.from_numpy(pixels[..., first]).permute(2, 0, 1))
     assert 0 in [c for t in bench.tasks for c in t.classes]
@@ -29,7 +35,7 @@ def test_notmnist_folder_labels_are_letters(make, tmp_path):
     image = task.train.load(0)
     assert image.shape == (3, 28, 28) and torch.equal(image[0], image[2])
     letter = "ABCDEFGHIJ"[task.train.targets[0]]
-    first_file = sorted((tmp_path / "notMNIST" / "Train" / letter).iterdir())[0]
+    first_file = min((tmp_path / "notMNIST" / "Train" / letter).iterdir())
     from PIL import Image
 
     assert torch.equal(image[0], torch.from_numpy(np.array(Image.open(first_file))))
@@ -89,7 +95,7 @@ def test_any_torchvision_dataset(make, tmp_path):
     assert bench.num_classes == 10 and bench.class_names[3] == "3 - three"
     assert sum(len(t.train) for t in bench.tasks) == 60
     task = bench.tasks[0]
-    first = [i for i, y in enumerate(data["t10k"][1]) if y in task.classes][0]
+    first = next(i for i, y in enumerate(data["t10k"][1]) if y in task.classes)
     assert torch.equal(task.test.load(0), torch.from_numpy(data["t10k"][0][first]).expand(3, -1, -1))
     assert task.test[0][0].shape == (3, 28, 28) and bench.record()["torchvision_class"] == "MNIST"
     with pytest.raises(DatasetNotFoundError, match="torchvision/KMNIST not found.*download=True"):

@@ -5,7 +5,14 @@ import random
 
 import pytest
 
-from norga.data import DataLayoutError, build_benchmark, make_split_manifest, read_manifest, verify_manifest, write_manifest
+from norga.data import (
+    DataLayoutError,
+    build_benchmark,
+    make_split_manifest,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 from norga.data.manifest import main as manifest_main
 
 

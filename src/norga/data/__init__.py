@@ -1,13 +1,29 @@
 """Continual benchmarks: data sources, seeded class orders and task splits, the official transforms."""
 
 from norga.data.benchmark import (
-    BENCHMARKS, SOURCES, ContinualBenchmark, Task, build_benchmark, known_benchmarks, locate, subsample_per_class,
+    BENCHMARKS,
+    SOURCES,
+    ContinualBenchmark,
+    Task,
+    build_benchmark,
+    known_benchmarks,
+    locate,
+    subsample_per_class,
 )
 from norga.data.datasets import ImageDataset, SourceData
-from norga.data.errors import DataLayoutError, DatasetNotFoundError, UnreadableImageError
+from norga.data.errors import (
+    DataLayoutError,
+    DatasetNotFoundError,
+    UnreadableImageError,
+)
 from norga.data.fivedatasets import dataset_order
 from norga.data.loader import make_loader
-from norga.data.manifest import make_split_manifest, read_manifest, verify_manifest, write_manifest
+from norga.data.manifest import (
+    make_split_manifest,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 from norga.data.splits import class_order, split_into_tasks
 from norga.data.transforms import backbone_input, build_transforms
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from norga.data.datasets import ImageDataset, SourceData, decode_all
 from norga.data.errors import DataLayoutError
-from norga.data.manifest import make_split_manifest, manifest_sha256, read_manifest, verify_manifest
+from norga.data.manifest import (
+    make_split_manifest,
+    manifest_sha256,
+    read_manifest,
+    verify_manifest,
+)
 from norga.data.sources import class_folder_files
 
 IMAGENET_R_MANIFEST = "imagenet-r-split-v1.json"  # shipped as norga/manifests/<this> (package data)

@@ -12,8 +12,13 @@ from pathlib import Path
 from norga.data.errors import DataLayoutError, DatasetNotFoundError
 from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
 from norga.data.sources import (
-    has_mnist_like, notmnist_split_folders, read_cifar_pickles, read_class_folders_in_memory, read_mnist_like,
-    read_notmnist, read_svhn_mat,
+    has_mnist_like,
+    notmnist_split_folders,
+    read_cifar_pickles,
+    read_class_folders_in_memory,
+    read_mnist_like,
+    read_notmnist,
+    read_svhn_mat,
 )
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
