@@ -27,7 +27,7 @@ from norga.data.manifest import (
 from norga.data.splits import class_order, split_into_tasks
 from norga.data.transforms import backbone_input, build_transforms
 
-__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DataLayoutError", "DatasetNotFoundError", "ImageDataset",
+__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DataError", "DataLayoutError", "DatasetNotFoundError", "ImageDataset",
            "SourceData", "Task", "UnreadableImageError", "backbone_input", "build_benchmark", "build_transforms",
            "class_order", "dataset_order", "known_benchmarks", "locate", "make_loader", "make_split_manifest",
            "read_manifest", "split_into_tasks", "subsample_per_class", "verify_manifest", "write_manifest"]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DataError(Exception):
+    """Base of every error about the user's data (a command line reports these in one line)."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
     """The data is not where it was looked for; the message says where it looked and how to get it."""
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(DataError, ValueError):
     """An image file that cannot be decoded (the message names the file)."""
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(DataError, ValueError):
     """The data is there but not as the benchmark needs it: missing class folders, an empty split,
     a class count that does not match, a split manifest that does not match the files."""
