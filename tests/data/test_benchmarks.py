@@ -197,3 +197,12 @@ def test_custom_transforms_replace_the_official_ones(make, tmp_path):
                             test_transform=lambda x: x.shape)
     assert bench.tasks[0].train[0][0].ndim == 0 and bench.tasks[0].test[0][0] == (3, 32, 32)
     assert bench.record()["custom_transforms"] is True
+
+
+def test_every_data_error_shares_one_base():
+    import norga.data as data
+
+    for error in (DatasetNotFoundError, DataLayoutError, UnreadableImageError):
+        assert issubclass(error, data.DataError)
+    assert issubclass(DatasetNotFoundError, FileNotFoundError) and issubclass(DataLayoutError, ValueError)
+    assert all(hasattr(data, name) for name in data.__all__)

@@ -12,6 +12,7 @@ from norga.data.benchmark import (
 )
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.errors import (
+    DataError,
     DataLayoutError,
     DatasetNotFoundError,
     UnreadableImageError,
