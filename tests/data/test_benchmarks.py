@@ -200,7 +200,7 @@ def test_custom_transforms_replace_the_official_ones(make, tmp_path):
 
 
 def test_every_data_error_shares_one_base():
-    import norga.data as data
+    from norga import data
 
     for error in (DatasetNotFoundError, DataLayoutError, UnreadableImageError):
         assert issubclass(error, data.DataError)

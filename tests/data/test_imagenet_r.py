@@ -89,6 +89,8 @@ def test_imagenet_r_errors(make, tmp_path):
     (root / manifest["train"][0]).unlink()
     with pytest.raises(DataLayoutError, match="missing under"):
         build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path)
+    with pytest.raises(ValueError, match="split_manifest only applies to imagenet-r"):
+        build_benchmark("cub200", data_root=tmp_path, split_manifest=path)
 
 
 def test_manifest_command_line(make, tmp_path, capsys):

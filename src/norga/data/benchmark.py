@@ -235,6 +235,8 @@ def build_benchmark(
         builder = BENCHMARKS[name]
     else:
         raise ValueError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
+    if split_manifest is not None and name != "imagenet-r":
+        raise ValueError(f"split_manifest only applies to imagenet-r (its official split does not exist), not {name!r}")
     if fiveds_transform_carryover and builder is not _five_datasets:
         raise ValueError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
