@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from norga.data.sources import read_image_folder
+from norga.data.folders import read_image_folder
 from norga.pretrain import PretrainConfig, pretrain
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     args = parser.parse_args()
-    train_set, test_set, _ = read_image_folder(args.data, in_memory=True)
+    train_set, test_set, _ = read_image_folder(args.data)  # decoded once into memory (fits the default budget)
     train = (train_set.images, torch.tensor(train_set.targets))
     test = (test_set.images, torch.tensor(test_set.targets))
     print(f"loaded {len(train[1])} training and {len(test[1])} test images", flush=True)

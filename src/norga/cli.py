@@ -14,9 +14,9 @@ from norga.config_io import ConfigError
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input is wrong": one line on stderr, exit code 2 (imported lazily: torch is slow)."""
     from norga.backbones import BackboneLoadError
-    from norga.data import DatasetNotFoundError
+    from norga.data import DataError
 
-    return (ConfigError, DatasetNotFoundError, BackboneLoadError, FileExistsError, FileNotFoundError, FloatingPointError)
+    return (ConfigError, DataError, BackboneLoadError, FileExistsError, FileNotFoundError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:

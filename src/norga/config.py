@@ -25,6 +25,9 @@ class DataConfig:
     workers: int = 0
     download: bool = False
     fiveds_transform_carryover: bool = False  # official bug P6, compat only
+    skip_unreadable: bool = False  # leave out undecodable image files (counted in environment.json) instead of failing
+    memory_budget_mb: int = 2048  # image-file datasets whose pixels fit are decoded once into memory; 0: on access
+    split_manifest: str | None = None  # imagenet-r: a split manifest file (default: the shipped / generated one)
 
 
 @dataclass

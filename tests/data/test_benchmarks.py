@@ -115,9 +115,12 @@ def test_image_folder_and_its_errors(make, tmp_path):
     assert bench.num_classes == 4 and [len(t.classes) for t in bench.tasks] == [2, 2]
     assert bench.tasks[1].train[0][0].shape == (3, 16, 16) and bench.class_names == ["a", "b", "c", "d"]
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
-    broken = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
-    task = next(t for t in broken.tasks if 0 in t.classes)
-    with pytest.raises(UnreadableImageError, match="broken.png"):
+    with pytest.raises(UnreadableImageError, match="broken.png.*data.skip_unreadable=true"):  # decoded into memory now
+        build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
+    lazy = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16, memory_budget_mb=0)
+    task = next(t for t in lazy.tasks if 0 in t.classes)
+    assert not task.train.in_memory
+    with pytest.raises(UnreadableImageError, match="broken.png"):  # decoded on access
         [task.train[i] for i in range(len(task.train))]
     skipping = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16, skip_unreadable=True)
     assert skipping.record()["skipped_unreadable"] == 1 and skipping.record()["skipped_files"][0].endswith("broken.png")

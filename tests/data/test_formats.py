@@ -62,7 +62,7 @@ def test_notmnist_read_from_the_zip_without_extracting(make, tmp_path):
 
 def test_cub_official_split_and_labels(make, tmp_path):
     root = make.cub(train_per_class=2, test_per_class=1)
-    bench = build_benchmark("cub200", data_root=tmp_path, seed=42, image_size=16)
+    bench = build_benchmark("cub200", data_root=tmp_path, seed=42, image_size=16, memory_budget_mb=0)  # file lists
     assert bench.num_classes == 200 and len(bench.tasks) == 10 and all(len(t.classes) == 20 for t in bench.tasks)
     assert bench.tasks[0].classes == sorted(class_order(200, 42)[:20])
     assert sum(len(t.train) for t in bench.tasks) == 400 and sum(len(t.test) for t in bench.tasks) == 200
@@ -71,6 +71,10 @@ def test_cub_official_split_and_labels(make, tmp_path):
     label = task.test.targets[0]
     assert task.test.images[0].name == f"{bench.class_names[label]}_2.jpg"  # is_training 0 -> test
     assert task.train[0][0].shape == (3, 16, 16)
+    held = build_benchmark("cub200", data_root=tmp_path, seed=42, image_size=16)  # small: decoded once, same data
+    assert held.tasks[0].test.in_memory and not task.test.in_memory
+    assert held.split_sha256() == bench.split_sha256()
+    assert all(torch.equal(held.tasks[0].test.load(i), task.test.load(i)) for i in range(len(task.test)))
 
 
 def test_cub_errors(make, tmp_path):

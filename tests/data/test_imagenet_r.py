@@ -67,7 +67,7 @@ def test_imagenet_r_benchmark_uses_the_manifest(make, tmp_path):
     # an explicit manifest is used as given (here: another seed's split), and recorded
     other = make_split_manifest(root, "imagenet-r", seed=3)
     path = write_manifest(other, tmp_path / "other.json")
-    explicit = build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8)
+    explicit = build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8, memory_budget_mb=0)
     assert explicit.record()["split_manifest"] == {"source": str(path), "version": 1, "sha256": other["sha256"]}
     test_files = {str(p.relative_to(root)) for t in explicit.tasks for p in t.test.images}
     assert test_files == set(other["test"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from norga.data.datasets import ImageDataset, SourceData
+from norga.data.decode import ReadOptions
 from norga.data.errors import DataLayoutError, DatasetNotFoundError
 from norga.data.fivedatasets import SOURCE_OF, cifar_style_flags, dataset_order
 from norga.data.registry import SOURCES, locate, search_roots
@@ -91,7 +92,7 @@ class _Options:
     train_per_class: int | None
     test_per_class: int | None
     download: bool
-    skip_unreadable: bool
+    reading: ReadOptions
     train_transform: Callable | None
     test_transform: Callable | None
 
@@ -111,7 +112,7 @@ def subsample_per_class(dataset: ImageDataset, per_class: int, seed: int) -> Ima
     return dataset.subset(chosen)
 
 
-def _read(name: str, data_root, opts: _Options, split_manifest) -> tuple[SourceData, str]:
+def _read(name: str, data_root, opts: _Options) -> tuple[SourceData, str]:
     """Read source `name` and check it holds the classes the benchmark needs."""
     if name.startswith(TORCHVISION_PREFIX):
         roots = search_roots(data_root)
@@ -119,8 +120,7 @@ def _read(name: str, data_root, opts: _Options, split_manifest) -> tuple[SourceD
             raise DatasetNotFoundError(f"{name}: no data root to look in: pass data_root / --data-root or set $NORGA_DATA")
         return read_torchvision(name[len(TORCHVISION_PREFIX):], roots[0], opts.download), str(roots[0])
     path = locate(name, data_root, opts.download)
-    kwargs = {"manifest_path": split_manifest} if name == "imagenet-r" and split_manifest else {}
-    data = SOURCES[name].read(path, skip_unreadable=opts.skip_unreadable, **kwargs)
+    data = SOURCES[name].read(path, opts.reading)
     if not isinstance(data, SourceData):
         data = SourceData(*data)
     expected = SOURCES[name].num_classes
@@ -168,9 +168,9 @@ def _skipped(*datasets: ImageDataset) -> dict:
     return {"skipped_unreadable": len(files), "skipped_files": files[:20]}
 
 
-def _split_benchmark(name: str, data_root, opts: _Options, split_manifest=None, fiveds_transform_carryover=False):
+def _split_benchmark(name: str, data_root, opts: _Options, fiveds_transform_carryover=False):
     """One labelled source, classes shuffled by the seed and cut into tasks."""
-    data, where = _read(name, data_root, opts, split_manifest)
+    data, where = _read(name, data_root, opts)
     source = SOURCES.get(name)
     num_classes = (source.num_classes if source else 0) or len(data.class_names)
     _check_classes(data, num_classes, where)
@@ -184,14 +184,14 @@ def _split_benchmark(name: str, data_root, opts: _Options, split_manifest=None, 
     return ContinualBenchmark(name, num_classes, order, list(data.class_names), tasks, where, details)
 
 
-def _five_datasets(name: str, data_root, opts: _Options, split_manifest=None, fiveds_transform_carryover=False):
+def _five_datasets(name: str, data_root, opts: _Options, fiveds_transform_carryover=False):
     """5-Datasets: one task per dataset in the seeded official order, labels offset by 10 per position."""
     if opts.num_tasks not in (None, 5):
         raise ValueError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.num_tasks}")
     order = dataset_order(opts.seed)
     tasks, names, paths, skipped = [], [], {}, []
     for index, (dataset, cifar_style) in enumerate(zip(order, cifar_style_flags(order, fiveds_transform_carryover))):
-        data, where = _read(SOURCE_OF[dataset], data_root, opts, None)
+        data, where = _read(SOURCE_OF[dataset], data_root, opts)
         _check_classes(data, 10, where)
         train, test = (d.relabel(10 * index) for d in _sized(data, opts))
         classes = list(range(10 * index, 10 * index + 10))
@@ -218,7 +218,7 @@ def build_benchmark(
     image_size: int = 224, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
     normalization: str = "backbone", train_per_class: int | None = None, test_per_class: int | None = None,
     download: bool = False, fiveds_transform_carryover: bool = False, skip_unreadable: bool = False,
-    split_manifest: str | Path | None = None, train_transform: Callable | None = None,
+    memory_budget_mb: int = 2048, split_manifest: str | Path | None = None, train_transform: Callable | None = None,
     test_transform: Callable | None = None,
 ) -> ContinualBenchmark:
     """Read benchmark `name`, order its classes by `seed` and split them into `num_tasks` tasks.
@@ -226,7 +226,8 @@ def build_benchmark(
     ``image_size``, ``mean``, ``std``: the backbone's input (see `transforms.backbone_input`);
     ``normalization``: "backbone" (mean/std above) or "official" (NORGA_SPEC P7); ``train_transform`` /
     ``test_transform`` replace the official transforms; ``skip_unreadable``: leave out (and count) image files
-    that cannot be decoded instead of failing; ``split_manifest``: an ImageNet-R split manifest file;
+    that cannot be decoded instead of failing; ``memory_budget_mb``: image-file datasets whose decoded pixels fit
+    are decoded once and held in memory (0: decode on access); ``split_manifest``: an ImageNet-R split manifest file;
     ``fiveds_transform_carryover``: reproduce the official 5-datasets transform bug (P6).
     """
     if name.startswith(TORCHVISION_PREFIX):
@@ -240,9 +241,9 @@ def build_benchmark(
     if fiveds_transform_carryover and builder is not _five_datasets:
         raise ValueError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
-                    test_per_class, download, skip_unreadable, train_transform, test_transform)
-    bench = builder(name, data_root, opts, split_manifest=split_manifest,
-                    fiveds_transform_carryover=fiveds_transform_carryover)
+                    test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
+                    train_transform, test_transform)
+    bench = builder(name, data_root, opts, fiveds_transform_carryover=fiveds_transform_carryover)
     bench.details.update({"seed": seed, "normalization": normalization, "image_size": image_size,
                           "train_per_class": train_per_class, "test_per_class": test_per_class,
                           "custom_transforms": train_transform is not None or test_transform is not None,

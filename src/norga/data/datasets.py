@@ -1,9 +1,9 @@
-"""Image datasets over uint8 tensors held in memory, over image files decoded on access, or over another
-dataset (torchvision's); all yield (transformed image, global label) and expose `targets`."""
+"""Image datasets over uint8 images held in memory (one tensor, or a list when sizes differ), over image files
+decoded on access, or over another dataset (torchvision's); all yield (transformed image, global label) and
+expose `targets`."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,51 +13,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from norga.data.errors import UnreadableImageError
-
-try:  # torchvision.io decodes JPEG/PNG ~2.5x faster than PIL, bit-identically (deprecated in 0.29 for torchcodec)
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # pragma: no cover - a future torchvision without it: PIL does everything
-    decode_image = None
-FAST_DECODE = {".jpg", ".jpeg", ".png"} if decode_image is not None else set()
-
-
-def _fast_decode(path: Path) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-
-
-def read_image(path: str | Path) -> Tensor:
-    """An RGB uint8 (3, H, W) tensor; greyscale and palette images become RGB."""
-    path = Path(path)
-    if path.suffix.lower() in FAST_DECODE:
-        try:
-            return _fast_decode(path)
-        except (RuntimeError, ValueError):
-            pass  # PIL below decodes a few more variants (e.g. CMYK JPEG) or gives the error
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError (an OSError), truncated data
-        raise UnreadableImageError(f"cannot decode image {path}: {error}; remove or replace the file "
-                                   "(or pass skip_unreadable=True to skip such files, counted in the run record)") from error
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
-
-
-def decode_all(paths: Sequence[Path], skip_unreadable: bool) -> tuple[list[Tensor], list[int], list[str]]:
-    """Decode every file: (images, indices of the decoded files, skipped file names)."""
-    images, kept, skipped = [], [], []
-    for index, path in enumerate(paths):
-        try:
-            images.append(read_image(path))
-        except UnreadableImageError:
-            if not skip_unreadable:
-                raise
-            skipped.append(str(path))
-            continue
-        kept.append(index)
-    return images, kept, skipped
+from norga.data.decode import read_image
 
 
 def to_rgb(images: Tensor) -> Tensor:
@@ -68,14 +24,14 @@ def to_rgb(images: Tensor) -> Tensor:
 
 
 class ImageDataset(Dataset):
-    """(image, label) pairs from an in-memory uint8 tensor (N, C, H, W), a list of image files, or another
-    dataset yielding (PIL image or tensor, label) (`base` with `indices`).
+    """(image, label) pairs from an in-memory uint8 tensor (N, C, H, W), a list of image files or of decoded
+    (C, H, W) tensors, or another dataset yielding (PIL image or tensor, label) (`images` with `indices`).
 
     `targets` lists the global labels in order (stable: the engine caches features by position);
     `subset` and `with_transform` give views sharing the storage; `skipped` lists unreadable files left out.
     """
 
-    def __init__(self, images: Tensor | Sequence[Path] | Dataset, labels: Sequence[int], transform: Callable | None = None,
+    def __init__(self, images: Tensor | Sequence[Path | Tensor] | Dataset, labels: Sequence[int], transform: Callable | None = None,
                  indices: Sequence[int] | None = None, skipped: Sequence[str] = ()) -> None:
         self._indices = list(indices) if indices is not None else None
         count = len(self._indices) if self._indices is not None else len(images)
@@ -87,13 +43,17 @@ class ImageDataset(Dataset):
         self.skipped = list(skipped)
 
     @property
-    def images(self) -> Tensor | Sequence[Path] | Dataset:
-        """The pixels (in-memory: (N, 3, H, W) uint8, greyscale as a no-copy view) or the file list."""
+    def images(self) -> Tensor | Sequence[Path | Tensor] | Dataset:
+        """The pixels (in-memory: (N, 3, H, W) uint8, greyscale as a no-copy view), the decoded images of different
+        sizes, or the file list."""
         return to_rgb(self._images) if isinstance(self._images, Tensor) else self._images
 
     @property
     def in_memory(self) -> bool:
-        return isinstance(self._images, Tensor)
+        """Whether the images are decoded already (no file is read on access)."""
+        if isinstance(self._images, Tensor):
+            return True
+        return self._indices is None and len(self._images) > 0 and isinstance(self._images[0], Tensor)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -109,7 +69,8 @@ class ImageDataset(Dataset):
                 return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
             image = torch.as_tensor(image)
             return image.expand(3, -1, -1) if image.shape[0] == 1 else image
-        return read_image(self._images[index])
+        item = self._images[index]
+        return item if isinstance(item, Tensor) else read_image(item)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.load(index)

@@ -1,12 +1,15 @@
-"""Readers of large image-file datasets, decoded on access: any ImageFolder tree, CUB-200-2011 (its official
-train_test_split.txt) and ImageNet-R (a versioned split manifest). Files are only read, never moved."""
+"""Readers of image-file datasets: any ImageFolder tree (CIFAR-10 as JPEG folders too), CUB-200-2011 (its
+official train_test_split.txt) and ImageNet-R (a versioned split manifest). A dataset whose decoded pixels fit
+the memory budget is decoded once and held in memory, a larger one is decoded on access. Files are only read,
+never moved."""
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
 
-from norga.data.datasets import ImageDataset, SourceData, decode_all
+from norga.data.datasets import ImageDataset, SourceData
+from norga.data.decode import DEFAULT_READ, ReadOptions, decode_all, estimated_bytes, stack_if_uniform
 from norga.data.errors import DataLayoutError
 from norga.data.manifest import (
     make_split_manifest,
@@ -19,27 +22,26 @@ from norga.data.sources import class_folder_files
 IMAGENET_R_MANIFEST = "imagenet-r-split-v1.json"  # shipped as norga/manifests/<this> (package data)
 
 
-def _checked(files: list[Path], labels: list[int], skip_unreadable: bool) -> ImageDataset:
-    """Files decoded lazily; with `skip_unreadable` every file is decoded once now and bad ones dropped."""
-    if not skip_unreadable:
+def file_dataset(files: list[Path], labels: list[int], options: ReadOptions) -> ImageDataset:
+    """Image files as a dataset: decoded once now when their pixels fit the memory budget, else on access (with
+    `skip_unreadable`, every file is then decoded once now so undecodable ones are left out and counted)."""
+    fits = options.memory_budget_mb > 0 and estimated_bytes(files) <= options.memory_budget_mb * 2**20
+    if not (fits or options.skip_unreadable):
         return ImageDataset(files, labels)
-    _, kept, skipped = decode_all(files, skip_unreadable=True)
-    return ImageDataset([files[i] for i in kept], [labels[i] for i in kept], skipped=skipped)
+    images, kept, skipped = decode_all(files, options.skip_unreadable)
+    pixels = stack_if_uniform(images) if fits else [files[i] for i in kept]
+    return ImageDataset(pixels, [labels[i] for i in kept], skipped=skipped)
 
 
-def read_image_folder(root: Path, in_memory: bool = False, skip_unreadable: bool = False) -> tuple:
+def read_image_folder(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     """root/train/<class>/* and root/test/<class>/*; the same class folders in both, labels by sorted name."""
-    if in_memory:
-        from norga.data.sources import read_class_folders_in_memory
-
-        return read_class_folders_in_memory(root, skip_unreadable=skip_unreadable)
     train_files, train_labels, classes = class_folder_files(root / "train")
     test_names = sorted(p.name for p in (root / "test").iterdir() if p.is_dir()) if (root / "test").is_dir() else []
     if test_names and test_names != classes:
         raise DataLayoutError(f"{root}: train/ and test/ have different class folders: "
                               f"{sorted(set(classes) ^ set(test_names))}; make both hold the same classes")
     test_files, test_labels, _ = class_folder_files(root / "test", classes)
-    return _checked(train_files, train_labels, skip_unreadable), _checked(test_files, test_labels, skip_unreadable), classes
+    return file_dataset(train_files, train_labels, options), file_dataset(test_files, test_labels, options), classes
 
 
 def _cub_table(root: Path, name: str) -> list[list[str]]:
@@ -50,7 +52,7 @@ def _cub_table(root: Path, name: str) -> list[list[str]]:
     return [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_cub(root: Path, skip_unreadable: bool = False) -> tuple:
+def read_cub(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     """CUB_200_2011/: images.txt (id path), image_class_labels.txt (id class 1..200), train_test_split.txt
     (id is_training), classes.txt (id name); labels become 0..199."""
     paths = dict(_cub_table(root, "images.txt"))
@@ -69,7 +71,7 @@ def read_cub(root: Path, skip_unreadable: bool = False) -> tuple:
         ids = sorted((i for i in paths if is_train[i] == train), key=int)
         if not ids:
             raise DataLayoutError(f"{root / 'train_test_split.txt'} puts no image in the {'train' if train else 'test'} split")
-        splits.append(_checked([root / "images" / paths[i].strip() for i in ids], [labels[i] for i in ids], skip_unreadable))
+        splits.append(file_dataset([root / "images" / paths[i].strip() for i in ids], [labels[i] for i in ids], options))
     return splits[0], splits[1], classes
 
 
@@ -79,10 +81,10 @@ def shipped_manifest(name: str = IMAGENET_R_MANIFEST) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
-def read_imagenet_r(root: Path, manifest_path: str | Path | None = None, skip_unreadable: bool = False) -> tuple:
-    """imagenet-r/<wnid>/*.jpg split by a manifest: `manifest_path`, else the shipped one, else the same
+def read_imagenet_r(root: Path, options: ReadOptions = DEFAULT_READ) -> SourceData:
+    """imagenet-r/<wnid>/*.jpg split by a manifest: `options.split_manifest`, else the shipped one, else the same
     deterministic 80/20 split generated from the folder (its sha256 is recorded either way)."""
-    manifest_path = manifest_path or shipped_manifest()
+    manifest_path = options.split_manifest or shipped_manifest()
     if manifest_path is not None:
         manifest = read_manifest(manifest_path)
         source = str(manifest_path)
@@ -96,6 +98,6 @@ def read_imagenet_r(root: Path, manifest_path: str | Path | None = None, skip_un
         files = manifest[split]
         if not files:
             raise DataLayoutError(f"the ImageNet-R split manifest ({source}) has an empty {split} list")
-        splits.append(_checked([root / f for f in files], [index[f.split("/")[0]] for f in files], skip_unreadable))
+        splits.append(file_dataset([root / f for f in files], [index[f.split("/")[0]] for f in files], options))
     record = {"source": source, "version": manifest["version"], "sha256": manifest_sha256(manifest)}
     return SourceData(splits[0], splits[1], manifest["classes"], {"split_manifest": record})

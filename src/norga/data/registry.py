@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from norga.data.decode import DEFAULT_READ, ReadOptions
 from norga.data.errors import DataLayoutError, DatasetNotFoundError
 from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
 from norga.data.sources import (
     has_mnist_like,
     notmnist_split_folders,
     read_cifar_pickles,
-    read_class_folders_in_memory,
     read_mnist_like,
     read_notmnist,
     read_svhn_mat,
@@ -32,7 +32,7 @@ NOTMNIST_URL = "https://github.com/facebookresearch/Adversarial-Continual-Learni
 
 @dataclass(frozen=True)
 class Source:
-    """How to find one dataset under a data root and read it: ``read(path, skip_unreadable=False)`` returns
+    """How to find one dataset under a data root and read it: ``read(path, ReadOptions())`` returns
     (train, test, class names) with the dataset's own labels."""
 
     num_classes: int  # 0: as many as the data has (image folders)
@@ -72,10 +72,10 @@ def _cifar10_candidates(root: Path) -> list[Path]:
     return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra]
 
 
-def _read_cifar10(path: Path, skip_unreadable: bool = False) -> tuple:
+def _read_cifar10(path: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     if (path / "data_batch_1").is_file():
-        return read_cifar_pickles(path, fine=False)
-    return read_class_folders_in_memory(path, skip_unreadable=skip_unreadable)
+        return read_cifar_pickles(path, options, fine=False)
+    return read_image_folder(path, options)
 
 
 def _imagenet_r_present(path: Path) -> bool:

@@ -1,7 +1,8 @@
 """Readers of the small on-disk formats, decoded once into memory: IDX (MNIST-likes), CIFAR python pickles,
-SVHN .mat, notMNIST letter folders (or its zip), and JPEG/PNG class folders small enough to hold.
+SVHN .mat and notMNIST letter folders (or its zip).
 
-Each returns (train, test, class names) as `ImageDataset`s without transforms; labels are the dataset's own.
+Each takes (path, `ReadOptions`) and returns (train, test, class names) as `ImageDataset`s without transforms;
+labels are the dataset's own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from norga.data.datasets import ImageDataset, decode_all
+from norga.data.datasets import ImageDataset
+from norga.data.decode import DEFAULT_READ, SKIP_HINT, ReadOptions, decode_all
 from norga.data.errors import DataLayoutError, UnreadableImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -49,7 +51,7 @@ def has_mnist_like(folder: Path) -> bool:
     return all(find_idx(folder, f"{p}-{k}") for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
 
 
-def read_mnist_like(folder: Path, class_names: list[str], skip_unreadable: bool = False) -> tuple:
+def read_mnist_like(folder: Path, options: ReadOptions = DEFAULT_READ, *, class_names: list[str]) -> tuple:
     """train-/t10k- images and labels IDX files in `folder` (MNIST, Fashion-MNIST); greyscale kept 1-channel."""
     splits = []
     for prefix in ("train", "t10k"):
@@ -61,7 +63,7 @@ def read_mnist_like(folder: Path, class_names: list[str], skip_unreadable: bool 
     return splits[0], splits[1], class_names
 
 
-def read_cifar_pickles(folder: Path, fine: bool, skip_unreadable: bool = False) -> tuple:
+def read_cifar_pickles(folder: Path, options: ReadOptions = DEFAULT_READ, *, fine: bool) -> tuple:
     """torchvision's CIFAR python format: cifar-10-batches-py (fine=False) or cifar-100-python (fine=True)."""
     label_key = "fine_labels" if fine else "labels"
     if fine:
@@ -88,7 +90,7 @@ def read_cifar_pickles(folder: Path, fine: bool, skip_unreadable: bool = False) 
     return split(train_files), split(test_files), list(load(meta)[names_key])
 
 
-def read_svhn_mat(folder: Path, skip_unreadable: bool = False) -> tuple:
+def read_svhn_mat(folder: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     """SVHN cropped digits: train_32x32.mat / test_32x32.mat (X: 32x32x3xN, y: 1..10 with 10 = digit 0)."""
     try:
         from scipy.io import loadmat
@@ -109,24 +111,6 @@ def _stack(images: list[torch.Tensor], where: Path) -> torch.Tensor:
     if len(shapes) != 1:
         raise DataLayoutError(f"{where}: images of different sizes {sorted(shapes)[:3]}: cannot hold them as one tensor")
     return torch.stack(images)
-
-
-def read_class_folders_in_memory(root: Path, splits: tuple[str, str] = ("train", "test"),
-                                 classes: list[str] | None = None, skip_unreadable: bool = False) -> tuple:
-    """root/<train>/<class>/* and root/<test>/<class>/* decoded once; labels by sorted class folder name
-    (or by position in `classes`, which must all be present)."""
-    datasets, names = [], None
-    for split in splits:
-        files, labels, split_names = class_folder_files(root / split, classes)
-        if names is not None and split_names != names:
-            raise DataLayoutError(f"{root}: {splits[0]}/ and {split}/ have different class folders: "
-                                  f"{sorted(set(names) ^ set(split_names))}; make both hold the same classes")
-        names = split_names
-        images, kept, skipped = decode_all(files, skip_unreadable)
-        if not images:
-            raise DataLayoutError(f"{root / split} holds no readable images")
-        datasets.append(ImageDataset(_stack(images, root / split), [labels[i] for i in kept], skipped=skipped))
-    return datasets[0], datasets[1], names
 
 
 def class_folder_files(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -157,21 +141,23 @@ def notmnist_split_folders(root: Path) -> tuple[str, str] | None:
     return None
 
 
-def read_notmnist(root: Path, skip_unreadable: bool = False) -> tuple:
+def read_notmnist(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     """notMNIST letters A-J (label = ord(letter) - 65, as the official code) from root/{Train,Test}/<A-J>/*.png,
     or straight from the ACL repository's notMNIST.zip without extracting it."""
     if root.is_file():
-        return _read_notmnist_zip(root, skip_unreadable)
+        return _read_notmnist_zip(root, options.skip_unreadable)
     pair = notmnist_split_folders(root)
     if pair is None:
         raise DataLayoutError(f"{root} needs Train/ and Test/ folders of letter folders A-J")
-    train, test, names = read_class_folders_in_memory(root, pair, NOTMNIST_CLASSES, skip_unreadable)
-    return _grey(train), _grey(test), names
-
-
-def _grey(dataset: ImageDataset) -> ImageDataset:
-    """Letter images are greyscale: keep one channel (the RGB view is made on access)."""
-    return ImageDataset(dataset.images[:, :1].contiguous(), dataset.targets, skipped=dataset.skipped)
+    datasets = []
+    for split in pair:
+        files, labels, _ = class_folder_files(root / split, NOTMNIST_CLASSES)
+        images, kept, skipped = decode_all(files, options.skip_unreadable)
+        if not images:
+            raise DataLayoutError(f"{root / split} holds no readable images")
+        grey = _stack(images, root / split)[:, :1].contiguous()  # letters are greyscale: RGB is a view on access
+        datasets.append(ImageDataset(grey, [labels[i] for i in kept], skipped=skipped))
+    return datasets[0], datasets[1], list(NOTMNIST_CLASSES)
 
 
 def _read_notmnist_zip(path: Path, skip_unreadable: bool) -> tuple:
@@ -189,8 +175,8 @@ def _read_notmnist_zip(path: Path, skip_unreadable: bool) -> tuple:
                     images.append(torch.from_numpy(np.asarray(image.convert("L")).copy())[None])
             except (OSError, ValueError, SyntaxError) as error:
                 if not skip_unreadable:
-                    raise UnreadableImageError(f"cannot decode {path}:{member}: {error}; pass skip_unreadable=True "
-                                               "to skip it (counted in the run record)") from error
+                    raise UnreadableImageError(f"cannot decode {path}:{member}: {error}; replace the zip, or skip "
+                                               f"such files with {SKIP_HINT}") from error
                 skipped.append(f"{path}:{member}")
                 continue
             labels.append(ord(parts[-2]) - 65)

@@ -55,6 +55,9 @@ def build_run(config: RunConfig) -> BuiltRun:
         test_per_class=config.data.test_per_class,
         download=config.data.download,
         fiveds_transform_carryover=config.data.fiveds_transform_carryover,
+        skip_unreadable=config.data.skip_unreadable,
+        memory_budget_mb=config.data.memory_budget_mb,
+        split_manifest=config.data.split_manifest,
     )
     model = PromptedViT(
         backbone,
