@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +94,38 @@ def test_imagenet_r_errors(make, tmp_path):
         build_benchmark("cub200", data_root=tmp_path, split_manifest=path)
 
 
-def test_manifest_command_line(make, tmp_path, capsys):
+def test_manifest_command_line_makes_and_verifies(make, tmp_path, capsys):
     root = make.imagenet_r(num_classes=2, per_class=5)
-    assert manifest_main([str(root), "--out", str(tmp_path / "m.json")]) == 0
-    assert read_manifest(tmp_path / "m.json")["sha256"] in capsys.readouterr().out
+    out = tmp_path / "m.json"
+    assert manifest_main(["make", str(root), "--out", str(out), "--hash-contents"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["sha256"] in capsys.readouterr().out and "contents_sha256" in manifest
+    assert manifest_main(["verify", str(out), str(root), "--contents"]) == 0
+    assert "redraws this exact split" in capsys.readouterr().out
+    extra = root / manifest["classes"][0] / "extra.jpg"  # a file the manifest was not made from
+    extra.write_bytes((root / manifest["train"][0]).read_bytes())
+    assert manifest_main(["verify", str(out), str(root)]) == 1
+    assert "redraws a different split" in capsys.readouterr().out
+    (root / manifest["test"][0]).unlink()
+    assert manifest_main(["verify", str(out), str(root)]) == 1
+    assert f"FAILED: 1 of 10 files of the imagenet-r split manifest are missing under {root}" in capsys.readouterr().out
+
+
+def test_the_shipped_manifest_is_package_data_and_preferred(make, tmp_path, monkeypatch):
+    import tomllib
+
+    import norga
+    from norga.data import folders
+
+    pyproject = Path(norga.__file__).parents[2] / "pyproject.toml"
+    if pyproject.is_file():  # a source checkout (editable install): the folder is declared as package data
+        assert "manifests/*" in tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["norga"]
+    assert folders.shipped_manifest("README.md") == Path(norga.__file__).parent / "manifests" / "README.md"
+    shipped = folders.shipped_manifest()
+    assert shipped is None or read_manifest(shipped)["dataset"] == "imagenet-r"
+    root = make.imagenet_r(per_class=3)
+    fixture = write_manifest(make_split_manifest(root, "imagenet-r", seed=5), tmp_path / "shipped.json")
+    monkeypatch.setattr(folders, "shipped_manifest", lambda: fixture)
+    bench = build_benchmark("imagenet-r", data_root=tmp_path, image_size=8)
+    assert bench.record()["split_manifest"]["source"] == str(fixture)
+    assert bench.record()["split_manifest"]["sha256"] == read_manifest(fixture)["sha256"]

@@ -76,7 +76,7 @@ def read_cub(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
 
 
 def shipped_manifest(name: str = IMAGENET_R_MANIFEST) -> Path | None:
-    """The split manifest shipped with the package, if this build has one."""
+    """The split manifest shipped with the package (norga/manifests/, package data), if this build has one."""
     path = resources.files("norga") / "manifests" / name
     return Path(str(path)) if path.is_file() else None
 
