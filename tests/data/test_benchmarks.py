@@ -209,3 +209,16 @@ def test_every_data_error_shares_one_base():
         assert issubclass(error, data.DataError)
     assert issubclass(DatasetNotFoundError, FileNotFoundError) and issubclass(DataLayoutError, ValueError)
     assert all(hasattr(data, name) for name in data.__all__)
+
+
+@pytest.mark.parametrize(("name", "archive"), [("cub200", "CUB_200_2011.tgz"), ("imagenet-r", "imagenet-r.tar")])
+def test_archive_downloads_are_md5_verified(name, archive, tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    from norga.data import registry
+
+    calls = []
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", lambda url, root, md5=None: calls.append((url, md5)))
+    SOURCES[name].download(tmp_path)
+    expected = {"cub200": registry.CUB_MD5, "imagenet-r": registry.IMAGENET_R_MD5}[name]
+    assert calls == [(calls[0][0], expected)] and calls[0][0].endswith(archive) and len(expected) == 32

@@ -1,5 +1,6 @@
 """The official transforms at any backbone size, normalisation modes, and seeded DataLoaders."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -82,3 +83,48 @@ def test_worker_augmentation_is_fixed_by_the_seed():
 
     first = batches(11)
     assert torch.equal(first, batches(11)) and not torch.equal(first, batches(12))
+
+
+def official_test_transform(size, cifar_style):
+    """The official code's test transform (torchvision v1 on PIL images), at `size` (NORGA_SPEC §3.3)."""
+    from torchvision import transforms as V1
+
+    mean, std = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)) if cifar_style else ((0, 0, 0), (1, 1, 1))
+    return V1.Compose([V1.Resize(round(size / 0.875), interpolation=InterpolationMode.BICUBIC), V1.CenterCrop(size),
+                       V1.ToTensor(), V1.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize(("size", "source"), [(224, 32), (32, 32), (224, 300), (32, 28)])
+@pytest.mark.parametrize("cifar_style", [True, False])
+def test_test_transform_on_uint8_tensors_gives_the_official_pil_pixels(size, source, cifar_style):
+    from PIL import Image
+
+    image = torch.randint(0, 256, (3, source, source), dtype=torch.uint8)
+    _, test = build_transforms(size, (0.5,) * 3, (0.5,) * 3, "official", cifar_style)
+    ours = test(image)
+    official = official_test_transform(size, cifar_style)(Image.fromarray(image.permute(1, 2, 0).numpy()))
+    std = torch.tensor(by_type(test)["Normalize"].std).view(3, 1, 1)
+    levels = ((ours - official) * std * 255).abs()  # difference in 8-bit grey levels
+    assert ours.shape == official.shape == (3, size, size)
+    assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.05  # at most one rounding step, rarely
+
+
+def test_brightness_jitter_on_uint8_tensors_matches_pil():
+    from PIL import Image
+    from torchvision.transforms import functional as F1
+    from torchvision.transforms.v2 import functional as F2
+
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    for factor in (1 - 63 / 255, 0.9, 1.2, 1 + 63 / 255):
+        ours = F2.adjust_brightness(image, factor).int()
+        official = torch.from_numpy(np.array(F1.adjust_brightness(pil, factor))).permute(2, 0, 1).int()
+        assert (ours - official).abs().max() <= 1
+
+
+def test_train_transforms_keep_the_official_crop_ratio_and_flip():
+    for cifar_style in (True, False):
+        train, _ = build_transforms(224, (0.5,) * 3, (0.5,) * 3, "official", cifar_style)
+        parts = by_type(train)
+        assert parts["RandomResizedCrop"].ratio == pytest.approx((3 / 4, 4 / 3))
+        assert parts["RandomResizedCrop"].antialias is True and parts["RandomHorizontalFlip"].p == 0.5
