@@ -106,7 +106,7 @@ def test_test_transform_on_uint8_tensors_gives_the_official_pil_pixels(size, sou
     std = torch.tensor(by_type(test)["Normalize"].std).view(3, 1, 1)
     levels = ((ours - official) * std * 255).abs()  # difference in 8-bit grey levels
     assert ours.shape == official.shape == (3, size, size)
-    assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.05  # at most one rounding step, rarely
+    assert levels.max() <= 2.0 + 1e-3 and levels.mean() < 0.05  # rounding of the 8-bit resize: rare, 1-2 levels
 
 
 def test_brightness_jitter_on_uint8_tensors_matches_pil():
