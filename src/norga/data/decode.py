@@ -1,10 +1,11 @@
-"""Image files to pixels: one file (`read_image`), many files in batches (`decode_all`), and the choice between
-decoding a file dataset once into memory or on access (`file_dataset`, by a memory budget)."""
+"""Encoded images to pixels: one file (`read_image`), many files or archive members in batches (`decode_all`,
+`decode_buffers`), and what a reader is told (`ReadOptions`: skip unreadable files, memory budget)."""
 
 from __future__ import annotations
 
+import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,60 +22,59 @@ except ImportError:  # pragma: no cover - a future torchvision without it: PIL d
     decode_image = decode_jpeg = None
 FAST_DECODE = {".jpg", ".jpeg", ".png"} if decode_image is not None else set()
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # files read as images
 SKIP_HINT = "skip_unreadable=True (--set data.skip_unreadable=true; they are counted in the run record)"
-DECODE_CHUNK = 512  # files read and decoded per batched decode_jpeg call
+DECODE_CHUNK = 512  # images read and decoded per batched decode_jpeg call
 
 
-def _fast_decode(path: Path) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-
-
-def read_image(path: str | Path) -> Tensor:
-    """An RGB uint8 (3, H, W) tensor; greyscale and palette images become RGB."""
-    path = Path(path)
-    if path.suffix.lower() in FAST_DECODE:
+def decode_bytes(data: bytes, name: str) -> Tensor:
+    """One encoded image as an RGB uint8 (3, H, W) tensor (greyscale and palette become RGB); `name` (a file or
+    archive member) gives the format by its suffix and names the image in the error."""
+    if data and Path(name).suffix.lower() in FAST_DECODE:
         try:
-            return _fast_decode(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             pass  # PIL below decodes a few more variants (e.g. CMYK JPEG) or gives the error
     try:
-        with Image.open(path) as image:
+        if not data:
+            raise ValueError("the file is empty or cannot be read")
+        with Image.open(io.BytesIO(data)) as image:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError (an OSError), truncated data
-        raise UnreadableImageError(f"cannot decode image {path}: {error}; remove or replace the file, or skip such "
+        raise UnreadableImageError(f"cannot decode image {name}: {error}; remove or replace the file, or skip such "
                                    f"files with {SKIP_HINT}") from error
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
-def _decode_jpeg_batch(paths: Sequence[Path]) -> list[Tensor] | None:
-    """All of `paths` (JPEG files) read and decoded in one batched call, or None when any of them fails."""
-    buffers = []
-    for path in paths:
-        try:
-            buffers.append(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
-        except (OSError, ValueError):  # unreadable or empty file: the per-file path names it
-            return None
+def _file_bytes(path: Path) -> bytes:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(buffers, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return None
+        return path.read_bytes()
+    except OSError:
+        return b""  # decode_bytes names the file as unreadable
 
 
-def _decode_chunk(paths: Sequence[Path], skip_unreadable: bool) -> list[Tensor | None]:
-    """Decoded images of `paths` (None for a skipped unreadable file): one batched decode when every file is
-    a JPEG that decodes, else file by file (which names the bad file)."""
-    if decode_jpeg is not None and all(p.suffix.lower() in JPEG_SUFFIXES for p in paths):
-        batch = _decode_jpeg_batch(paths)
-        if batch is not None:
-            return list(batch)
-    decoded: list[Tensor | None] = []
-    for path in paths:
+def read_image(path: str | Path) -> Tensor:
+    """The image file at `path` as an RGB uint8 (3, H, W) tensor."""
+    return decode_bytes(_file_bytes(Path(path)), str(path))
+
+
+def _decode_chunk(names: Sequence[str], buffers: Sequence[bytes], skip_unreadable: bool) -> list[Tensor | None]:
+    """Decoded images (None for a skipped unreadable one): one batched decode_jpeg call when every image is a
+    JPEG that decodes, else one by one (which names the bad image)."""
+    if decode_jpeg is not None and all(buffers) and all(Path(n).suffix.lower() in JPEG_SUFFIXES for n in names):
         try:
-            decoded.append(read_image(path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return list(decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in buffers],
+                                        mode=ImageReadMode.RGB))
+        except RuntimeError:
+            pass
+    decoded: list[Tensor | None] = []
+    for name, data in zip(names, buffers):
+        try:
+            decoded.append(decode_bytes(data, name))
         except UnreadableImageError:
             if not skip_unreadable:
                 raise
@@ -82,20 +82,27 @@ def _decode_chunk(paths: Sequence[Path], skip_unreadable: bool) -> list[Tensor |
     return decoded
 
 
-def decode_all(paths: Sequence[Path], skip_unreadable: bool) -> tuple[list[Tensor], list[int], list[str]]:
-    """Decode every file, JPEGs in batches (~2x faster than one call per file, same pixels):
-    (images, indices of the decoded files, skipped file names)."""
-    paths = [Path(p) for p in paths]
+def decode_buffers(names: Sequence[str], load: Callable[[int], bytes],
+                   skip_unreadable: bool) -> tuple[list[Tensor], list[int], list[str]]:
+    """Decode images `names[i]` whose bytes `load(i)` gives, JPEGs in batches (~2x faster than one call per
+    image, same pixels): (images, indices of the decoded ones, names of the skipped ones)."""
     images, kept, skipped = [], [], []
-    for start in range(0, len(paths), DECODE_CHUNK):
-        chunk = paths[start : start + DECODE_CHUNK]
-        for offset, image in enumerate(_decode_chunk(chunk, skip_unreadable)):
+    for start in range(0, len(names), DECODE_CHUNK):
+        indices = range(start, min(start + DECODE_CHUNK, len(names)))
+        chunk = [names[i] for i in indices]
+        for index, image in zip(indices, _decode_chunk(chunk, [load(i) for i in indices], skip_unreadable)):
             if image is None:
-                skipped.append(str(chunk[offset]))
+                skipped.append(names[index])
             else:
                 images.append(image)
-                kept.append(start + offset)
+                kept.append(index)
     return images, kept, skipped
+
+
+def decode_all(paths: Sequence[Path], skip_unreadable: bool) -> tuple[list[Tensor], list[int], list[str]]:
+    """Decode every image file (see `decode_buffers`)."""
+    paths = [Path(p) for p in paths]
+    return decode_buffers([str(p) for p in paths], lambda i: _file_bytes(paths[i]), skip_unreadable)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from norga.data.archive import is_archive, read_class_archive
 from norga.data.decode import DEFAULT_READ, ReadOptions
 from norga.data.errors import DataLayoutError, DatasetNotFoundError
 from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
@@ -69,10 +70,17 @@ def _archive_download(url: str, md5: str) -> Callable[[Path], None]:
 
 def _cifar10_candidates(root: Path) -> list[Path]:
     extra = [Path(os.environ["NORGA_CIFAR10_JPG"])] if os.environ.get("NORGA_CIFAR10_JPG") else []
-    return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra]
+    return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra, root / "cifar10" / "cifar10-jpg.tar.gz",
+            root / "cifar10-jpg.tar.gz"]
+
+
+def _cifar10_present(path: Path) -> bool:
+    return (path / "data_batch_1").is_file() or (path / "train").is_dir() or is_archive(path)
 
 
 def _read_cifar10(path: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
+    if is_archive(path):
+        return read_class_archive(path, options)
     if (path / "data_batch_1").is_file():
         return read_cifar_pickles(path, options, fine=False)
     return read_image_folder(path, options)
@@ -110,11 +118,12 @@ SOURCES: dict[str, Source] = {
         _torchvision_download("CIFAR100"),
     ),
     "cifar10": Source(
-        10, 5, True, _cifar10_candidates,
-        lambda p: (p / "data_batch_1").is_file() or (p / "train").is_dir(), _read_cifar10,
-        "<root>/cifar-10-batches-py (torchvision's format) or <root>/cifar10-jpg/{train,test}/<class>/*.jpg "
-        "(or $NORGA_CIFAR10_JPG)",
-        "pass download=True with network, or extract a CIFAR-10 JPEG archive to <root>/cifar10-jpg",
+        10, 5, True, _cifar10_candidates, _cifar10_present, _read_cifar10,
+        "<root>/cifar-10-batches-py (torchvision's format), or JPEG class folders <root>/cifar10-jpg/{train,test}/"
+        "<class>/*.jpg (or $NORGA_CIFAR10_JPG), or their archive <root>/cifar10/cifar10-jpg.tar.gz (read without "
+        "extracting)",
+        "pass download=True (--set data.download=true) with network, or put a CIFAR-10 JPEG archive at "
+        "<root>/cifar10/cifar10-jpg.tar.gz",
         _torchvision_download("CIFAR10"),
     ),
     "fashion-mnist": Source(

@@ -8,20 +8,17 @@ labels are the dataset's own.
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from norga.data.datasets import ImageDataset
-from norga.data.decode import DEFAULT_READ, SKIP_HINT, ReadOptions, decode_all
-from norga.data.errors import DataLayoutError, UnreadableImageError
+from norga.data.decode import DEFAULT_READ, IMAGE_SUFFIXES, ReadOptions, decode_all, stack_if_uniform
+from norga.data.errors import DataLayoutError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NOTMNIST_CLASSES = list("ABCDEFGHIJ")
 
 
@@ -106,13 +103,6 @@ def read_svhn_mat(folder: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     return splits[0], splits[1], [str(d) for d in range(10)]
 
 
-def _stack(images: list[torch.Tensor], where: Path) -> torch.Tensor:
-    shapes = {tuple(image.shape) for image in images}
-    if len(shapes) != 1:
-        raise DataLayoutError(f"{where}: images of different sizes {sorted(shapes)[:3]}: cannot hold them as one tensor")
-    return torch.stack(images)
-
-
 def class_folder_files(folder: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """Image files under folder/<class>/ in sorted order, their labels and the class names."""
     if not folder.is_dir():
@@ -145,7 +135,10 @@ def read_notmnist(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     """notMNIST letters A-J (label = ord(letter) - 65, as the official code) from root/{Train,Test}/<A-J>/*.png,
     or straight from the ACL repository's notMNIST.zip without extracting it."""
     if root.is_file():
-        return _read_notmnist_zip(root, options.skip_unreadable)
+        from norga.data.archive import read_class_archive
+
+        train, test, _ = read_class_archive(root, options, ("Train", "Test"), NOTMNIST_CLASSES)
+        return _grey(train, root), _grey(test, root), list(NOTMNIST_CLASSES)
     pair = notmnist_split_folders(root)
     if pair is None:
         raise DataLayoutError(f"{root} needs Train/ and Test/ folders of letter folders A-J")
@@ -153,36 +146,16 @@ def read_notmnist(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     for split in pair:
         files, labels, _ = class_folder_files(root / split, NOTMNIST_CLASSES)
         images, kept, skipped = decode_all(files, options.skip_unreadable)
-        if not images:
-            raise DataLayoutError(f"{root / split} holds no readable images")
-        grey = _stack(images, root / split)[:, :1].contiguous()  # letters are greyscale: RGB is a view on access
-        datasets.append(ImageDataset(grey, [labels[i] for i in kept], skipped=skipped))
+        decoded = ImageDataset(stack_if_uniform(images), [labels[i] for i in kept], skipped=skipped)
+        datasets.append(_grey(decoded, root / split))
     return datasets[0], datasets[1], list(NOTMNIST_CLASSES)
 
 
-def _read_notmnist_zip(path: Path, skip_unreadable: bool) -> tuple:
-    from PIL import Image
-
-    by_split: dict[str, tuple[list, list, list]] = {"train": ([], [], []), "test": ([], [], [])}
-    with zipfile.ZipFile(path) as archive:
-        for member in sorted(archive.namelist()):
-            parts = member.split("/")
-            if len(parts) < 3 or parts[-3].lower() not in by_split or parts[-2] not in NOTMNIST_CLASSES or not parts[-1]:
-                continue
-            images, labels, skipped = by_split[parts[-3].lower()]
-            try:
-                with Image.open(io.BytesIO(archive.read(member))) as image:
-                    images.append(torch.from_numpy(np.asarray(image.convert("L")).copy())[None])
-            except (OSError, ValueError, SyntaxError) as error:
-                if not skip_unreadable:
-                    raise UnreadableImageError(f"cannot decode {path}:{member}: {error}; replace the zip, or skip "
-                                               f"such files with {SKIP_HINT}") from error
-                skipped.append(f"{path}:{member}")
-                continue
-            labels.append(ord(parts[-2]) - 65)
-    datasets = []
-    for split, (images, labels, skipped) in by_split.items():
-        if not images:
-            raise DataLayoutError(f"{path} holds no notMNIST/{split.title()}/<A-J>/*.png images")
-        datasets.append(ImageDataset(_stack(images, path), labels, skipped=skipped))
-    return datasets[0], datasets[1], list(NOTMNIST_CLASSES)
+def _grey(dataset: ImageDataset, where: Path) -> ImageDataset:
+    """Letters are greyscale: keep one channel of the decoded images (the RGB view is made on access)."""
+    if not len(dataset):
+        raise DataLayoutError(f"{where} holds no readable notMNIST images")
+    if not isinstance(dataset.images, torch.Tensor):
+        sizes = sorted({tuple(image.shape[1:]) for image in dataset.images})
+        raise DataLayoutError(f"{where}: notMNIST images of different sizes {sizes[:3]}: expected 28x28 letters")
+    return ImageDataset(dataset.images[:, :1].contiguous(), dataset.targets, skipped=dataset.skipped)
