@@ -156,7 +156,8 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypat
         build_benchmark("cifar100")
     with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known: .*'5-datasets'.*'imagenet-r'"):
         build_benchmark("cifar1000", data_root=tmp_path)
-    assert {"cifar100", "cifar10", "imagenet-r", "cub200", "5-datasets", "fashion-mnist", "imagefolder"} <= set(known_benchmarks())
+    expected = {"cifar100", "cifar10", "imagenet-r", "cub200", "5-datasets", "fashion-mnist", "imagefolder"}
+    assert expected <= set(known_benchmarks())
 
 
 def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):
@@ -182,7 +183,8 @@ def test_fashion_mnist_found_in_the_debian_package_place(make, tmp_path, monkeyp
     assert SOURCES["fashion-mnist"].fixed_places == (Path("/usr/share/datasets/fashion-mnist"),)
     make.mnist_like("debian")
     monkeypatch.delenv("NORGA_DATA", raising=False)
-    monkeypatch.setitem(SOURCES, "fashion-mnist", dataclasses.replace(SOURCES["fashion-mnist"], fixed_places=(tmp_path / "debian",)))
+    debian = dataclasses.replace(SOURCES["fashion-mnist"], fixed_places=(tmp_path / "debian",))
+    monkeypatch.setitem(SOURCES, "fashion-mnist", debian)
     assert build_benchmark("fashion-mnist", data_root=tmp_path / "empty", image_size=28).source == str(tmp_path / "debian")
 
 
@@ -222,3 +224,15 @@ def test_archive_downloads_are_md5_verified(name, archive, tmp_path, monkeypatch
     SOURCES[name].download(tmp_path)
     expected = {"cub200": registry.CUB_MD5, "imagenet-r": registry.IMAGENET_R_MD5}[name]
     assert calls == [(calls[0][0], expected)] and calls[0][0].endswith(archive) and len(expected) == 32
+
+
+def test_options_that_do_not_fit_the_benchmark_are_one_kind_of_data_error(make, tmp_path):
+    from norga.cli import user_errors
+    from norga.data import BenchmarkOptionError, DataError
+
+    make.mnist_like("fashion-mnist")
+    with pytest.raises(BenchmarkOptionError, match="cannot split 10 classes into 20 tasks.*data.num_tasks=N.*1 to 10"):
+        build_benchmark("fashion-mnist", data_root=tmp_path, num_tasks=20)
+    with pytest.raises(BenchmarkOptionError, match="unknown normalization"):
+        build_benchmark("fashion-mnist", data_root=tmp_path, normalization="imagenet")
+    assert issubclass(BenchmarkOptionError, DataError) and DataError in user_errors()  # one line on the CLI

@@ -44,7 +44,8 @@ def test_batched_decoding_gives_the_pixels_pil_gives(files, monkeypatch):
     monkeypatch.setattr(decode_module, "DECODE_CHUNK", 4)  # several batches, two with PNGs in them (per-file path)
     batches = []
     batched = decode_module.decode_jpeg
-    monkeypatch.setattr(decode_module, "decode_jpeg", lambda data, mode: batches.append(len(data)) or batched(data, mode=mode))
+    monkeypatch.setattr(decode_module, "decode_jpeg",
+                        lambda data, mode: batches.append(len(data)) or batched(data, mode=mode))
     images, kept, skipped = decode_all(files, skip_unreadable=False)
     assert batches == [4, 4, 4, 2]  # every all-JPEG chunk went through one batched decode
     assert kept == list(range(len(files))) and skipped == []

@@ -21,7 +21,8 @@ def test_official_cifar_transforms_exactly():
     crop = parts["RandomResizedCrop"]
     assert tuple(crop.size) == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
     assert parts["ColorJitter"].brightness == pytest.approx((1 - 63 / 255, 1 + 63 / 255))
-    assert list(parts["Normalize"].mean) == [0.5071, 0.4867, 0.4408] and list(parts["Normalize"].std) == [0.2675, 0.2565, 0.2761]
+    assert list(parts["Normalize"].mean) == [0.5071, 0.4867, 0.4408]
+    assert list(parts["Normalize"].std) == [0.2675, 0.2565, 0.2761]
     tests = by_type(test)
     assert list(tests["Resize"].size) == [256] and tests["Resize"].interpolation == InterpolationMode.BICUBIC
     assert tuple(tests["CenterCrop"].size) == (224, 224)

@@ -12,6 +12,7 @@ from norga.data.benchmark import (
 )
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.errors import (
+    BenchmarkOptionError,
     DataError,
     DataLayoutError,
     DatasetNotFoundError,
@@ -28,7 +29,10 @@ from norga.data.manifest import (
 from norga.data.splits import class_order, split_into_tasks
 from norga.data.transforms import backbone_input, build_transforms
 
-__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DataError", "DataLayoutError", "DatasetNotFoundError", "ImageDataset",
-           "SourceData", "Task", "UnreadableImageError", "backbone_input", "build_benchmark", "build_transforms",
-           "class_order", "dataset_order", "known_benchmarks", "locate", "make_loader", "make_split_manifest",
-           "read_manifest", "split_into_tasks", "subsample_per_class", "verify_manifest", "write_manifest"]
+__all__ = [
+    "BENCHMARKS", "SOURCES", "BenchmarkOptionError", "ContinualBenchmark", "DataError", "DataLayoutError",
+    "DatasetNotFoundError", "ImageDataset", "SourceData", "Task", "UnreadableImageError",
+    "backbone_input", "build_benchmark", "build_transforms", "class_order", "dataset_order", "known_benchmarks",
+    "locate", "make_loader", "make_split_manifest", "read_manifest", "split_into_tasks", "subsample_per_class",
+    "verify_manifest", "write_manifest",
+]

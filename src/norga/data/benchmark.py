@@ -15,7 +15,7 @@ from pathlib import Path
 
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.decode import ReadOptions
-from norga.data.errors import DataLayoutError, DatasetNotFoundError
+from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
 from norga.data.fivedatasets import SOURCE_OF, cifar_style_flags, dataset_order
 from norga.data.registry import SOURCES, locate, search_roots
 from norga.data.splits import class_order, split_into_tasks
@@ -187,7 +187,7 @@ def _split_benchmark(name: str, data_root, opts: _Options, fiveds_transform_carr
 def _five_datasets(name: str, data_root, opts: _Options, fiveds_transform_carryover=False):
     """5-Datasets: one task per dataset in the seeded official order, labels offset by 10 per position."""
     if opts.num_tasks not in (None, 5):
-        raise ValueError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.num_tasks}")
+        raise BenchmarkOptionError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.num_tasks}")
     order = dataset_order(opts.seed)
     tasks, names, paths, skipped = [], [], {}, []
     for index, (dataset, cifar_style) in enumerate(zip(order, cifar_style_flags(order, fiveds_transform_carryover))):
@@ -235,11 +235,12 @@ def build_benchmark(
     elif name in BENCHMARKS:
         builder = BENCHMARKS[name]
     else:
-        raise ValueError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
+        raise BenchmarkOptionError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
     if split_manifest is not None and name != "imagenet-r":
-        raise ValueError(f"split_manifest only applies to imagenet-r (its official split does not exist), not {name!r}")
+        raise BenchmarkOptionError(f"split_manifest only applies to imagenet-r (the one without an official split), "
+                                   f"not {name!r}")
     if fiveds_transform_carryover and builder is not _five_datasets:
-        raise ValueError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
+        raise BenchmarkOptionError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
                     test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
                     train_transform, test_transform)

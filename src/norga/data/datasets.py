@@ -31,7 +31,8 @@ class ImageDataset(Dataset):
     `subset` and `with_transform` give views sharing the storage; `skipped` lists unreadable files left out.
     """
 
-    def __init__(self, images: Tensor | Sequence[Path | Tensor] | Dataset, labels: Sequence[int], transform: Callable | None = None,
+    def __init__(self, images: Tensor | Sequence[Path | Tensor] | Dataset, labels: Sequence[int],
+                 transform: Callable | None = None,
                  indices: Sequence[int] | None = None, skipped: Sequence[str] = ()) -> None:
         self._indices = list(indices) if indices is not None else None
         count = len(self._indices) if self._indices is not None else len(images)

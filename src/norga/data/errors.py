@@ -18,3 +18,8 @@ class UnreadableImageError(DataError, ValueError):
 class DataLayoutError(DataError, ValueError):
     """The data is there but not as the benchmark needs it: missing class folders, an empty split,
     a class count that does not match, a split manifest that does not match the files."""
+
+
+class BenchmarkOptionError(DataError, ValueError):
+    """A benchmark name or option that does not fit: an unknown benchmark or dataset, more tasks than classes,
+    a switch given to a benchmark it does not apply to."""

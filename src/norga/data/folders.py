@@ -70,7 +70,8 @@ def read_cub(root: Path, options: ReadOptions = DEFAULT_READ) -> tuple:
     for train in (True, False):
         ids = sorted((i for i in paths if is_train[i] == train), key=int)
         if not ids:
-            raise DataLayoutError(f"{root / 'train_test_split.txt'} puts no image in the {'train' if train else 'test'} split")
+            split = "train" if train else "test"
+            raise DataLayoutError(f"{root / 'train_test_split.txt'} puts no image in the {split} split")
         splits.append(file_dataset([root / "images" / paths[i].strip() for i in ids], [labels[i] for i in ids], options))
     return splits[0], splits[1], classes
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from norga.data.archive import is_archive, read_class_archive
 from norga.data.decode import DEFAULT_READ, ReadOptions
-from norga.data.errors import DataLayoutError, DatasetNotFoundError
+from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
 from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
 from norga.data.sources import (
     has_mnist_like,
@@ -28,6 +28,7 @@ CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
+DOWNLOAD = "download=True, or --set data.download=true"
 NOTMNIST_URL = "https://github.com/facebookresearch/Adversarial-Continual-Learning/raw/main/data/notMNIST.zip"
 
 
@@ -113,7 +114,7 @@ SOURCES: dict[str, Source] = {
     "cifar100": Source(
         100, 10, True, lambda r: [r / "cifar-100-python"], lambda p: (p / "train").is_file(),
         partial(read_cifar_pickles, fine=True), "<root>/cifar-100-python/{train,test,meta} (torchvision's format)",
-        "pass download=True (--set data.download=true) on a machine with network, or copy torchvision's "
+        f"allow a download ({DOWNLOAD}) on a machine with network, or copy torchvision's "
         "cifar-100-python folder there",
         _torchvision_download("CIFAR100"),
     ),
@@ -122,7 +123,7 @@ SOURCES: dict[str, Source] = {
         "<root>/cifar-10-batches-py (torchvision's format), or JPEG class folders <root>/cifar10-jpg/{train,test}/"
         "<class>/*.jpg (or $NORGA_CIFAR10_JPG), or their archive <root>/cifar10/cifar10-jpg.tar.gz (read without "
         "extracting)",
-        "pass download=True (--set data.download=true) with network, or put a CIFAR-10 JPEG archive at "
+        f"allow a download ({DOWNLOAD}) with network, or put a CIFAR-10 JPEG archive at "
         "<root>/cifar10/cifar10-jpg.tar.gz",
         _torchvision_download("CIFAR10"),
     ),
@@ -131,20 +132,21 @@ SOURCES: dict[str, Source] = {
         has_mnist_like, partial(read_mnist_like, class_names=FASHION_CLASSES),
         "<root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
         "`apt-get install dataset-fashion-mnist` (installs to /usr/share/datasets/fashion-mnist), "
-        "or pass download=True with network, or copy the four IDX files to <root>/fashion-mnist",
+        f"or allow a download ({DOWNLOAD}) with network, or copy the four IDX files to <root>/fashion-mnist",
         _torchvision_download("FashionMNIST"), (DEBIAN_FASHION_MNIST,),
     ),
     "mnist": Source(
         10, 5, False, lambda r: [r / "mnist", r / "MNIST" / "raw"], has_mnist_like,
         partial(read_mnist_like, class_names=[str(d) for d in range(10)]),
         "<root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-        "pass download=True with network, or copy the four IDX files to <root>/mnist", _torchvision_download("MNIST"),
+        f"allow a download ({DOWNLOAD}) with network, or copy the four IDX files to <root>/mnist",
+        _torchvision_download("MNIST"),
     ),
     "svhn": Source(
         10, 5, False, lambda r: [r / "svhn", r / "SVHN", r],
         lambda p: (p / "train_32x32.mat").is_file() and (p / "test_32x32.mat").is_file(), read_svhn_mat,
         "<root>/svhn/{train,test}_32x32.mat (the cropped-digits format; needs scipy)",
-        "pass download=True with network, or copy train_32x32.mat and test_32x32.mat from "
+        f"allow a download ({DOWNLOAD}) with network, or copy train_32x32.mat and test_32x32.mat from "
         "http://ufldl.stanford.edu/housenumbers/ to <root>/svhn", _torchvision_download("SVHN", "svhn", split_arg=True),
     ),
     "notmnist": Source(
@@ -156,13 +158,15 @@ SOURCES: dict[str, Source] = {
     "cub200": Source(
         200, 10, False, _cub_candidates, lambda p: (p / "images.txt").is_file(), read_cub,
         "<root>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,classes.txt,images/}",
-        f"pass download=True with network (fetches {CUB_URL}, md5-checked), or extract CUB_200_2011.tgz into <root>",
+        f"allow a download ({DOWNLOAD}) with network (fetches {CUB_URL}, md5-checked), or extract "
+        "CUB_200_2011.tgz into <root>",
         _archive_download(CUB_URL, CUB_MD5),
     ),
     "imagenet-r": Source(
         200, 10, False, lambda r: [r / "imagenet-r", r / "imagenet-r" / "imagenet-r"], _imagenet_r_present,
         read_imagenet_r, "<root>/imagenet-r/<wnid>/*.jpg (200 class folders, as extracted from imagenet-r.tar)",
-        f"pass download=True with network (fetches {IMAGENET_R_URL}, md5-checked), or extract imagenet-r.tar into <root>",
+        f"allow a download ({DOWNLOAD}) with network (fetches {IMAGENET_R_URL}, md5-checked), or extract "
+        "imagenet-r.tar into <root>",
         _archive_download(IMAGENET_R_URL, IMAGENET_R_MD5),
     ),
     "imagefolder": Source(
@@ -185,7 +189,7 @@ def locate(name: str, data_root: str | Path | None, download: bool = False) -> P
     """The file or folder holding source `name`: under `data_root`, else $NORGA_DATA, else a fixed system
     place, else downloaded into the first root when `download` (checksum-verified)."""
     if name not in SOURCES:
-        raise ValueError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
+        raise BenchmarkOptionError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
     source = SOURCES[name]
     roots = search_roots(data_root)
     searched = [path for root in roots for path in source.candidates(root)] + list(source.fixed_places)

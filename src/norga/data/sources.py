@@ -55,7 +55,8 @@ def read_mnist_like(folder: Path, options: ReadOptions = DEFAULT_READ, *, class_
         images = read_idx(find_idx(folder, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
         if len(images) != len(labels):
-            raise DataLayoutError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels; re-download the IDX files")
+            raise DataLayoutError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels; "
+                                  "re-download the IDX files")
         splits.append(ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), labels.tolist()))
     return splits[0], splits[1], class_names
 

@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 
 from norga.data.datasets import ImageDataset, SourceData
-from norga.data.errors import DataLayoutError, DatasetNotFoundError
+from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
 
 PREFIX = "torchvision/"
 TRAIN_SPLITS = ("train", "trainval")
@@ -19,7 +19,7 @@ def torchvision_class(name: str) -> type:
     cls = getattr(tv, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, tv.VisionDataset)):
         known = sorted(n for n in dir(tv) if inspect.isclass(getattr(tv, n)) and issubclass(getattr(tv, n), tv.VisionDataset))
-        raise ValueError(f"torchvision has no dataset {name!r}; known: {known}")
+        raise BenchmarkOptionError(f"torchvision has no dataset {name!r}; known: {known}")
     return cls
 
 
@@ -28,7 +28,7 @@ def _instantiate(cls: type, root: Path, train: bool, download: bool):
     if "train" in params:
         return cls(str(root), train=train, download=download)
     if "split" not in params:
-        raise ValueError(f"torchvision.datasets.{cls.__name__} has neither a train= nor a split= argument: "
+        raise BenchmarkOptionError(f"torchvision.datasets.{cls.__name__} has neither a train= nor a split= argument: "
                          "use an image folder instead")
     errors = []
     for split in (TRAIN_SPLITS if train else ("test",)):
@@ -36,7 +36,8 @@ def _instantiate(cls: type, root: Path, train: bool, download: bool):
             return cls(str(root), split=split, download=download)
         except ValueError as error:  # torchvision's verify_str_arg: not one of this dataset's splits
             errors.append(str(error))
-    raise ValueError(f"torchvision.datasets.{cls.__name__}: no split among {TRAIN_SPLITS if train else ('test',)}: {errors}")
+    tried = TRAIN_SPLITS if train else ("test",)
+    raise BenchmarkOptionError(f"torchvision.datasets.{cls.__name__}: no split among {tried}: {errors}")
 
 
 def _labels(dataset) -> list[int]:
@@ -57,7 +58,8 @@ def read_torchvision(name: str, root: Path, download: bool) -> SourceData:
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
             raise DatasetNotFoundError(
                 f"torchvision/{name} not found under {root}: {error}. Expected layout: what torchvision.datasets.{name} "
-                f"reads from its root. To get it: pass download=True with network (torchvision checks its checksums)"
+                f"reads from its root. To get it: allow a download (download=True, or --set data.download=true) "
+                "with network (torchvision checks its checksums)"
             ) from error
         labels = _labels(dataset)
         if not labels:

@@ -6,6 +6,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from norga.data.errors import BenchmarkOptionError
+
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 NORMALIZATIONS = ("backbone", "official")
@@ -21,7 +23,7 @@ def build_transforms(
     normalisation otherwise (pitfall P7); ``"backbone"``: the backbone's own `mean` / `std`.
     """
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+        raise BenchmarkOptionError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if normalization == "official":
         mean, std = (CIFAR100_MEAN, CIFAR100_STD) if cifar_style else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     to_float = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
