@@ -45,6 +45,10 @@ class Makers:
             data[prefix] = (images.astype(np.uint8), labels)
         return data
 
+    def relabel_idx(self, folder: str, prefix: str, labels) -> None:
+        """Replace the labels of an IDX dataset written by `mnist_like` (same count unless told otherwise)."""
+        write_idx(self.root / folder / f"{prefix}-labels-idx1-ubyte.gz", np.asarray(labels))
+
     def cifar10(self, train_per_class=4, test_per_class=2) -> dict:
         folder = self.root / "cifar-10-batches-py"
         folder.mkdir(parents=True)

@@ -1,0 +1,77 @@
+"""The data errors a user meets, each naming the problem (file or folder) and the fix."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from norga.data import DataLayoutError, build_benchmark, make_split_manifest, read_manifest, write_manifest
+
+
+@pytest.fixture
+def mnist(make, tmp_path):
+    return make.mnist_like("mnist", train_per_class=4, test_per_class=2)
+
+
+def test_an_empty_split(make, tmp_path):
+    make.mnist_like("mnist", test_per_class=0)
+    with pytest.raises(DataLayoutError, match=f"{tmp_path}/mnist: the test split is empty"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_a_class_without_training_images(make, mnist, tmp_path):
+    labels = mnist["train"][1].copy()
+    labels[labels == 9] = 8
+    make.relabel_idx("mnist", "train", labels)
+    with pytest.raises(DataLayoutError, match="no training images for classes \\[9\\] \\(1 of 10\\); the data is"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_a_task_without_test_images(make, mnist, tmp_path):
+    make.relabel_idx("mnist", "t10k", np.zeros_like(mnist["t10k"][1]))
+    with pytest.raises(DataLayoutError, match="no test images for the classes of task \\d+"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_labels_out_of_range(make, mnist, tmp_path):
+    labels = mnist["train"][1].copy()
+    labels[0] = 12
+    make.relabel_idx("mnist", "train", labels)
+    with pytest.raises(DataLayoutError, match="train labels out of range \\[0, 10\\): 12"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_images_and_labels_of_different_counts(make, mnist, tmp_path):
+    make.relabel_idx("mnist", "t10k", mnist["t10k"][1][:-1])
+    with pytest.raises(DataLayoutError, match=f"{tmp_path}/mnist: 20 t10k images but 19 labels; re-download the IDX files"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_not_an_idx_file(mnist, tmp_path):
+    with gzip.open(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(b"<html>a download error page</html>")
+    with pytest.raises(DataLayoutError, match="train-images-idx3-ubyte.gz is not an unsigned-byte IDX file"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_cub_tables_that_disagree(make, tmp_path):
+    root = make.cub(num_classes=200)
+    lines = (root / "image_class_labels.txt").read_text().splitlines()
+    (root / "image_class_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DataLayoutError, match="list different image ids; restore them from CUB_200_2011.tgz"):
+        build_benchmark("cub200", data_root=tmp_path)
+
+
+def test_manifests_of_another_format_or_with_overlapping_splits(make, tmp_path):
+    root = make.imagenet_r(num_classes=2, per_class=4)
+    manifest = make_split_manifest(root, "imagenet-r")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**manifest, "version": 0}))
+    with pytest.raises(DataLayoutError, match="old.json is not a version-1 norga-split-manifest.*regenerate it"):
+        read_manifest(path)
+    overlapping = {**manifest, "test": [*manifest["test"], manifest["train"][0]]}
+    path = write_manifest(overlapping, tmp_path / "overlap.json")
+    with pytest.raises(DataLayoutError, match="lists files in both train and test"):
+        build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8, num_tasks=2,
+                        memory_budget_mb=0)
