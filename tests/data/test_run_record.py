@@ -35,4 +35,5 @@ def test_an_unreadable_image_stops_the_run_or_is_skipped_and_recorded(make, tmp_
     assert record["skipped_unreadable"] == 1 and record["skipped_files"] == [str(root / "train" / "b" / "broken.jpg")]
     assert record["train_images"] == 8 and record["test_images"] == 8 and record["name"] == "imagefolder"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["skip_unreadable"] is True
-    assert json.loads((run_dir / "results.json").read_text())["tasks_finished"] == 2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["tasks_finished"] == 2 and results["compat"]["fiveds_transform_carryover"] is False

@@ -104,6 +104,7 @@ class RunDirectory:
                 "prefix_layout": config.prompt.prefix_layout,
                 "batchwise_prompt": config.eval.batchwise_prompt,
                 "normalization": config.data.normalization,
+                "fiveds_transform_carryover": config.data.fiveds_transform_carryover,
                 "gate_train_tasks": config.prompt.gate_train_tasks,
                 "mask_final_logits": config.eval.mask_final_logits,
                 "test_batch_size": config.eval.batch_size,
