@@ -27,7 +27,7 @@ def test_overrides_of_each_type():
     ("wtp.train.epochs=2.5", "wtp.train.epochs must be an integer"),
     ("prompt.gate=tahn", "did you mean 'tanh'"),
     ("prompt.prefix_layout=mixed", "must be one of \\['correct', 'official'\\]"),
-    ("tii.train.schedule=linear", "must be one of \\['constant', 'step', 'cosine'\\]"),
+    ("tii.train.schedule=linear", "must be one of \\['constant', 'step', 'cosine', 'coda_cosine'\\]"),
     ("noequals", "must look like section.key=value"),
 ])
 def test_bad_overrides_name_the_problem(override, message):

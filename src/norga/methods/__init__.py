@@ -1,6 +1,6 @@
 """Continual-learning methods, registered by name (`METHODS`)."""
 
-from norga.methods import hide  # noqa: F401  (registers "norga" and "hide")
+from norga.methods import coda, hide, keyed  # noqa: F401  (register "norga", "hide", "l2p", "dualprompt", "sprompt", "coda")
 from norga.methods.base import METHODS, ContinualMethod, Phase, Prediction, register_method
 
 __all__ = ["METHODS", "ContinualMethod", "Phase", "Prediction", "register_method"]
