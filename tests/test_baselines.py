@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    TRAIN_PER_CLASS,
+    FailingDataset,
+    make_model,
+    make_tasks,
+    tiny_config,
+)
 
-from engine_fixtures import (CLASSES_PER_TASK, NUM_TASKS, TRAIN_PER_CLASS, FailingDataset, make_model, make_tasks,
-                             tiny_config)
-from norga.config import OptimConfig
 from norga.engine.context import TaskDatasets
 from norga.engine.loop import Engine, run_experiment
 from norga.engine.run_dir import RunDirectory
@@ -19,10 +25,10 @@ from norga.nn import NoRGaGate
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 METHODS = ("l2p", "dualprompt", "sprompt", "coda")
 SETTINGS = {  # the methods' structure at the fixture's scale (a 2-block ViT of width 32)
-    "l2p": dict(pool_size=6, top_k=2, length=2, layers=[0]),
-    "dualprompt": dict(g_layers=[0], g_length=2, layers=[1], length=2),
-    "sprompt": dict(layers=[0, 1], length=2),
-    "coda": dict(pool_size=6, length=2, layers=[0, 1], ortho_weight=0.1),
+    "l2p": {"pool_size": 6, "top_k": 2, "length": 2, "layers": [0]},
+    "dualprompt": {"g_layers": [0], "g_length": 2, "layers": [1], "length": 2},
+    "sprompt": {"layers": [0, 1], "length": 2},
+    "coda": {"pool_size": 6, "length": 2, "layers": [0, 1], "ortho_weight": 0.1},
 }
 
 

@@ -219,7 +219,7 @@ def test_explicit_prefixes_equal_the_slot_path_and_need_prefix_attention():
     explicit = {layer: Prefix(k, v, gate) for layer, gate, (k, v) in zip(model.prompt_layers, model.gates, gathered)}
     with torch.no_grad():
         assert (model(x, prefixes=explicit).logits - model(x, slots).logits).abs().max() <= 1e-6
-    with pytest.raises(ValueError, match="block 2 has no prefix attention: call model.install_prefix_layers\\(\\[2\\]\\)"):
+    with pytest.raises(TypeError, match="block 2 has no prefix attention: call model.install_prefix_layers\\(\\[2\\]\\)"):
         model(x, prefixes={2: Prefix(*gathered[0])})
     with pytest.raises(ValueError, match="block 0 got a prefix from both"):
         model(x, slots, prefixes={0: Prefix(*gathered[0])})

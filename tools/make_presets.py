@@ -127,14 +127,14 @@ def keyed_preset_from_script(script: str, args: dict) -> tuple[str, dict, str]:
 
 #: CODA-Prompt presets (the NoRGa paper compares it on the same benchmarks and backbones).
 CODA_SETTINGS = {
-    "cifar100": dict(benchmark="cifar100", num_tasks=10, epochs=20,
-                     source="GT-RIPL/CODA-Prompt configs/cifar-100_prompt.yaml + experiments/cifar-100.sh"),
-    "imr": dict(benchmark="imagenet-r", num_tasks=10, epochs=50,
-                source="GT-RIPL/CODA-Prompt configs/imnet-r_prompt.yaml + experiments/imagenet-r.sh"),
-    "cub": dict(benchmark="cub200", num_tasks=10, epochs=50,
-                source="not in CODA-Prompt; its settings with the 50 epochs every CUB script of the NoRGa repo uses"),
-    "5datasets": dict(benchmark="5-datasets", num_tasks=5, epochs=20,
-                      source="not in CODA-Prompt; its settings with 20 epochs as the NoRGa repo's 5-datasets prompts"),
+    "cifar100": {"benchmark": "cifar100", "num_tasks": 10, "epochs": 20,
+                 "source": "GT-RIPL/CODA-Prompt configs/cifar-100_prompt.yaml + experiments/cifar-100.sh"},
+    "imr": {"benchmark": "imagenet-r", "num_tasks": 10, "epochs": 50,
+            "source": "GT-RIPL/CODA-Prompt configs/imnet-r_prompt.yaml + experiments/imagenet-r.sh"},
+    "cub": {"benchmark": "cub200", "num_tasks": 10, "epochs": 50,
+            "source": "not in CODA-Prompt; its settings with the 50 epochs every CUB script of the NoRGa repo uses"},
+    "5datasets": {"benchmark": "5-datasets", "num_tasks": 5, "epochs": 20,
+                  "source": "not in CODA-Prompt; its settings with 20 epochs as the NoRGa repo's 5-datasets prompts"},
 }
 
 
