@@ -235,3 +235,16 @@ def test_installing_prefix_attention_elsewhere_changes_nothing_until_used():
         assert (model(x).logits - timm_model(x)).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="prompt layer 3 is not a block index of this 3-block backbone"):
         model.install_prefix_layers([3])
+
+
+def test_a_model_without_slots_has_no_pool_and_refuses_slots():
+    timm_model, model = build("vit_tiny_32px", num_slots=0)
+    model.backbone.load_state_dict(timm_model.state_dict())
+    assert model.pool is None and len(model.gates) == 0 and model.prompt_layers == ()
+    assert not any(isinstance(block.attn, PrefixAttention) for block in model.backbone.blocks)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"backbone.head.weight", "backbone.head.bias"}
+    x = images("vit_tiny_32px", 2)
+    with torch.no_grad():
+        assert (model(x).logits - timm_model(x)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="no per-task prompt slots \\(num_slots=0\\): pass prefixes="):
+        model(x, 0)

@@ -48,6 +48,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
 
     #: The config section holding the method's settings (e.g. ``"dualprompt"``).
     section: ClassVar[str]
+    uses_prompt_slots = False  # its prompts are its own modules
 
     def __init__(self, context: RunContext) -> None:
         self.ctx = context

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from norga.nn.gates import GateSchedule, IdentityGate, ScoreGate, apply_gate_schedule, make_gate
-from norga.nn.prefix_attention import PrefixAttention
+from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
 
 DEFAULT_PROMPT_LAYERS = (0, 1, 2, 3, 4)
@@ -47,7 +47,8 @@ class PromptedViT(nn.Module):
     The prompted blocks' attention is replaced in place by `PrefixAttention` reusing the block's own
     weights, so the plain frozen forward (``slots=None``) is the same module with no second backbone copy.
     Trainable: the prompt pool, the gate scalars and the classifier head (optionally ``fc_norm``).
-    ``gate=None`` gives HiDe-Prompt (plain prefix tuning); an activation name gives NoRGa.
+    ``gate=None`` gives HiDe-Prompt (plain prefix tuning); an activation name gives NoRGa. ``num_slots=0``
+    builds no slots (no pool, gates or prefix layers of its own) for methods that bring their own prompts.
     """
 
     def __init__(
@@ -67,9 +68,11 @@ class PromptedViT(nn.Module):
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"PromptedViT needs a timm VisionTransformer, got {type(backbone).__name__}")
         depth = len(backbone.blocks)
-        layers = tuple(sorted(set(prompt_layers)))
-        if not layers or layers[0] < 0 or layers[-1] >= depth:
+        layers = tuple(sorted(set(prompt_layers))) if num_slots else ()
+        if num_slots and (not layers or layers[0] < 0 or layers[-1] >= depth):
             raise ValueError(f"prompt_layers must be block indices in [0, {depth}), got {list(prompt_layers)}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         if prefix_layout not in PREFIX_LAYOUTS:
             raise ValueError(f"unknown prefix layout {prefix_layout!r}; choose one of {PREFIX_LAYOUTS}")
         if num_classes is not None:
@@ -80,8 +83,10 @@ class PromptedViT(nn.Module):
         self.train_fc_norm = train_fc_norm
         self._attention_impl = attention_impl
         self.install_prefix_layers(layers)
-        first = self._prefix_attentions()[0]
-        self.pool = PrefixPool(len(layers), num_slots, prompt_length, first.num_heads, first.head_dim)
+        self.pool: PrefixPool | None = None  # num_slots=0: no per-task slots (methods that bring their own prompts)
+        if num_slots:
+            first = self._prefix_attentions()[0]
+            self.pool = PrefixPool(len(layers), num_slots, prompt_length, first.num_heads, first.head_dim)
         self.gates = nn.ModuleList(make_gate(gate) for _ in layers)
         self.freeze_backbone()
 
@@ -139,7 +144,7 @@ class PromptedViT(nn.Module):
             return [p for p in params if p.requires_grad]
 
         return {
-            "prompts": trainable(self.pool.slots),
+            "prompts": trainable(self.pool.slots) if self.pool is not None else [],
             "gates": trainable(self.gates.parameters()),
             "head": trainable(self.backbone.parameters()),
         }
@@ -165,6 +170,8 @@ class PromptedViT(nn.Module):
         """
         bound: dict[int, Prefix] = {}
         if slots is not None:
+            if self.pool is None:
+                raise ValueError("this model has no per-task prompt slots (num_slots=0): pass prefixes= or prompt_tokens=")
             gathered = self.pool.gather(slots, self.prefix_layout, momentum=momentum, batch_size=x.shape[0])
             bound = {index: Prefix(k, v, gate) for index, gate, (k, v) in zip(self.prompt_layers, self.gates, gathered)}
         for index, prefix in (prefixes or {}).items():
