@@ -88,7 +88,8 @@ def test_task_mask_trains_only_the_tasks_slot_and_key_which_start_from_the_previ
 def test_batchwise_vote_only_when_switched_on(tmp_path):
     images = torch.cat([make_tasks()[t].test.tensors[0][:2] for t in range(NUM_TASKS)])
     for batchwise in (False, True):
-        run = engine(tmp_path, baseline_config("dualprompt", **{"eval.batchwise_prompt": batchwise}), f"vote{batchwise}")
+        config = baseline_config("dualprompt", **{"eval.batchwise_prompt": batchwise})
+        run = engine(tmp_path, config, f"vote{batchwise}")
         keys = run.method.prompts["key"]
         with torch.no_grad():
             keys.keys.copy_(torch.randn_like(keys.keys))

@@ -150,7 +150,8 @@ class EvalConfig:
     """Evaluation and the compat switches that change it."""
 
     batch_size: int = 128
-    batchwise_prompt: bool = False  # official majority vote of the task id / prompts per batch (P2), compat only
+    # official majority vote of the task id / prompts per batch (P2; L2P votes while training too), compat only
+    batchwise_prompt: bool = False
     mask_final_logits: bool = True  # argmax over seen classes; False = official, over all classes (P17)
 
 

@@ -47,7 +47,9 @@ class PhaseTraining:
         return loss.detach()
 
     @staticmethod
-    def _end_epoch(epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None]) -> None:
+    def _end_epoch(
+        epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None]
+    ) -> None:
         """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
         total = float(total)
         if not torch.isfinite(torch.tensor(total)):

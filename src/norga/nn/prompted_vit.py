@@ -197,7 +197,8 @@ class PromptedViT(nn.Module):
     def _attention_at(self, index: int) -> PrefixAttention:
         attention = self._block_at(index).attn
         if not isinstance(attention, PrefixAttention):
-            raise TypeError(f"block {index} has no prefix attention: call model.install_prefix_layers([{index}]) first")
+            raise TypeError(
+                f"block {index} has no prefix attention: call model.install_prefix_layers([{index}]) first")
         return attention
 
     def classify(self, features: Tensor) -> Tensor:
