@@ -205,16 +205,9 @@ class PromptedViT(nn.Module):
         """Logits of the classifier head over all classes from pre-logits."""
         return self.backbone.head(self.backbone.head_drop(features))
 
-    def forward(
-        self,
-        x: Tensor,
-        slots: Tensor | int | None = None,
-        momentum: float = 0.0,
-        *,
-        prefixes: Mapping[int, Prefix] | None = None,
-        prompt_tokens: Mapping[int, Tensor] | None = None,
-    ) -> PromptedOutput:
-        features = self.forward_features(x, slots, momentum, prefixes=prefixes, prompt_tokens=prompt_tokens)
+    def forward(self, x: Tensor, *args, **kwargs) -> PromptedOutput:
+        """Pre-logits and logits; the arguments are those of `forward_features`."""
+        features = self.forward_features(x, *args, **kwargs)
         return PromptedOutput(features, self.classify(features))
 
 
