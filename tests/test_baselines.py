@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from engine_fixtures import (
 
 from norga.engine.context import TaskDatasets
 from norga.engine.loop import Engine, run_experiment
+from norga.engine.optim import schedule_factor
 from norga.engine.run_dir import RunDirectory
 from norga.nn import NoRGaGate
 
@@ -142,6 +144,32 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     del state["prompts"]["key.keys"]
     with pytest.raises(RuntimeError, match="Missing key"):
         run.method.load_state_dict(state)
+
+
+def test_official_prefix_layout_pairs_halves_as_the_official_reshape_while_training(tmp_path):
+    """A training batch on one slot: its first half uses the key half as keys and values, its second the value half."""
+    images = make_tasks()[0].train.tensors[0][:4]
+    official = engine(tmp_path, baseline_config("sprompt", **{"prompt.prefix_layout": "official"}), "official")
+    correct = engine(tmp_path, baseline_config("sprompt"), "correct")
+    query = official.context.frozen_encode(images)
+    with torch.no_grad():
+        got = official.method.prompted(images, query, 0, train=True).logits
+        for half, rows in ((0, slice(0, 2)), (1, slice(2, 4))):
+            state = prompt_state(official.method)
+            state["e.slots.0"][:, 1 - half] = state["e.slots.0"][:, half]
+            correct.method.prompts.load_state_dict(state)
+            want = correct.method.prompted(images, query, 0, train=True).logits
+            assert (got[rows] - want[rows]).abs().max() <= 1e-5
+    correct.method.prompts.load_state_dict(prompt_state(official.method))
+    with torch.no_grad():
+        assert (got - correct.method.prompted(images, query, 0, train=True).logits).abs().max() > 1e-4
+
+
+def test_coda_cosine_schedule_is_codas_formula():
+    epochs, base = 20, 0.001
+    coda_lrs = [base * math.cos(99 * math.pi * epoch / (200 * (epochs - 1))) for epoch in range(epochs)]
+    ours = [base * schedule_factor("coda_cosine", epoch, epochs, base) for epoch in range(epochs)]
+    assert ours == pytest.approx(coda_lrs) and ours[0] == base and ours[-1] == pytest.approx(0.0157 * base, rel=1e-2)
 
 
 REAL = os.environ.get("NORGA_DATA")
