@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import TaskDatasets
+from norga.methods import METHODS
 from norga.nn import PromptedViT
 from norga.synthetic import synthetic_tasks
 
@@ -23,7 +24,8 @@ def make_model(config: RunConfig, seed: int = 0) -> PromptedViT:
         torch.manual_seed(seed)
         backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=8, depth=2,
                                      embed_dim=32, num_heads=2)
-        return PromptedViT(backbone, num_slots=NUM_TASKS, prompt_length=config.prompt.length,
+        slots = NUM_TASKS if METHODS[config.method].uses_prompt_slots else 0
+        return PromptedViT(backbone, num_slots=slots, prompt_length=config.prompt.length,
                            prompt_layers=config.prompt.layers, gate=config.prompt.gate,
                            num_classes=NUM_TASKS * CLASSES_PER_TASK, prefix_layout=config.prompt.prefix_layout)
 

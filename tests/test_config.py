@@ -27,8 +27,13 @@ def test_overrides_of_each_type():
     ("wtp.train.epochs=2.5", "wtp.train.epochs must be an integer"),
     ("prompt.gate=tahn", "did you mean 'tanh'"),
     ("prompt.prefix_layout=mixed", "must be one of \\['correct', 'official'\\]"),
-    ("tii.train.schedule=linear", "must be one of \\['constant', 'step', 'cosine'\\]"),
+    ("tii.train.schedule=linear", "must be one of \\['constant', 'step', 'cosine', 'coda_cosine'\\]"),
     ("noequals", "must look like section.key=value"),
+    ("method=dualpromt", "did you mean 'dualprompt'"),
+    ("dualprompt.gate=tahn", "did you mean 'tanh'"),
+    ("l2p.prompt_type=prompt", "must be one of \\['prefix', 'tokens'\\]"),
+    ("sprompt.train_selection=random", "must be one of \\['task', 'similarity'\\]"),
+    ("coda.ortho_wieght=0.1", "unknown config key 'coda.ortho_wieght' \\(did you mean 'ortho_weight'\\?\\)"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,6 +93,45 @@ def test_generator_reproduces_the_committed_presets():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     generated = module.generate(OFFICIAL_ARGS)
-    assert len(generated) == 28
+    assert len(generated) == 75  # 28 NoRGa / HiDe, 43 L2P / DualPrompt / S-Prompt++ scripts, 4 CODA-Prompt
     for file_name, text in generated.items():
         assert (ROOT / "src" / "norga" / "presets" / file_name).read_text() == text, file_name
+
+
+def test_method_sections_keep_their_own_defaults_when_partly_given(tmp_path):
+    partial = tmp_path / "l2p.yaml"
+    partial.write_text("method: l2p\nl2p:\n  top_k: 3\n  train: {epochs: 2}\n")
+    config = load_config(partial, ["dualprompt.gate=sigmoid", "coda.train.lr=0.002"])
+    assert (config.l2p.top_k, config.l2p.pool_size, config.l2p.prompt_type, config.l2p.layers) == (3, 30, "tokens", [0])
+    assert (config.l2p.train.epochs, config.l2p.train.lr) == (2, 0.0025)  # the section's lr, not OptimConfig's
+    assert config.dualprompt.gate == "sigmoid" and config.dualprompt.g_layers == [0, 1]
+    assert (config.coda.train.lr, config.coda.train.schedule, config.coda.train.clip_grad) == (0.002, "coda_cosine", None)
+    assert config.sprompt.layers == [0, 1, 2, 3, 4] and config.sprompt.g_length == 0
+
+
+def test_method_names_known_without_torch_match_the_registry():
+    from norga.config_io import METHOD_NAMES
+    from norga.methods import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_baseline_presets_match_the_official_scripts():
+    """NORGA_SPEC §1.8 rows."""
+    l2p = load_config("cifar100_sup21k_l2p")
+    assert (l2p.method, l2p.l2p.pool_size, l2p.l2p.top_k, l2p.l2p.length, l2p.l2p.layers) == ("l2p", 30, 5, 5, [0])
+    assert (l2p.l2p.prompt_type, l2p.l2p.train_selection, l2p.l2p.pull_weight, l2p.l2p.train.epochs) == (
+        "tokens", "similarity", 0.1, 10)
+    dual = load_config("imr_sup21k_dualprompt")
+    assert (dual.dualprompt.g_layers, dual.dualprompt.g_length, dual.dualprompt.layers, dual.dualprompt.length) == (
+        [0, 1], 5, [2, 3, 4], 20)
+    assert (dual.dualprompt.train.lr, dual.dualprompt.train.epochs, dual.dualprompt.train_selection) == (0.0025, 50, "task")
+    five = load_config("5datasets_sup21k_dualprompt")
+    assert (five.dualprompt.pool_size, five.dualprompt.length, five.dualprompt.g_length, five.dualprompt.pull_weight,
+            five.dualprompt.train.epochs) == (5, 40, 10, 0.5, 40)
+    assert five.eval.batchwise_prompt is False and "batchwise_prompt true" in preset_text("5datasets_sup21k_dualprompt")
+    assert load_config("cifar100_sprompt").sprompt.train.epochs == 40  # the script without a backbone tag
+    assert load_config("imr_sup21k_sprompt").sprompt.layers == [0, 1, 2, 3, 4]  # from imr_Sup21k_spormpt.sh
+    assert load_config("cub_sup21k_sprompt").sprompt.train.schedule == "step"
+    coda = load_config("imr_sup21k_coda")
+    assert (coda.coda.pool_size, coda.coda.length, coda.coda.train.epochs, coda.coda.train.lr) == (100, 8, 50, 0.001)

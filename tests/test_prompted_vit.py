@@ -179,3 +179,72 @@ def test_from_timm_builds_a_prompted_model():
     )
     out = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     assert out.logits.shape == (2, 4) and out.features.shape == (2, 192)
+
+
+# ------------------------------------------------- prompts a method supplies (the baselines)
+def slow_prompt_tuning(timm_model, x, tokens_at):
+    """Prompt tuning spelled out: timm's blocks one by one, tokens concatenated in front before each listed block."""
+    h = timm_model.norm_pre(timm_model.patch_drop(timm_model._pos_embed(timm_model.patch_embed(x))))
+    for index, block in enumerate(timm_model.blocks):
+        if index in tokens_at:
+            h = torch.cat([tokens_at[index].expand(len(x), -1, -1), h], dim=1)
+        h = block(h)
+    h = timm_model.norm(h)[:, sum(t.shape[1] for t in tokens_at.values()):]
+    return timm_model.forward_head(h, pre_logits=True)
+
+
+@pytest.mark.parametrize("key", ["vit_tiny_32px", "vit_base_qknorm"])
+def test_prompt_tuning_equals_concatenating_tokens_by_hand(key):
+    timm_model, model = build(key)
+    model.backbone.load_state_dict(timm_model.state_dict())
+    dim = timm_model.embed_dim
+    x = images(key, 3)
+    tokens_at = {0: torch.randn(3, 4, dim), 1: torch.randn(1, 2, dim)}  # per-sample at block 0, shared at block 1
+    with torch.no_grad():
+        got = model.forward_features(x, prompt_tokens=tokens_at)
+        want = slow_prompt_tuning(timm_model, x, tokens_at)
+        assert (got - want).abs().max() <= 1e-5
+        assert (got - model.forward_features(x)).abs().max() > 1e-4  # the tokens do act
+        assert (model.forward_features(x) - timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+                ).abs().max() <= 1e-5  # and the hooks are gone afterwards
+
+
+def test_explicit_prefixes_equal_the_slot_path_and_need_prefix_attention():
+    from norga.nn import Prefix
+
+    _, model = build("vit_tiny_32px", num_slots=3, prompt_layers=(0, 1), gate="tanh")
+    x = images("vit_tiny_32px", 4)
+    slots = torch.tensor([2, 0, 1, 2])
+    gathered = model.pool.gather(slots)
+    explicit = {layer: Prefix(k, v, gate) for layer, gate, (k, v) in zip(model.prompt_layers, model.gates, gathered)}
+    with torch.no_grad():
+        assert (model(x, prefixes=explicit).logits - model(x, slots).logits).abs().max() <= 1e-6
+    with pytest.raises(TypeError, match="block 2 has no prefix attention: call model.install_prefix_layers\\(\\[2\\]\\)"):
+        model(x, prefixes={2: Prefix(*gathered[0])})
+    with pytest.raises(ValueError, match="block 0 got a prefix from both"):
+        model(x, slots, prefixes={0: Prefix(*gathered[0])})
+
+
+def test_installing_prefix_attention_elsewhere_changes_nothing_until_used():
+    timm_model, model = build("vit_tiny_32px")
+    model.backbone.load_state_dict(timm_model.state_dict())
+    model.install_prefix_layers([2])
+    assert isinstance(model.backbone.blocks[2].attn, PrefixAttention)
+    x = images("vit_tiny_32px", 2)
+    with torch.no_grad():
+        assert (model(x).logits - timm_model(x)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="prompt layer 3 is not a block index of this 3-block backbone"):
+        model.install_prefix_layers([3])
+
+
+def test_a_model_without_slots_has_no_pool_and_refuses_slots():
+    timm_model, model = build("vit_tiny_32px", num_slots=0)
+    model.backbone.load_state_dict(timm_model.state_dict())
+    assert model.pool is None and len(model.gates) == 0 and model.prompt_layers == ()
+    assert not any(isinstance(block.attn, PrefixAttention) for block in model.backbone.blocks)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"backbone.head.weight", "backbone.head.bias"}
+    x = images("vit_tiny_32px", 2)
+    with torch.no_grad():
+        assert (model(x).logits - timm_model(x)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="no per-task prompt slots \\(num_slots=0\\): pass prefixes="):
+        model(x, 0)

@@ -98,11 +98,63 @@ class WTPConfig:
 
 
 @dataclass
+class KeyedPromptConfig:
+    """L2P / DualPrompt / S-Prompt++: prompts picked by key–query cosine similarity on the frozen CLS feature.
+
+    Defaults per method section follow the official DualPrompt-family configs (NORGA_SPEC §1.8). Layers
+    beyond the backbone's depth are dropped with a warning.
+    """
+
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=20, lr=0.0025))
+    pool_size: int | None = None  # None: top_k slots per task
+    top_k: int = 1
+    length: int = 20  # per slot (prefix: key and value vectors each)
+    layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # E-prompt blocks
+    prompt_type: str = "prefix"  # prefix (prefix tuning) | tokens (prompt tuning: tokens prepended before CLS)
+    train_selection: str = "task"  # task: slots of the current task (DualPrompt, S-Prompt++) | similarity (L2P)
+    sequential_init: bool = True  # the official shared_prompt_pool: task t's slots start as task t-1's
+    pull_weight: float = 1.0  # pull constraint λ
+    g_length: int = 0  # G-prompt (a prefix shared by all tasks) length; 0 = none
+    g_layers: list[int] = field(default_factory=list)
+    gate: str | None = None  # a NoRGa gate on every prefix layer; None = plain prefix tuning
+    gate_train_tasks: str = "first"
+
+
+def _l2p() -> KeyedPromptConfig:
+    return KeyedPromptConfig(train=OptimConfig(epochs=10, lr=0.0025), pool_size=30, top_k=5, length=5, layers=[0],
+                             prompt_type="tokens", train_selection="similarity", sequential_init=False, pull_weight=0.1)
+
+
+def _dualprompt() -> KeyedPromptConfig:
+    return KeyedPromptConfig(g_length=5, g_layers=[0, 1])
+
+
+def _sprompt() -> KeyedPromptConfig:
+    return KeyedPromptConfig(layers=[0, 1, 2, 3, 4])
+
+
+@dataclass
+class CodaConfig:
+    """CODA-Prompt (GT-RIPL/CODA-Prompt): M components per layer split evenly over the tasks, weighted by
+    attention to the frozen CLS query. Adam lr 0.001, CODA's cosine schedule, no clipping, batch 128."""
+
+    train: OptimConfig = field(
+        default_factory=lambda: OptimConfig(epochs=20, lr=0.001, schedule="coda_cosine", clip_grad=None))
+    pool_size: int = 100  # components per layer (M)
+    length: int = 8  # per component: first half key prefix, second half value prefix
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    ortho_weight: float = 0.0  # orthogonality penalty μ (CODA's scripts: 0.0 with Gram-Schmidt re-init)
+    gate: str | None = None
+    gate_train_tasks: str = "first"
+
+
+@dataclass
 class EvalConfig:
     """Evaluation and the compat switches that change it."""
 
     batch_size: int = 128
-    batchwise_prompt: bool = False  # official majority vote of the task id per batch (P2), compat only
+    # official majority vote of the task id / prompts per batch (P2; L2P votes while training too), compat only
+    batchwise_prompt: bool = False
     mask_final_logits: bool = True  # argmax over seen classes; False = official, over all classes (P17)
 
 
@@ -117,6 +169,10 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tii: TIIConfig = field(default_factory=TIIConfig)
     wtp: WTPConfig = field(default_factory=WTPConfig)
+    l2p: KeyedPromptConfig = field(default_factory=_l2p)
+    dualprompt: KeyedPromptConfig = field(default_factory=_dualprompt)
+    sprompt: KeyedPromptConfig = field(default_factory=_sprompt)
+    coda: CodaConfig = field(default_factory=CodaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: str = "none"  # none | bf16

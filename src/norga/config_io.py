@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -15,17 +16,22 @@ import yaml
 
 from norga.config import GATE_ACTIVATIONS, RunConfig
 
+#: Registered method names (norga.methods registers exactly these; kept here so configs load without torch).
+METHOD_NAMES = ("norga", "hide", "l2p", "dualprompt", "sprompt", "coda")
+
 PRESET_PACKAGE = "norga.presets"
 
 #: Allowed values of the string-valued switches, by dotted key suffix.
 CHOICES: dict[str, tuple] = {
-    "method": ("norga", "hide"),
-    "prompt.gate": (*GATE_ACTIVATIONS, None),
-    "prompt.gate_train_tasks": ("first", "all", "none"),
+    "method": METHOD_NAMES,
+    "gate": (*GATE_ACTIVATIONS, None),
+    "gate_train_tasks": ("first", "all", "none"),
+    "prompt_type": ("prefix", "tokens"),
+    "train_selection": ("task", "similarity"),
     "prompt.prefix_layout": ("correct", "official"),
     "prompt.attention_impl": ("fused", "reference"),
     "data.normalization": ("backbone", "official"),
-    "schedule": ("constant", "step", "cosine"),
+    "schedule": ("constant", "step", "cosine", "coda_cosine"),
     "optimizer": ("adam", "sgd"),
     "amp": ("none", "bf16"),
     "device": ("auto", "cpu", "cuda", "mps"),
@@ -87,7 +93,7 @@ def apply_override(config: RunConfig, override: str) -> None:
         raise ConfigError(f"cannot parse the value of {override!r}: {error}") from error
     field = {f.name: f for f in dataclasses.fields(target)}[name]
     if dataclasses.is_dataclass(getattr(target, name)):
-        setattr(target, name, _build(type(getattr(target, name)), value, key.strip()))
+        setattr(target, name, _build(type(getattr(target, name)), value, key.strip(), getattr(target, name)))
     else:
         setattr(target, name, _check(value, _hints(type(target))[field.name], key.strip()))
 
@@ -100,24 +106,25 @@ def dump_config(config: RunConfig, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- internals
-def _build(cls: type, data: Any, prefix: str):
+def _build(cls: type, data: Any, prefix: str, base: Any = None):
+    """`cls` from a mapping; keys it does not give keep `base`'s values (the section's own defaults)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {data!r}")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
+    result = copy.deepcopy(base) if base is not None else cls()
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), names)}")
         field_type = hints[key]
         if dataclasses.is_dataclass(field_type):
-            values[key] = _build(field_type, value, dotted)
+            setattr(result, key, _build(field_type, value, dotted, getattr(result, key)))
         else:
-            values[key] = _check(value, field_type, dotted)
-    return cls(**values)
+            setattr(result, key, _check(value, field_type, dotted))
+    return result
 
 
 def _hints(cls: type) -> dict[str, Any]:

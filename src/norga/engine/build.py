@@ -12,6 +12,7 @@ from norga.backbones import create_backbone
 from norga.config import RunConfig
 from norga.data import build_benchmark
 from norga.engine.context import TaskDatasets
+from norga.methods import METHODS
 from norga.nn import PromptedViT
 
 
@@ -61,7 +62,7 @@ def build_run(config: RunConfig) -> BuiltRun:
     )
     model = PromptedViT(
         backbone,
-        num_slots=len(benchmark.tasks),
+        num_slots=len(benchmark.tasks) if METHODS[config.method].uses_prompt_slots else 0,
         prompt_length=config.prompt.length,
         prompt_layers=config.prompt.layers,
         gate=config.prompt.gate,

@@ -9,7 +9,7 @@ import torch
 
 from norga.config import OptimConfig
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "coda_cosine")
 STEP_DECAY_EPOCHS, STEP_DECAY_RATE, COSINE_MIN_LR = 30, 0.1, 1e-5
 
 
@@ -17,10 +17,13 @@ def schedule_factor(schedule: str, epoch: int, epochs: int, base_lr: float) -> f
     """Multiplier of the base lr for 0-based `epoch`.
 
     The official code steps timm's scheduler with the epoch index *after* each epoch, so epoch e trains
-    with the value for e-1 (epoch 0 with the base lr): a 'step' decay starts at epoch 31.
+    with the value for e-1 (epoch 0 with the base lr): a 'step' decay starts at epoch 31. 'coda_cosine' is
+    CODA-Prompt's own schedule, ``cos(99π·e / (200·(epochs−1)))`` at epoch e (down to ≈1.6 % at the last).
     """
     if schedule == "constant" or epoch == 0:
         return 1.0
+    if schedule == "coda_cosine":
+        return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
     t = epoch - 1
     if schedule == "step":
         return STEP_DECAY_RATE ** (t // STEP_DECAY_EPOCHS)

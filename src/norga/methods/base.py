@@ -37,6 +37,9 @@ class ContinualMethod(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether the method uses the model's per-task prefix slots (`PromptedViT.pool`); if not, the model is
+    #: built without them.
+    uses_prompt_slots: ClassVar[bool] = True
 
     @abstractmethod
     def phases(self, task: int) -> list[Phase]: ...

@@ -17,18 +17,12 @@ from torch import Tensor
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import RunContext
-from norga.engine.optim import build_optimizer, cosine_annealing_factor, schedule_factor, set_epoch_lr
+from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
 from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, Phase, Prediction, register_method
+from norga.methods.training import PhaseTraining, masked_logits
 from norga.tii import TaskIdentityModel
-
-NEG_INF = float("-inf")
-
-
-def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
-    """Logits with every class outside the boolean mask `allowed` set to -inf."""
-    return logits.masked_fill(~allowed.to(logits.device), NEG_INF)
 
 
 def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: float) -> Tensor:
@@ -39,7 +33,7 @@ def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: f
 
 
 @register_method("norga", "hide")
-class HiDePrompt(ContinualMethod):
+class HiDePrompt(PhaseTraining, ContinualMethod):
     """HiDe-Prompt pipeline; ``config.prompt.gate`` None is HiDe-Prompt, an activation name is NoRGa."""
 
     name = "hide"
@@ -164,26 +158,6 @@ class HiDePrompt(ContinualMethod):
                 total += self._step(loss, params, optim_cfg)
             self._end_epoch(epoch, total, optim_cfg, on_epoch_end)
 
-    def _step(self, loss: Tensor, params, cfg: OptimConfig) -> Tensor:
-        """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        self.optimizer.step()
-        return loss.detach()
-
-    @staticmethod
-    def _end_epoch(epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end) -> None:
-        """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
-        total = float(total)
-        if not torch.isfinite(torch.tensor(total)):
-            raise FloatingPointError(
-                f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
-                "the last good checkpoint is intact"
-            )
-        on_epoch_end(epoch, {"loss": total})
-
     # --------------------------------------------------------------- inference
     @torch.inference_mode()
     def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
@@ -209,17 +183,10 @@ class HiDePrompt(ContinualMethod):
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": {k: v for k, v in self.model.state_dict().items() if not self._frozen_key(k)},
-            "tii": self.tii.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-        }
+        return {**self._model_and_optimizer_state(), "tii": self.tii.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        missing = [k for k in missing if not self._frozen_key(k)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        self._load_trainable_model_state(state["model"])
         self.tii.load_state_dict(state["tii"])
         self._saved_optimizer = state["optimizer"]
 
@@ -230,17 +197,3 @@ class HiDePrompt(ContinualMethod):
         if state:
             self.tii_gaussians.load_state_dict(state["tii_gaussians"])
             self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
-
-    def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
-        """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
-        mid-phase, it gets the interrupted phase's saved state back."""
-        self.optimizer = build_optimizer(groups, cfg)
-        saved, self._saved_optimizer = self._saved_optimizer, None
-        if start_epoch > 0:
-            if saved is None:
-                raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
-            self.optimizer.load_state_dict(saved)
-
-    def _frozen_key(self, key: str) -> bool:
-        """Backbone weights are not checkpointed (they are the pre-trained file, recorded by checksum)."""
-        return key.startswith("backbone.") and not key.startswith(("backbone.head.", "backbone.fc_norm."))

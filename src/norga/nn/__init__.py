@@ -4,7 +4,7 @@ from norga.nn.gates import ACTIVATIONS, GateSchedule, IdentityGate, NoRGaGate, S
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_attention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
-from norga.nn.prompted_vit import DEFAULT_PROMPT_LAYERS, PromptedOutput, PromptedViT
+from norga.nn.prompted_vit import DEFAULT_PROMPT_LAYERS, Prefix, PromptedOutput, PromptedViT
 
 __all__ = [
     "ACTIVATIONS",
@@ -14,6 +14,7 @@ __all__ = [
     "GateSchedule",
     "IdentityGate",
     "NoRGaGate",
+    "Prefix",
     "PrefixAttention",
     "PrefixPool",
     "PromptedOutput",

@@ -110,6 +110,21 @@ class PrefixPool(nn.Module):
         # (B, 2, Lp, H, d) -> keys and values, each (B, H, Lp, d)
         return [(layer[:, 0].transpose(1, 2), layer[:, 1].transpose(1, 2)) for layer in per_layer]
 
+    def gather_top_k(self, indices: Tensor, layout: str = "correct") -> list[LayerPrefix]:
+        """Like `gather`, for (B, k) slot indices: a sample's k slots concatenated along the prefix length.
+
+        k = 1 is `gather` itself (either layout); k > 1 only in the correct layout.
+        """
+        if indices.dim() != 2:
+            raise ValueError(f"indices must be shaped (batch, top_k), got {tuple(indices.shape)}")
+        if indices.shape[1] == 1:
+            return self.gather(indices[:, 0], layout)
+        if layout != "correct":
+            raise ValueError("the official prefix layout is only reproduced for top_k = 1; use prefix_layout=correct")
+        columns = [self.gather(indices[:, j], layout) for j in range(indices.shape[1])]
+        return [(torch.cat([c[layer][0] for c in columns], dim=2), torch.cat([c[layer][1] for c in columns], dim=2))
+                for layer in range(self.num_layers)]
+
     def extra_repr(self) -> str:
         layers, _, slots, length, heads, dim = self.prompts.shape
         return f"layers={layers}, slots={slots}, length={length}, heads={heads}, head_dim={dim}"

@@ -1,0 +1,145 @@
+"""Methods whose prompts are a function of the frozen CLS feature (the query): L2P, DualPrompt, S-Prompt++, CODA.
+
+One training phase per task (NORGA_SPEC §1.8): each augmented batch is encoded once by the frozen backbone
+(the query, as the official code's extra frozen forward), the method builds its prompts from it, and the
+loss is cross-entropy on logits masked to the task's classes (official ``train_mask``) plus the method's
+own term (pull constraint, orthogonality). No task-identity model, no TAP. At test time the engine's
+cached frozen features are the queries; the argmax runs over the seen classes (``eval.mask_final_logits``).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from norga.engine.context import RunContext
+from norga.engine.optim import schedule_factor, set_epoch_lr
+from norga.methods.base import ContinualMethod, Phase, Prediction
+from norga.methods.training import PhaseTraining, masked_logits
+from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
+
+log = logging.getLogger("norga")
+
+
+class PromptedPass(NamedTuple):
+    """What one prompted forward gives: logits, the method's extra loss term, and predicted tasks (or None)."""
+
+    logits: Tensor
+    extra_loss: Tensor | float
+    tasks: Tensor | None = None
+
+
+def fitting_layers(layers: Sequence[int], depth: int, key: str) -> list[int]:
+    """The blocks of `layers` that exist in a `depth`-block backbone; the others are dropped with a warning."""
+    kept = sorted({layer for layer in layers if 0 <= layer < depth})
+    if len(kept) < len(set(layers)):
+        log.warning("%s %s: this backbone has %d blocks, prompting blocks %s only", key, list(layers), depth, kept)
+    return kept
+
+
+class QueryPromptMethod(PhaseTraining, ContinualMethod):
+    """Shared loop of the query-conditioned prompt methods; subclasses build prompts (`prompted`)."""
+
+    #: The config section holding the method's settings (e.g. ``"dualprompt"``).
+    section: ClassVar[str]
+    uses_prompt_slots = False  # its prompts are its own modules
+
+    def __init__(self, context: RunContext) -> None:
+        self.ctx = context
+        self.config = context.config
+        self.settings = getattr(self.config, self.section)
+        self.model = context.model
+        attention = self.model.backbone.blocks[0].attn
+        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.embed_dim = self.model.backbone.num_features
+        self.num_tasks = len(context.tasks)
+        self.optimizer = None
+        self._saved_optimizer = None
+
+    def _layers(self, layers: Sequence[int], name: str) -> list[int]:
+        kept = fitting_layers(layers, self.model.depth, f"{self.section}.{name}")
+        if layers and not kept:
+            raise ValueError(f"{self.section}.{name} = {list(layers)} names no block of this {self.model.depth}-block "
+                             f"backbone: set --set {self.section}.{name}=[...] to blocks below {self.model.depth}")
+        return kept
+
+    def _gates(self, layers: Sequence[int]) -> nn.ModuleDict:
+        """One score gate per prefix layer (identity unless the section's ``gate`` names a NoRGa activation)."""
+        return nn.ModuleDict({str(layer): make_gate(self.settings.gate) for layer in layers})
+
+    def _finish_init(self, prompts: nn.Module, prefix_layers: Sequence[int]) -> None:
+        """Move the method's prompt modules to the device and give their blocks prefix attention."""
+        self.prompts = prompts.to(self.ctx.device)
+        self.model.install_prefix_layers(prefix_layers)
+
+    # ------------------------------------------------------------- the method
+    @abstractmethod
+    def begin_task(self, task: int) -> None:
+        """Prepare `task`'s prompts before its first epoch (sequential or orthogonal initialisation)."""
+
+    @abstractmethod
+    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool) -> PromptedPass:
+        """Logits of `images` with prompts built from `query`; `task` is the one training, or the last seen."""
+
+    def gate_of(self, layer: int) -> ScoreGate:
+        return self.prompts["gates"][str(layer)]
+
+    # ---------------------------------------------------------------- phases
+    def phases(self, task: int) -> list[Phase]:
+        return [Phase("prompt_train", self.settings.train.epochs)]
+
+    def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
+        cfg = self.settings.train
+        if start_epoch == 0:
+            self.begin_task(task)
+        apply_gate_schedule(self.prompts["gates"].values(), self.settings.gate_train_tasks, task)
+        params = [p for p in [*self.model.parameter_groups()["head"], *self.prompts.parameters()] if p.requires_grad]
+        self._phase_optimizer([{"params": params}], cfg, start_epoch)
+        allowed = self.ctx.class_mask(task)
+        self.model.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            total = 0.0
+            for images, labels in self.ctx.train_loader(task, epoch, cfg.batch_size):
+                query = self._training_query(images)
+                with self.ctx.autocast():
+                    out = self.prompted(images, query, task, train=True)
+                    loss = F.cross_entropy(masked_logits(out.logits.float(), allowed), labels) + out.extra_loss
+                total += self._step(loss, params, cfg)
+            self._end_epoch(epoch, total, cfg, on_epoch_end)
+        self.model.eval()
+
+    def _training_query(self, images: Tensor) -> Tensor:
+        """The frozen CLS feature of an augmented batch, computed in eval mode (the official frozen model)."""
+        self.model.eval()
+        query = self.ctx.frozen_encode(images)
+        self.model.train()
+        return query
+
+    # ------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+        """Query = frozen CLS feature (cached by the engine) -> prompts -> prompted pass -> class."""
+        query = self.ctx.frozen_encode(images) if frozen_features is None else frozen_features.to(self.ctx.device)
+        with self.ctx.autocast():
+            out = self.prompted(images.to(self.ctx.device), query, seen_tasks - 1, train=False)
+        logits = out.logits.float()
+        if self.config.eval.mask_final_logits:
+            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
+        tasks = out.tasks.cpu() if out.tasks is not None else None
+        return Prediction(logits.argmax(dim=1).cpu(), tasks)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._model_and_optimizer_state(), "prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_trainable_model_state(state["model"])
+        self.prompts.load_state_dict(state["prompts"])  # strict: every key must match
+        self._saved_optimizer = state["optimizer"]

@@ -1,0 +1,82 @@
+"""What every gradient-trained method shares: masked logits, the optimizer step, the per-epoch finiteness
+check, a fresh optimizer per phase that survives a resume, and checkpointing only the trainable model state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from norga.config import OptimConfig
+from norga.engine.optim import build_optimizer
+
+NEG_INF = float("-inf")
+
+
+def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Logits with every class outside the boolean mask `allowed` set to -inf."""
+    return logits.masked_fill(~allowed.to(logits.device), NEG_INF)
+
+
+class PhaseTraining:
+    """Mixin for methods whose phases train with an optimizer; needs ``self.model`` (a `PromptedViT`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    _saved_optimizer: dict | None = None
+
+    def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
+        """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
+        mid-phase, it gets the interrupted phase's saved state back."""
+        self.optimizer = build_optimizer(groups, cfg)
+        saved, self._saved_optimizer = self._saved_optimizer, None
+        if start_epoch > 0:
+            if saved is None:
+                raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
+            self.optimizer.load_state_dict(saved)
+
+    def _step(self, loss: Tensor, params: Iterable[Tensor], cfg: OptimConfig) -> Tensor:
+        """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+    @staticmethod
+    def _end_epoch(
+        epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None]
+    ) -> None:
+        """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
+        total = float(total)
+        if not torch.isfinite(torch.tensor(total)):
+            raise FloatingPointError(
+                f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
+                "the last good checkpoint is intact"
+            )
+        on_epoch_end(epoch, {"loss": total})
+
+    # ------------------------------------------------------------------- state
+    def _optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict() if self.optimizer is not None else None
+
+    def _trainable_model_state(self) -> dict[str, Tensor]:
+        """The model's state without the frozen backbone weights (those are the pre-trained file)."""
+        return {k: v for k, v in self.model.state_dict().items() if not self._frozen_key(k)}
+
+    def _load_trainable_model_state(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not self._frozen_key(k)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+
+    @staticmethod
+    def _frozen_key(key: str) -> bool:
+        """Backbone weights are not checkpointed (they are the pre-trained file, recorded by checksum)."""
+        return key.startswith("backbone.") and not key.startswith(("backbone.head.", "backbone.fc_norm."))
+
+    def _model_and_optimizer_state(self) -> dict[str, Any]:
+        return {"model": self._trainable_model_state(), "optimizer": self._optimizer_state()}
