@@ -20,16 +20,16 @@ def pack(folder, archive, prefix=""):
 
 
 @pytest.fixture
-def cifar_archive(make, tmp_path):
+def cifar_archive(make, tmp_path, monkeypatch):
+    monkeypatch.delenv("NORGA_DATA", raising=False)
+    monkeypatch.delenv("NORGA_CIFAR10_JPG", raising=False)
     folder = make.image_folder(tmp_path / "extracted" / "cifar10-jpg", classes=CLASSES, per_class=2, size=(32, 32))
     (tmp_path / "root" / "cifar10").mkdir(parents=True)
     return folder, pack(folder, tmp_path / "root" / "cifar10" / "cifar10-jpg.tar.gz", prefix="./")
 
 
-def test_cifar10_from_its_archive_equals_the_extracted_folders(cifar_archive, tmp_path, monkeypatch):
+def test_cifar10_from_its_archive_equals_the_extracted_folders(cifar_archive, tmp_path):
     folder, archive = cifar_archive
-    monkeypatch.delenv("NORGA_DATA", raising=False)
-    monkeypatch.delenv("NORGA_CIFAR10_JPG", raising=False)
     packed = build_benchmark("cifar10", data_root=tmp_path / "root", seed=3, image_size=16)
     extracted = build_benchmark("cifar10", data_root=tmp_path / "extracted", seed=3, image_size=16)
     assert packed.source == str(archive) and extracted.source == str(folder)
