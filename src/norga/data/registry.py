@@ -71,8 +71,8 @@ def _archive_download(url: str, md5: str) -> Callable[[Path], None]:
 
 def _cifar10_candidates(root: Path) -> list[Path]:
     extra = [Path(os.environ["NORGA_CIFAR10_JPG"])] if os.environ.get("NORGA_CIFAR10_JPG") else []
-    return [root / "cifar-10-batches-py", root / "cifar10-jpg", *extra, root / "cifar10" / "cifar10-jpg.tar.gz",
-            root / "cifar10-jpg.tar.gz"]
+    return [root / "cifar-10-batches-py", root / "cifar10-jpg", root / "cifar10" / "cifar10-jpg.tar.gz",
+            root / "cifar10-jpg.tar.gz", *extra]
 
 
 def _cifar10_present(path: Path) -> bool:
