@@ -22,7 +22,7 @@ def pack(folder, archive, prefix=""):
 @pytest.fixture
 def cifar_archive(make, tmp_path, monkeypatch):
     monkeypatch.delenv("NORGA_DATA", raising=False)
-    monkeypatch.delenv("NORGA_CIFAR10_JPG", raising=False)
+    monkeypatch.delenv("NORGA_CIFAR10_JPG", raising=False)  # (.ci/run sets both: real data must not answer here)
     folder = make.image_folder(tmp_path / "extracted" / "cifar10-jpg", classes=CLASSES, per_class=2, size=(32, 32))
     (tmp_path / "root" / "cifar10").mkdir(parents=True)
     return folder, pack(folder, tmp_path / "root" / "cifar10" / "cifar10-jpg.tar.gz", prefix="./")
@@ -62,3 +62,10 @@ def test_broken_or_incomplete_archives(cifar_archive, tmp_path):
     pack(folder, archive)
     with pytest.raises(DataLayoutError, match="train/ and test/ hold different class folders: \\['k7'\\]"):
         build_benchmark("cifar10", data_root=tmp_path / "root")
+
+
+def test_the_given_root_comes_before_the_cifar10_jpg_variable(cifar_archive, tmp_path, monkeypatch):
+    folder, archive = cifar_archive
+    monkeypatch.setenv("NORGA_CIFAR10_JPG", str(folder))
+    assert build_benchmark("cifar10", data_root=tmp_path / "root", image_size=16).source == str(archive)
+    assert build_benchmark("cifar10", data_root=tmp_path / "elsewhere", image_size=16).source == str(folder)

@@ -71,7 +71,6 @@ def _archive_download(url: str, md5: str) -> Callable[[Path], None]:
 
 def _cifar10_candidates(root: Path) -> list[Path]:
     extra = [Path(os.environ["NORGA_CIFAR10_JPG"])] if os.environ.get("NORGA_CIFAR10_JPG") else []
-    # everything under the data root first: $NORGA_CIFAR10_JPG is only the fallback
     return [root / "cifar-10-batches-py", root / "cifar10-jpg", root / "cifar10" / "cifar10-jpg.tar.gz",
             root / "cifar10-jpg.tar.gz", *extra]
 
