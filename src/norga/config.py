@@ -25,6 +25,7 @@ class DataConfig:
     workers: int = 0
     download: bool = False
     fiveds_transform_carryover: bool = False  # official bug P6, compat only
+    joint: bool = False  # upper bound: train once on the union of all tasks, test on each task (engine/joint.py)
 
 
 @dataclass
@@ -95,6 +96,21 @@ class WTPConfig:
 
 
 @dataclass
+class LinearProbeConfig:
+    """Lower bound `linear_probe`: a linear head over all classes on frozen features, trained task after task."""
+
+    augment: bool = False  # True: freshly augmented views through the frozen backbone each epoch; False: cached
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10, lr=0.01, batch_size=64))
+
+
+@dataclass
+class NCMConfig:
+    """Lower bound `ncm`: nearest class mean of frozen features."""
+
+    metric: str = "cosine"  # cosine (means of L2-normalised features) | euclidean
+
+
+@dataclass
 class EvalConfig:
     """Evaluation and the compat switches that change it."""
 
@@ -114,6 +130,8 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tii: TIIConfig = field(default_factory=TIIConfig)
     wtp: WTPConfig = field(default_factory=WTPConfig)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    ncm: NCMConfig = field(default_factory=NCMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: str = "none"  # none | bf16

@@ -19,7 +19,8 @@ PRESET_PACKAGE = "norga.presets"
 
 #: Allowed values of the string-valued switches, by dotted key suffix.
 CHOICES: dict[str, tuple] = {
-    "method": ("norga", "hide"),
+    "method": ("norga", "hide", "linear_probe", "ncm"),
+    "ncm.metric": ("cosine", "euclidean"),
     "prompt.gate": (*GATE_ACTIVATIONS, None),
     "prompt.gate_train_tasks": ("first", "all", "none"),
     "prompt.prefix_layout": ("correct", "official"),

@@ -15,22 +15,23 @@ from norga.metrics import AccuracyMatrix  # noqa: E402
 
 def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int) -> None:
     """Write accuracy_matrix.png (heatmap) and accuracy_curve.png (average accuracy after each task)."""
-    values = matrix.accuracies()[: upto + 1, : upto + 1]
-    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * (upto + 1), 1.0 + 0.5 * (upto + 1)))
+    rows, columns = matrix.tested(upto), upto + 1
+    values = matrix.accuracies()[:rows, :columns]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * columns, 1.0 + 0.5 * rows))
     image = axis.imshow(values, vmin=0, vmax=100, cmap="viridis")
-    for i in range(upto + 1):
-        for t in range(i, upto + 1):
-            axis.text(t, i, f"{values[i, t]:.0f}", ha="center", va="center", color="white", fontsize=8)
-    axis.set_xlabel("after training task")
+    for i in range(rows):
+        for t in range(columns):
+            if matrix.total[i, t]:
+                axis.text(t, i, f"{values[i, t]:.0f}", ha="center", va="center", color="white", fontsize=8)
+    axis.set_xlabel("after joint training" if matrix.joint else "after training task")
     axis.set_ylabel("test set of task")
-    axis.set_xticks(range(upto + 1), [str(t + 1) for t in range(upto + 1)])
-    axis.set_yticks(range(upto + 1), [str(t + 1) for t in range(upto + 1)])
+    axis.set_xticks(range(columns), [str(t + 1) for t in range(columns)])
+    axis.set_yticks(range(rows), [str(i + 1) for i in range(rows)])
     figure.colorbar(image, ax=axis, label="accuracy (%)")
     _save(figure, directory / "accuracy_matrix.png")
 
     figure, axis = plt.subplots(figsize=(5, 3.2))
-    averages = [values[: t + 1, t].mean() for t in range(upto + 1)]
-    axis.plot(range(1, upto + 2), averages, marker="o")
+    _plot_curve(axis, matrix, upto, label=None)
     axis.set_xlabel("tasks learned")
     axis.set_ylabel("average accuracy on seen tasks (%)")
     axis.set_ylim(0, 100)
@@ -44,12 +45,26 @@ def _save(figure, path: Path) -> None:
     plt.close(figure)
 
 
+def _plot_curve(axis, matrix: AccuracyMatrix, upto: int, label: str | None) -> None:
+    """Average accuracy on the tested tasks after each step; a joint run is one point at "all tasks learned"."""
+    averages = [matrix.final_average_accuracy(t) for t in range(upto + 1)]
+    if matrix.joint:
+        axis.plot([matrix.num_tasks], averages, marker="*", markersize=12, linestyle="none", label=label)
+    else:
+        axis.plot(range(1, upto + 2), averages, marker="o", label=label)
+
+
 def format_matrix(matrix: AccuracyMatrix, upto: int) -> str:
-    """The accuracy matrix as a text table (rows: test task, columns: after task)."""
+    """The accuracy matrix as a text table (rows: test task, columns: after task; one column if joint)."""
     values = matrix.accuracies()
-    header = "task " + " ".join(f"{t + 1:>6}" for t in range(upto + 1))
+    header = "task " + ("  joint" if matrix.joint else " ".join(f"{t + 1:>6}" for t in range(upto + 1)))
     rows = [header]
-    for i in range(upto + 1):
-        cells = [f"{values[i, t]:6.2f}" if t >= i else "     ." for t in range(upto + 1)]
+    for i in range(matrix.tested(upto)):
+        cells = [f"{values[i, t]:6.2f}" if matrix.total[i, t] else "     ." for t in range(upto + 1)]
         rows.append(f"{i + 1:>4} " + " ".join(cells))
     return "\n".join(rows)
+
+
+def format_metric(value: float | None) -> str:
+    """A metric with two decimals, or an em dash where it is undefined (None)."""
+    return "—" if value is None else f"{value:.2f}"

@@ -17,18 +17,12 @@ from torch import Tensor
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import RunContext
-from norga.engine.optim import build_optimizer, cosine_annealing_factor, schedule_factor, set_epoch_lr
+from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
-from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, Phase, Prediction, register_method
+from norga.methods.base import EVALUATE_BEFORE_TAP, Phase, Prediction, register_method
+from norga.methods.training import TrainedMethod, masked_logits
 from norga.tii import TaskIdentityModel
-
-NEG_INF = float("-inf")
-
-
-def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
-    """Logits with every class outside the boolean mask `allowed` set to -inf."""
-    return logits.masked_fill(~allowed.to(logits.device), NEG_INF)
 
 
 def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: float) -> Tensor:
@@ -38,8 +32,9 @@ def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: f
     return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
 
 
-@register_method("norga", "hide")
-class HiDePrompt(ContinualMethod):
+@register_method("norga")
+@register_method("hide", implies={"prompt.gate": None})
+class HiDePrompt(TrainedMethod):
     """HiDe-Prompt pipeline; ``config.prompt.gate`` None is HiDe-Prompt, an activation name is NoRGa."""
 
     name = "hide"
@@ -80,16 +75,8 @@ class HiDePrompt(ContinualMethod):
     # ------------------------------------------------------ task identity model
     def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
         cfg = self.config.tii.train
-        self.tii.train()
-        self._phase_optimizer([{"params": list(self.tii.parameters())}], cfg, start_epoch)
-        allowed = self.ctx.class_mask(task)
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
-            total = 0.0
-            for features, labels in self.ctx.tii_training_batches(task, epoch, cfg.batch_size):
-                loss = F.cross_entropy(masked_logits(self.tii(features), allowed), labels)
-                total += self._step(loss, self.tii.parameters(), cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+        self._fit_classifier(self.tii, lambda epoch: self.ctx.tii_training_batches(task, epoch, cfg.batch_size),
+                             self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)
@@ -164,26 +151,6 @@ class HiDePrompt(ContinualMethod):
                 total += self._step(loss, params, optim_cfg)
             self._end_epoch(epoch, total, optim_cfg, on_epoch_end)
 
-    def _step(self, loss: Tensor, params, cfg: OptimConfig) -> Tensor:
-        """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        self.optimizer.step()
-        return loss.detach()
-
-    @staticmethod
-    def _end_epoch(epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end) -> None:
-        """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
-        total = float(total)
-        if not torch.isfinite(torch.tensor(total)):
-            raise FloatingPointError(
-                f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
-                "the last good checkpoint is intact"
-            )
-        on_epoch_end(epoch, {"loss": total})
-
     # --------------------------------------------------------------- inference
     @torch.inference_mode()
     def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
@@ -212,7 +179,7 @@ class HiDePrompt(ContinualMethod):
         return {
             "model": {k: v for k, v in self.model.state_dict().items() if not self._frozen_key(k)},
             "tii": self.tii.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "optimizer": self._optimizer_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,16 +197,6 @@ class HiDePrompt(ContinualMethod):
         if state:
             self.tii_gaussians.load_state_dict(state["tii_gaussians"])
             self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
-
-    def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
-        """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
-        mid-phase, it gets the interrupted phase's saved state back."""
-        self.optimizer = build_optimizer(groups, cfg)
-        saved, self._saved_optimizer = self._saved_optimizer, None
-        if start_epoch > 0:
-            if saved is None:
-                raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
-            self.optimizer.load_state_dict(saved)
 
     def _frozen_key(self, key: str) -> bool:
         """Backbone weights are not checkpointed (they are the pre-trained file, recorded by checksum)."""
