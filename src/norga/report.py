@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from norga.engine.checkpoint import atomic_write  # noqa: E402
 from norga.metrics import AccuracyMatrix  # noqa: E402
+
+if TYPE_CHECKING:
+    from norga.comparison import MethodResult
 
 
 def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int) -> None:
@@ -68,3 +73,32 @@ def format_matrix(matrix: AccuracyMatrix, upto: int) -> str:
 def format_metric(value: float | None) -> str:
     """A metric with two decimals, or an em dash where it is undefined (None)."""
     return "—" if value is None else f"{value:.2f}"
+
+
+def format_comparison_table(results: Sequence[MethodResult]) -> str:
+    """One line per method: FA, CA, FFM, task-identity accuracy (— where undefined), wall time, run directory."""
+    width = max([len("method"), *(len(r.label) for r in results)])
+    lines = [f"{'method':{width}s} {'FA':>7s} {'CA':>7s} {'FFM':>7s} {'task-id':>8s} {'time s':>7s}  run directory"]
+    for r in results:
+        m = r.metrics
+        seconds = "—" if r.wall_seconds is None else f"{r.wall_seconds:.1f}"
+        lines.append(f"{r.label:{width}s} {format_metric(m['final_average_accuracy']):>7s} "
+                     f"{format_metric(m['cumulative_average_accuracy']):>7s} {format_metric(m['forgetting']):>7s} "
+                     f"{format_metric(r.task_identity_accuracy):>8s} {seconds:>7s}  {r.run_dir}")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: Sequence[MethodResult], path: Path) -> None:
+    """Average accuracy on the seen tasks after each task, one line per method (joint runs: one star each)."""
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for r in results:
+        _plot_curve(axis, r.matrix, r.matrix.num_steps - 1, label=r.label)
+    num_tasks = max((r.matrix.num_tasks for r in results), default=1)
+    axis.set_xticks(range(1, num_tasks + 1))
+    axis.set_xlabel("tasks learned")
+    axis.set_ylabel("average accuracy on seen tasks (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    if results:
+        axis.legend(fontsize=8)
+    _save(figure, path)

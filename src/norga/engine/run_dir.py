@@ -56,8 +56,13 @@ class RunDirectory:
         logger = logging.getLogger("norga")
         logger.setLevel(logging.INFO)
         log_file = str((self.path / "log.txt").resolve())
+        for handler in [h for h in logger.handlers if getattr(h, "norga_run_log", False)]:
+            if handler.baseFilename != log_file:  # one run at a time: `norga compare` runs several in one process
+                logger.removeHandler(handler)
+                handler.close()
         if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
             handler = logging.FileHandler(log_file)
+            handler.norga_run_log = True
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
 
