@@ -90,3 +90,16 @@ def test_joint_ncm_equals_the_final_column_of_continual_ncm(tmp_path):
     continual = make_engine(tmp_path, tiny_config(method="ncm"), "continual").run()
     joint = make_engine(tmp_path, tiny_config(method="ncm", **{"data.joint": True}), "joint").run()
     assert np.array_equal(joint["accuracy"].correct[:, 0], continual["accuracy"].correct[:, -1])
+
+
+def test_norga_run_prints_undefined_metrics_as_dashes(tmp_path, monkeypatch, capsys):
+    from norga.cli import main
+    from norga.engine import build as engine_build
+
+    monkeypatch.setattr(engine_build, "build_run", lambda config: engine_build.BuiltRun(
+        make_model(config), make_tasks(), NUM_CLASSES, torch.device("cpu"), {}))
+    assert main(["run", "tiny_smoke", "--set", "method=ncm", "--set", "data.joint=true", "--run-dir",
+                 str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "task   joint" in out and "CA —  FFM —  task-identity —" in out
+    assert len([line for line in out.splitlines() if line[:4].strip().isdigit()]) == NUM_TASKS  # a row per task

@@ -37,11 +37,15 @@ def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int) -> None:
 
     figure, axis = plt.subplots(figsize=(5, 3.2))
     _plot_curve(axis, matrix, upto, label=None)
+    _label_curve_axes(axis)
+    _save(figure, directory / "accuracy_curve.png")
+
+
+def _label_curve_axes(axis) -> None:
     axis.set_xlabel("tasks learned")
     axis.set_ylabel("average accuracy on seen tasks (%)")
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
-    _save(figure, directory / "accuracy_curve.png")
 
 
 def _save(figure, path: Path) -> None:
@@ -50,13 +54,13 @@ def _save(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def _plot_curve(axis, matrix: AccuracyMatrix, upto: int, label: str | None) -> None:
+def _plot_curve(axis, matrix: AccuracyMatrix, upto: int, label: str | None, color: str | None = None) -> None:
     """Average accuracy on the tested tasks after each step; a joint run is one point at "all tasks learned"."""
     averages = [matrix.final_average_accuracy(t) for t in range(upto + 1)]
     if matrix.joint:
-        axis.plot([matrix.num_tasks], averages, marker="*", markersize=12, linestyle="none", label=label)
+        axis.plot([matrix.num_tasks], averages, marker="*", markersize=12, linestyle="none", label=label, color=color)
     else:
-        axis.plot(range(1, upto + 2), averages, marker="o", label=label)
+        axis.plot(range(1, upto + 2), averages, marker="o", label=label, color=color)
 
 
 def format_matrix(matrix: AccuracyMatrix, upto: int) -> str:
@@ -91,14 +95,14 @@ def format_comparison_table(results: Sequence[MethodResult]) -> str:
 def plot_comparison(results: Sequence[MethodResult], path: Path) -> None:
     """Average accuracy on the seen tasks after each task, one line per method (joint runs: one star each)."""
     figure, axis = plt.subplots(figsize=(6.4, 4))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors: dict[str, str] = {}  # a method's joint bound takes its continual line's colour
     for r in results:
-        _plot_curve(axis, r.matrix, r.matrix.num_steps - 1, label=r.label)
+        color = colors.setdefault(r.method, palette[len(colors) % len(palette)])
+        _plot_curve(axis, r.matrix, r.matrix.num_steps - 1, label=r.label, color=color)
     num_tasks = max((r.matrix.num_tasks for r in results), default=1)
     axis.set_xticks(range(1, num_tasks + 1))
-    axis.set_xlabel("tasks learned")
-    axis.set_ylabel("average accuracy on seen tasks (%)")
-    axis.set_ylim(0, 100)
-    axis.grid(alpha=0.3)
+    _label_curve_axes(axis)
     if results:
         axis.legend(fontsize=8)
     _save(figure, path)
