@@ -12,6 +12,7 @@ import torch
 from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, FailingDataset, make_model, make_tasks, tiny_config
 
 from norga.cli import main
+from norga.commands.compare import entries_of, split_overrides
 from norga.comparison import ComparisonDirectory, MethodRun, method_config, run_method
 from norga.config import OptimConfig
 from norga.config_io import ConfigError
@@ -40,10 +41,18 @@ def test_method_names_imply_their_settings_and_per_method_overrides_win():
         method_config("tiny_smoke", "ncm", ["method=hide"])
 
 
+def test_overrides_split_into_shared_per_method_and_per_joint_label():
+    request = {"methods": ["ncm", "hide"], "joint_upper_bound": ["ncm"]}
+    assert entries_of(request) == [("ncm", "ncm", False), ("hide", "hide", False), ("ncm-joint", "ncm", True)]
+    shared, per = split_overrides(["seed=3", "ncm:ncm.metric=euclidean", "ncm-joint:seed=4"], ["ncm", "hide", "ncm-joint"])
+    assert shared == ["seed=3"] and per == {"ncm": ["ncm.metric=euclidean"], "hide": [], "ncm-joint": ["seed=4"]}
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["tiny_smoke", "--methods", "ncm,linear_prob"], "did you mean 'linear_probe'"),
     (["tiny_smoke", "--methods", "ncm", "--set", "hide:prompt.length=3"], "'hide' is not one of --methods"),
     (["tiny_smoke", "--methods", "ncm", "--set", "ncm:ncm.metric=cosin"], "did you mean 'cosine'"),
+    (["tiny_smoke", "--methods", "ncm", "--set", "ncm-joint:ncm.metric=cosine"], "'ncm-joint' is not one of"),
     (["tiny_smoke", "--methods", "ncm", "--joint-upper-bound", "norga"], "not in --methods"),
     (["tiny_smoke", "--methods", "ncm,ncm"], "lists a method twice"),
     (["tiny_smoke"], "give a preset (or YAML file) and --methods"),

@@ -13,6 +13,7 @@ EPILOG = """examples:
   norga compare quickstart --methods norga,hide,linear_probe,ncm
   norga compare quickstart --methods norga,linear_probe --joint-upper-bound      # adds norga-joint, linear_probe-joint
   norga compare tiny_smoke --methods norga,hide --set hide:wtp.train.epochs=2   # METHOD:key=value: that method only
+  norga compare quickstart --methods norga --joint-upper-bound --set norga-joint:wtp.train.epochs=15  # joint run only
   norga compare --resume runs/compare-quickstart-20261124-141524                 # skips finished methods
 
 Each method runs into DIR/LABEL (same preset, backbone and seed); DIR gets compare.json, compare.csv and
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")
     parser.add_argument("--methods", help="comma-separated registered method names, e.g. norga,hide,linear_probe,ncm")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
-                        help="override a config value for every method, or with METHOD: for that method only")
+                        help="override a config value for every method, or with METHOD: (or METHOD-joint:) for one only")
     parser.add_argument("--joint-upper-bound", nargs="?", const="*", metavar="METHODS",
                         help="also run each method (or only the listed ones) trained jointly on all tasks")
     parser.add_argument("--dir", type=Path, help="the comparison directory (default: OUTPUT_DIR/compare-NAME-TIMESTAMP)")
@@ -45,19 +46,26 @@ def split_list(text: str | None, what: str) -> list[str]:
     return names
 
 
-def split_overrides(overrides: list[str], methods: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Shared ``key=value`` overrides, and ``METHOD:key=value`` ones per method."""
-    shared, per_method = [], {name: [] for name in methods}
+def split_overrides(overrides: list[str], targets: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Shared ``key=value`` overrides, and ``TARGET:key=value`` ones per target (a method or a joint label)."""
+    shared, per_target = [], {name: [] for name in targets}
     for override in overrides:
         key = override.partition("=")[0]
         if ":" not in key:
             shared.append(override)
             continue
-        method, _, rest = override.partition(":")
-        if method not in per_method:
-            raise ConfigError(f"--set {override}: {method!r} is not one of --methods ({', '.join(methods)})")
-        per_method[method].append(rest)
-    return shared, per_method
+        target, _, rest = override.partition(":")
+        if target not in per_target:
+            raise ConfigError(f"--set {override}: {target!r} is not one of --methods or their joint runs "
+                              f"({', '.join(targets)})")
+        per_target[target].append(rest)
+    return shared, per_target
+
+
+def entries_of(request: dict) -> list[tuple[str, str, bool]]:
+    """(label, method, joint) of every run: the methods, then their joint upper bounds (label METHOD-joint)."""
+    return ([(method, method, False) for method in request["methods"]]
+            + [(f"{method}-joint", method, True) for method in request["joint_upper_bound"]])
 
 
 def request_from(args: argparse.Namespace) -> dict:
@@ -82,15 +90,17 @@ def handle(args: argparse.Namespace) -> int:
         request, directory = ComparisonDirectory.read_request(args.resume), args.resume
     else:
         request = request_from(args)
+        directory = args.dir
+    entries = entries_of(request)
+    shared, per_target = split_overrides(request["overrides"], list(dict.fromkeys(t for e in entries for t in e[:2])))
+    if directory is None:
         name = Path(request["config"]).stem if Path(request["config"]).suffix else request["config"]
-        base = load_config(request["config"], split_overrides(request["overrides"], request["methods"])[0])
-        directory = args.dir or Path(base.output_dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shared, per_method = split_overrides(request["overrides"], request["methods"])
-    entries = [(method, False) for method in request["methods"]] + [(m, True) for m in request["joint_upper_bound"]]
+        output_dir = load_config(request["config"], shared).output_dir
+        directory = Path(output_dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs = []
-    for method, joint in entries:  # every config is resolved (and checked) before anything is written
-        label = f"{method}-joint" if joint else method
-        config = method_config(request["config"], method, shared, per_method[method], joint=joint)
+    for label, method, joint in entries:  # every config is resolved (and checked) before anything is written
+        own = per_target[method] + (per_target[label] if joint else [])  # METHOD: applies to its joint run too
+        config = method_config(request["config"], method, shared, own, joint=joint)
         runs.append(MethodRun(label, config, Path(directory) / label))
     return run_all(ComparisonDirectory(directory, request), runs, quiet=args.quiet)
 
