@@ -28,6 +28,7 @@ class DataConfig:
     skip_unreadable: bool = False  # leave out undecodable image files (counted in environment.json) instead of failing
     memory_budget_mb: int = 2048  # image-file datasets whose pixels fit are decoded once into memory; 0: on access
     split_manifest: str | None = None  # imagenet-r: a split manifest file (default: the shipped / generated one)
+    joint: bool = False  # upper bound: train once on the union of all tasks, test on each task (engine/joint.py)
 
 
 @dataclass
@@ -149,6 +150,21 @@ class CodaConfig:
 
 
 @dataclass
+class LinearProbeConfig:
+    """Lower bound `linear_probe`: a linear head over all classes on frozen features, trained task after task."""
+
+    augment: bool = False  # True: freshly augmented views through the frozen backbone each epoch; False: cached
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10, lr=0.01, batch_size=64))
+
+
+@dataclass
+class NCMConfig:
+    """Lower bound `ncm`: nearest class mean of frozen features."""
+
+    metric: str = "cosine"  # cosine (means of L2-normalised features) | euclidean
+
+
+@dataclass
 class EvalConfig:
     """Evaluation and the compat switches that change it."""
 
@@ -173,6 +189,8 @@ class RunConfig:
     dualprompt: KeyedPromptConfig = field(default_factory=_dualprompt)
     sprompt: KeyedPromptConfig = field(default_factory=_sprompt)
     coda: CodaConfig = field(default_factory=CodaConfig)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    ncm: NCMConfig = field(default_factory=NCMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: str = "none"  # none | bf16

@@ -17,7 +17,7 @@ import yaml
 from norga.config import GATE_ACTIVATIONS, RunConfig
 
 #: Registered method names (norga.methods registers exactly these; kept here so configs load without torch).
-METHOD_NAMES = ("norga", "hide", "l2p", "dualprompt", "sprompt", "coda")
+METHOD_NAMES = ("norga", "hide", "l2p", "dualprompt", "sprompt", "coda", "linear_probe", "ncm")
 
 PRESET_PACKAGE = "norga.presets"
 
@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple] = {
     "gate_train_tasks": ("first", "all", "none"),
     "prompt_type": ("prefix", "tokens"),
     "train_selection": ("task", "similarity"),
+    "ncm.metric": ("cosine", "euclidean"),
     "prompt.prefix_layout": ("correct", "official"),
     "prompt.attention_impl": ("fused", "reference"),
     "data.normalization": ("backbone", "official"),

@@ -1,5 +1,5 @@
 """Sub-commands of the `norga` CLI; each module's `add_parser(subparsers)` registers one."""
 
-from norga.commands import presets, pretrain, quickstart, run
+from norga.commands import compare, presets, pretrain, quickstart, run
 
-SUBCOMMANDS = (quickstart, run, presets, pretrain)
+SUBCOMMANDS = (quickstart, run, compare, presets, pretrain)

@@ -6,10 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from norga.config_io import load_config
-
 PRESET = "quickstart"
-METHODS = {"NoRGa": [], "HiDe-Prompt": ["method=hide", "prompt.gate=null"]}
+METHODS = {"NoRGa": "norga", "HiDe-Prompt": "hide"}  # label -> registered method (hide implies no gate)
 
 
 def add_parser(subparsers) -> None:
@@ -27,29 +25,20 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.engine.build import build_run
-    from norga.engine.loop import run_experiment
+    from norga.comparison import MethodRun, method_config, run_method
     from norga.engine.progress import Progress
-    from norga.report import format_matrix
+    from norga.report import format_comparison_table, format_matrix
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    summaries = {}
-    for label, method_overrides in METHODS.items():
-        overrides = [*method_overrides, *args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
-        config = load_config(PRESET, overrides)
-        run_dir = args.output_dir / f"quickstart-{label.lower()}-{stamp}"
-        start = time.perf_counter()
-        built = build_run(config)
-        matrices = run_experiment(config, built.model, built.tasks, built.num_classes, run_dir, device=built.device,
-                                  progress=Progress(enabled=not args.quiet), records=built.records)
-        last = len(built.tasks) - 1
-        accuracy = matrices["accuracy"]
-        summaries[label] = (accuracy.final_average_accuracy(last), accuracy.cumulative_average_accuracy(last),
-                            accuracy.forgetting(last), matrices["task_identity"].final_average_accuracy(last),
-                            time.perf_counter() - start, run_dir)
+    overrides = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
+    results = []
+    for label, method in METHODS.items():
+        run = MethodRun(label, method_config(PRESET, method, overrides),
+                        args.output_dir / f"quickstart-{label.lower()}-{stamp}")
+        result = run_method(run, Progress(enabled=not args.quiet))
+        results.append(result)
         print(f"\n{label}: accuracy matrix (rows: test task, columns: after training task)")
-        print(format_matrix(accuracy, last))
-    print(f"\n{'method':12s} {'FA':>7s} {'CA':>7s} {'FFM':>7s} {'task-id':>8s} {'time s':>7s}  run directory")
-    for label, (fa, ca, ffm, tii, seconds, run_dir) in summaries.items():
-        print(f"{label:12s} {fa:7.2f} {ca:7.2f} {ffm:7.2f} {tii:8.2f} {seconds:7.1f}  {run_dir}")
+        print(format_matrix(result.matrix, result.matrix.num_steps - 1))
+    print()
+    print(format_comparison_table(results))
     return 0

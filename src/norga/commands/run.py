@@ -39,17 +39,20 @@ def handle(args: argparse.Namespace) -> int:
     from norga.engine.build import build_run  # torch, timm and the data readers load only for a real run
     from norga.engine.loop import run_experiment
     from norga.engine.progress import Progress
-    from norga.report import format_matrix
+    from norga.engine.run_dir import metrics_of
+    from norga.report import format_matrix, format_metric
 
     built = build_run(config)
     matrices = run_experiment(
         config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume),
         device=built.device, progress=Progress(enabled=not args.quiet), records=built.records,
     )
-    last = len(built.tasks) - 1
-    accuracy = matrices["accuracy"]
+    accuracy, identity = matrices["accuracy"], matrices["task_identity"]
+    last = accuracy.num_steps - 1
+    m = metrics_of(accuracy, last)
     print(f"run directory: {run_dir}")
     print(format_matrix(accuracy, last))
-    print(f"FA {accuracy.final_average_accuracy(last):.2f}  CA {accuracy.cumulative_average_accuracy(last):.2f}  "
-          f"FFM {accuracy.forgetting(last):.2f}  task-identity {matrices['task_identity'].final_average_accuracy(last):.2f}")
+    task_identity = None if identity.is_empty() else identity.final_average_accuracy(last)
+    print(f"FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}  "
+          f"FFM {format_metric(m['forgetting'])}  task-identity {format_metric(task_identity)}")
     return 0

@@ -13,6 +13,7 @@ from norga.config import RunConfig
 from norga.data import build_benchmark
 from norga.engine.context import TaskDatasets
 from norga.methods import METHODS
+from norga.engine.seeding import seed_everything
 from norga.nn import PromptedViT
 
 
@@ -39,7 +40,12 @@ class BuiltRun:
 
 
 def build_run(config: RunConfig) -> BuiltRun:
-    """Backbone (with its weights, strictly loaded), benchmark sized to it, and the prompted model."""
+    """Backbone (with its weights, strictly loaded), benchmark sized to it, and the prompted model.
+
+    Seeded first, so random initialisations (a randomly initialised backbone, the head, the prompt pool) are a
+    function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
+    """
+    seed_everything(config.seed)
     backbone, record = create_backbone(
         config.backbone.name, weights=config.backbone.weights, **config.backbone.timm_kwargs
     )

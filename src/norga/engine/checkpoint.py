@@ -57,3 +57,14 @@ def write_json(data: Any, path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     """Write a text file atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file written by `write_json`; a clear error if it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"cannot read {path}: not valid JSON ({error}); restore or delete it") from error

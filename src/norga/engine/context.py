@@ -39,10 +39,12 @@ class RunContext:
         device: torch.device,
         workers: int = 0,
         feature_dir: Path | None = None,
+        test_tasks: Sequence[TaskDatasets] | None = None,
     ) -> None:
         self.config = config
         self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
-        self.tasks = list(tasks)
+        self.tasks = list(tasks)  # what the method trains on, task after task
+        self.test_tasks = list(test_tasks) if test_tasks is not None else self.tasks  # what is evaluated (joint: differ)
         self.num_classes = num_classes
         self.device = device
         self.workers = workers
@@ -101,21 +103,28 @@ class RunContext:
         return self.cache.features(("train", task), self.loader(self.tasks[task].train_eval, self._eval_batch()))
 
     def frozen_test_features(self, task: int) -> FeatureSet:
-        """Frozen features of `task`'s test images, computed once per run."""
-        return self.cache.features(("test", task), self.loader(self.tasks[task].test, self._eval_batch()))
+        """Frozen features of test task `task`'s images, computed once per run."""
+        return self.cache.features(("test", task), self.loader(self.test_tasks[task].test, self._eval_batch()))
 
     def tii_training_batches(self, task: int, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches (features, labels) for task-identity training.
+        """Batches (features, labels) for task-identity training (augmented views per ``tii.augment``)."""
+        return self.frozen_training_batches(task, epoch, batch_size, self.config.tii.augment, "tii")
 
-        With ``tii.augment`` (official) the frozen backbone encodes freshly augmented images every epoch;
-        without, the cached test-transform features of the training images are reshuffled each epoch.
+    def frozen_training_batches(
+        self, task: int, epoch: int, batch_size: int, augment: bool, stream: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches (frozen features, labels) of `task`'s training images for a model on frozen features.
+
+        With `augment` (official for the TII model) the frozen backbone encodes freshly augmented images
+        every epoch; without, the cached test-transform features are reshuffled each epoch by a generator
+        seeded from (seed, `stream`, task, epoch).
         """
-        if self.config.tii.augment:
+        if augment:
             for images, labels in self.train_loader(task, epoch, batch_size):
                 yield self.frozen_encode(images), labels
             return
         cached = self.frozen_train_features(task)
-        order = torch.randperm(len(cached.labels), generator=generator(self.config.seed, "tii", task, epoch))
+        order = torch.randperm(len(cached.labels), generator=generator(self.config.seed, stream, task, epoch))
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             yield cached.features[index].to(self.device), cached.labels[index].to(self.device)

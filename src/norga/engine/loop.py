@@ -11,6 +11,7 @@ import torch
 
 from norga.config import RunConfig
 from norga.engine.context import RunContext, TaskDatasets
+from norga.engine.joint import training_schedule
 from norga.engine.progress import Progress
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
@@ -54,11 +55,12 @@ class Engine:
         self.run_dir = run_dir
         seed_everything(config.seed)  # before any module the method creates is initialised
         feature_dir = run_dir.path / "feature_cache" if config.cache_features_on_disk else None
-        self.context = RunContext(config, model.to(device), tasks, num_classes, device, workers=config.data.workers,
-                                  feature_dir=feature_dir)
+        self.joint = config.data.joint  # one training step on the union of all tasks (engine/joint.py)
+        self.context = RunContext(config, model.to(device), training_schedule(tasks, self.joint), num_classes, device,
+                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks)
         self.method: ContinualMethod = METHODS[config.method](self.context)
-        self.num_tasks = len(tasks)
-        self.matrices = {name: AccuracyMatrix(self.num_tasks) for name in MATRICES}
+        self.num_tasks = len(self.context.tasks)  # training steps
+        self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in MATRICES}
         self.position = Position()
         self.progress = progress or Progress(enabled=False)
         self.after_epoch = after_epoch  # test hook: called after each checkpointed epoch
@@ -118,21 +120,26 @@ class Engine:
     # ------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def evaluate(self, task: int, matrix: AccuracyMatrix, identity: AccuracyMatrix | None = None) -> None:
-        """Accuracy on the test set of every task seen so far, after learning `task`."""
+        """Accuracy on the test set of every task seen so far (all tasks in a joint run), after learning `task`.
+
+        Task identity is recorded only for methods that predict tasks, and not in a joint run (one task: trivial).
+        """
         self.context.model.eval()
         batch_size = self.config.eval.batch_size
-        for seen in range(task + 1):
+        for seen in range(matrix.tested(task)):
             frozen = self.context.frozen_test_features(seen)
             correct = task_correct = total = 0
-            loader = self.context.loader(self.context.tasks[seen].test, batch_size)
+            infers_tasks = False
+            loader = self.context.loader(self.context.test_tasks[seen].test, batch_size)
             for start, (images, labels) in zip(range(0, len(frozen.labels), batch_size), loader):
                 prediction = self.method.predict(images, task + 1, frozen.features[start : start + len(images)])
                 correct += int((prediction.classes == labels).sum())
                 if prediction.tasks is not None:
+                    infers_tasks = True
                     task_correct += int((prediction.tasks == seen).sum())
                 total += len(labels)
             matrix.update(seen, task, correct, total)
-            if identity is not None:
+            if identity is not None and infers_tasks and not self.joint:
                 identity.update(seen, task, task_correct, total)
 
 

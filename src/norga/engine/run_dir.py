@@ -20,8 +20,13 @@ STATE = "state.pt"
 HEAVY_STATE = "state_heavy.pt"
 
 
-def metrics_of(matrix: AccuracyMatrix, upto: int) -> dict[str, float]:
-    """The reported metrics after task `upto` (0-based), derived from the stored matrix."""
+#: Why a joint run (one training step on all tasks) reports some metrics as null.
+JOINT_NOTE = ("joint training: one step on the union of all tasks, so cumulative average accuracy, forgetting and "
+              "backward transfer are undefined (null), and task identity is trivial (one task), so not reported")
+
+
+def metrics_of(matrix: AccuracyMatrix, upto: int) -> dict[str, float | None]:
+    """The reported metrics after task `upto` (0-based), derived from the stored matrix (None: undefined)."""
     return {
         "final_average_accuracy": matrix.final_average_accuracy(upto),
         "sample_weighted_final_accuracy": matrix.sample_weighted_final_accuracy(upto),
@@ -51,8 +56,13 @@ class RunDirectory:
         logger = logging.getLogger("norga")
         logger.setLevel(logging.INFO)
         log_file = str((self.path / "log.txt").resolve())
+        for handler in [h for h in logger.handlers if getattr(h, "norga_run_log", False)]:
+            if handler.baseFilename != log_file:  # one run at a time: `norga compare` runs several in one process
+                logger.removeHandler(handler)
+                handler.close()
         if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
             handler = logging.FileHandler(log_file)
+            handler.norga_run_log = True
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
 
@@ -93,13 +103,16 @@ class RunDirectory:
 
     # ------------------------------------------------------------ results
     def write_results(self, config: RunConfig, matrices: dict[str, AccuracyMatrix], upto: int) -> dict[str, Any]:
-        accuracy = matrices["accuracy"]
+        accuracy, identity = matrices["accuracy"], matrices["task_identity"]
         results = {
             "method": config.method,
             "gate": config.prompt.gate,
-            "tasks_finished": upto + 1,
+            "joint": accuracy.joint,
+            "tasks_finished": accuracy.tested(upto),
+            "complete": upto + 1 == accuracy.num_steps,
             "metrics": metrics_of(accuracy, upto),
-            "task_identity_accuracy": matrices["task_identity"].final_average_accuracy(upto),
+            # null where the method infers no task (e.g. linear_probe, ncm) or in a joint run (trivial)
+            "task_identity_accuracy": None if identity.is_empty() else identity.final_average_accuracy(upto),
             "compat": {
                 "prefix_layout": config.prompt.prefix_layout,
                 "batchwise_prompt": config.eval.batchwise_prompt,
@@ -111,6 +124,8 @@ class RunDirectory:
             },
             "matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
         }
+        if accuracy.joint:
+            results["note"] = JOINT_NOTE
         write_json(results, self.path / "results.json")
         for name, matrix in matrices.items():
             matrix.to_csv(self.path / f"{name}_matrix.csv")
@@ -121,9 +136,12 @@ class RunDirectory:
 
     @staticmethod
     def summary_line(matrix: AccuracyMatrix, upto: int) -> str:
+        from norga.report import format_metric
+
         m = metrics_of(matrix, upto)
-        return (f"after task {upto + 1}: FA {m['final_average_accuracy']:.2f}  CA {m['cumulative_average_accuracy']:.2f}"
-                f"  FFM {m['forgetting']:.2f}")
+        step = "after joint training" if matrix.joint else f"after task {upto + 1}"
+        return (f"{step}: FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}"
+                f"  FFM {format_metric(m['forgetting'])}")
 
 
 def _git_sha() -> str | None:

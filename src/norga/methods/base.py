@@ -49,7 +49,9 @@ class ContinualMethod(ABC):
         """Run `phase` from `start_epoch`; call ``on_epoch_end(epoch, logs)`` after each finished epoch."""
 
     @abstractmethod
-    def predict(self, images: Tensor, seen_tasks: int) -> Prediction: ...
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+        """Classes (and tasks, if inferred) of `images` after `seen_tasks` tasks; the engine passes the images'
+        cached frozen-backbone features as `frozen_features`."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -67,13 +69,20 @@ class ContinualMethod(ABC):
 
 METHODS: dict[str, type[ContinualMethod]] = {}
 
+#: Config values a method name stands for (``hide`` is the HiDe-Prompt class with no gate); commands that
+#: run a method by name on any preset (``norga compare``) apply them. Dotted key -> value.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {}
 
-def register_method(*names: str) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
-    """Class decorator: make a method available to configs under `names`."""
+
+def register_method(
+    *names: str, implies: dict[str, Any] | None = None
+) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
+    """Class decorator: make a method available to configs under `names`, which imply the settings `implies`."""
 
     def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
         for name in names:
             METHODS[name] = cls
+            METHOD_SETTINGS[name] = dict(implies or {})
         return cls
 
     return register

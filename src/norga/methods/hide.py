@@ -32,7 +32,8 @@ def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: f
     return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
 
 
-@register_method("norga", "hide")
+@register_method("norga")
+@register_method("hide", implies={"prompt.gate": None})
 class HiDePrompt(PhaseTraining, ContinualMethod):
     """HiDe-Prompt pipeline; ``config.prompt.gate`` None is HiDe-Prompt, an activation name is NoRGa."""
 
@@ -74,16 +75,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     # ------------------------------------------------------ task identity model
     def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
         cfg = self.config.tii.train
-        self.tii.train()
-        self._phase_optimizer([{"params": list(self.tii.parameters())}], cfg, start_epoch)
-        allowed = self.ctx.class_mask(task)
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
-            total = 0.0
-            for features, labels in self.ctx.tii_training_batches(task, epoch, cfg.batch_size):
-                loss = F.cross_entropy(masked_logits(self.tii(features), allowed), labels)
-                total += self._step(loss, self.tii.parameters(), cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+        self._fit_classifier(self.tii, lambda epoch: self.ctx.tii_training_batches(task, epoch, cfg.batch_size),
+                             self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)

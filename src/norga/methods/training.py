@@ -1,5 +1,6 @@
 """What every gradient-trained method shares: masked logits, the optimizer step, the per-epoch finiteness
-check, a fresh optimizer per phase that survives a resume, and checkpointing only the trainable model state."""
+check, a fresh optimizer per phase that survives a resume, training a classifier on masked logits, and
+checkpointing only the trainable model state."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from norga.config import OptimConfig
-from norga.engine.optim import build_optimizer
+from norga.engine.optim import build_optimizer, schedule_factor, set_epoch_lr
 
 NEG_INF = float("-inf")
 
@@ -58,6 +60,28 @@ class PhaseTraining:
                 "the last good checkpoint is intact"
             )
         on_epoch_end(epoch, {"loss": total})
+
+    def _fit_classifier(
+        self,
+        classifier: nn.Module,
+        batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+        allowed: Tensor,
+        cfg: OptimConfig,
+        start_epoch: int,
+        on_epoch_end: Callable[[int, dict], None],
+    ) -> None:
+        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)``."""
+        params = list(classifier.parameters())
+        classifier.train()
+        self._phase_optimizer([{"params": params}], cfg, start_epoch)
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            total = 0.0
+            for inputs, labels in batches(epoch):
+                loss = F.cross_entropy(masked_logits(classifier(inputs), allowed), labels)
+                total += self._step(loss, params, cfg)
+            self._end_epoch(epoch, total, cfg, on_epoch_end)
+        classifier.eval()
 
     # ------------------------------------------------------------------- state
     def _optimizer_state(self) -> dict | None:

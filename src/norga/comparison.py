@@ -1,0 +1,190 @@
+"""Several methods on one benchmark: each into its own run directory, then one table, one plot, one record.
+
+A comparison directory holds ``compare.json`` (the request and a row per method), ``compare.csv``,
+``compare.png`` (average accuracy after each task, a line per method) and one run directory per method.
+It is resumable: a method whose run finished is skipped, an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from norga.config import RunConfig
+from norga.config_io import ConfigError, load_config
+from norga.engine.checkpoint import atomic_write, load_json, write_json
+from norga.metrics import AccuracyMatrix
+
+COMPARE_JSON, COMPARE_CSV, COMPARE_PLOT = "compare.json", "compare.csv", "compare.png"
+#: What a run directory holds before its first checkpoint; such a directory can safely be started again.
+NO_PROGRESS_FILES = {"config.yaml", "environment.json", "log.txt"}
+
+
+def method_config(source: str | Path, method: str, overrides: Sequence[str] = (), method_overrides: Sequence[str] = (),
+                  joint: bool = False) -> RunConfig:
+    """The config of `method` on a preset or YAML file: shared `overrides`, then the method and the settings
+    its name implies (``hide``: no gate), then ``data.joint``, then `method_overrides` (which win)."""
+    from norga.methods import METHOD_SETTINGS, METHODS
+
+    if method not in METHODS:
+        from norga.config_io import _suggest
+
+        raise ConfigError(f"unknown method {method!r}{_suggest(method, list(METHODS))}; registered: {', '.join(sorted(METHODS))}")
+    if any(o.partition("=")[0].strip() == "method" for o in overrides):
+        raise ConfigError("--set method=... conflicts with --methods: list the methods in --methods")
+    implied = [f"{key}={json.dumps(value)}" for key, value in METHOD_SETTINGS[method].items()]
+    joint_setting = ["data.joint=true"] if joint else []
+    return load_config(source, [*overrides, f"method={method}", *implied, *joint_setting, *method_overrides])
+
+
+@dataclass
+class MethodRun:
+    """One entry of a comparison: a label, its resolved config and its run directory."""
+
+    label: str
+    config: RunConfig
+    run_dir: Path
+
+
+@dataclass
+class MethodResult:
+    """A finished run as the comparison reports it, read back from its results.json."""
+
+    label: str
+    method: str
+    joint: bool
+    metrics: dict[str, float | None]
+    task_identity_accuracy: float | None
+    matrix: AccuracyMatrix
+    run_dir: Path
+    status: str  # ran | resumed (time counts this invocation only) | finished earlier
+    wall_seconds: float | None
+    curve: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.curve = [self.matrix.final_average_accuracy(t) for t in range(self.matrix.num_steps)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "joint": self.joint, "metrics": self.metrics,
+                "task_identity_accuracy": self.task_identity_accuracy, "wall_seconds": self.wall_seconds,
+                "status": self.status, "run_dir": str(self.run_dir), "average_accuracy_after_each_step": self.curve}
+
+
+def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> MethodResult:
+    """The row of a finished run, from the metrics its run directory stores."""
+    results = load_json(run.run_dir / "results.json")
+    return MethodResult(run.label, results["method"], results.get("joint", False), results["metrics"],
+                        results["task_identity_accuracy"], AccuracyMatrix.from_dict(results["matrices"]["accuracy"]),
+                        run.run_dir, status, wall_seconds)
+
+
+def run_method(run: MethodRun, progress=None, previous_seconds: float | None = None) -> MethodResult:
+    """Run `run` into its directory, resume it if interrupted, or skip it if it finished (same config only)."""
+    from norga.engine.build import build_run
+    from norga.engine.loop import run_experiment
+
+    directory = run.run_dir
+    resume = _check_existing(run)
+    if resume and _finished(directory):
+        return read_result(run, "finished earlier", previous_seconds)
+    start = time.perf_counter()
+    built = build_run(run.config)
+    run_experiment(run.config, built.model, built.tasks, built.num_classes, directory, resume=resume,
+                   device=built.device, progress=progress, records=built.records)
+    return read_result(run, "resumed" if resume else "ran", time.perf_counter() - start)
+
+
+def _finished(directory: Path) -> bool:
+    path = directory / "results.json"
+    return path.is_file() and bool(load_json(path).get("complete"))
+
+
+def _check_existing(run: MethodRun) -> bool:
+    """True when `run.run_dir` holds progress of this same config to continue from; False to start afresh."""
+    directory = run.run_dir
+    if not directory.exists() or not any(directory.iterdir()):
+        return False
+    if (directory / "config.yaml").is_file():
+        stored = load_config(directory / "config.yaml")
+        if stored != run.config:
+            changed = _differences(stored.to_dict(), run.config.to_dict())
+            raise ConfigError(f"{directory} was run with other settings ({', '.join(changed)}): "
+                              "use a new comparison directory, or delete that run to redo it")
+    if (directory / "state.pt").is_file():
+        return True
+    entries = {entry.name for entry in directory.iterdir()}
+    if entries <= NO_PROGRESS_FILES:  # interrupted before its first checkpoint: nothing to lose
+        for name in entries:
+            (directory / name).unlink()
+        return False
+    raise FileExistsError(f"{directory} holds files but no checkpoint to resume: move it away or delete it")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in old.keys() | new.keys():
+        a, b, dotted = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, dotted + ".")
+        elif a != b:
+            keys.append(f"{dotted}: {a!r} -> {b!r}")
+    return sorted(keys)
+
+
+class ComparisonDirectory:
+    """The comparison's own files; `request` (what was asked) must match when an existing one is continued."""
+
+    def __init__(self, path: Path, request: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.request = request
+        self.previous: dict[str, dict] = {}
+        record = self.path / COMPARE_JSON
+        if record.is_file():
+            stored = load_json(record)
+            if stored["request"] != request:
+                raise ConfigError(f"{self.path} holds a comparison of another request ({stored['request']}): "
+                                  f"continue it with `norga compare --resume {self.path}` or choose a new --dir")
+            self.previous = {row["label"]: row for row in stored["results"]}
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise FileExistsError(f"{self.path} exists and is not a comparison directory: choose a new --dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def read_request(path: Path) -> dict[str, Any]:
+        record = Path(path) / COMPARE_JSON
+        if not record.is_file():
+            raise FileNotFoundError(f"{path} holds no {COMPARE_JSON}: not a comparison that can be resumed")
+        return load_json(record)["request"]
+
+    def previous_seconds(self, label: str) -> float | None:
+        return self.previous.get(label, {}).get("wall_seconds")
+
+    def write(self, results: Sequence[MethodResult], complete: bool) -> None:
+        """compare.json, compare.csv and compare.png for the methods finished so far (atomic writes)."""
+        from norga.report import plot_comparison
+
+        write_json({"request": self.request, "complete": complete, "results": [r.to_dict() for r in results]},
+                   self.path / COMPARE_JSON)
+        atomic_write(self.path / COMPARE_CSV, lambda tmp: _write_csv(results, tmp))
+        plot_comparison(results, self.path / COMPARE_PLOT)
+
+
+CSV_METRICS = ("final_average_accuracy", "sample_weighted_final_accuracy", "cumulative_average_accuracy",
+               "forgetting", "backward_transfer")
+
+
+def _write_csv(results: Sequence[MethodResult], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "method", "joint", *CSV_METRICS, "task_identity_accuracy", "wall_seconds", "status",
+                         "run_dir"])
+        for r in results:
+            values = [r.metrics.get(name) for name in CSV_METRICS] + [r.task_identity_accuracy, r.wall_seconds]
+            writer.writerow([r.label, r.method, r.joint, *("" if v is None else f"{v:.4f}" for v in values), r.status,
+                             str(r.run_dir)])

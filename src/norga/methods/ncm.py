@@ -1,0 +1,72 @@
+"""Lower bound `ncm`: nearest class mean on frozen backbone features. No training; after each task the
+means of its classes are added, and a test image takes the seen class whose mean is nearest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from norga.engine.context import RunContext
+from norga.methods.base import ContinualMethod, Phase, Prediction, register_method
+from norga.methods.training import masked_logits
+
+METRICS = ("cosine", "euclidean")
+
+
+def class_mean(features: Tensor, metric: str) -> Tensor:
+    """A class's prototype: the mean of its L2-normalised features (cosine) or of the raw features (euclidean)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown NCM metric {metric!r}; choose one of {METRICS}")
+    return (F.normalize(features, dim=1) if metric == "cosine" else features).mean(dim=0)
+
+
+def nearness(features: Tensor, means: Tensor, metric: str) -> Tensor:
+    """Scores (n, classes), higher = nearer: cosine similarity, or minus the squared euclidean distance."""
+    if metric == "cosine":
+        return F.normalize(features, dim=1) @ F.normalize(means, dim=1).T
+    return -torch.cdist(features, means).square()
+
+
+@register_method("ncm")
+class NearestClassMean(ContinualMethod):
+    """``ncm.metric``: cosine (default) or euclidean."""
+
+    name = "ncm"
+
+    def __init__(self, context: RunContext) -> None:
+        self.ctx = context
+        self.metric = context.config.ncm.metric
+        dim = context.model.backbone.num_features
+        self.means = torch.zeros(context.num_classes, dim)
+        self.known = torch.zeros(context.num_classes, dtype=torch.bool)
+
+    def phases(self, task: int) -> list[Phase]:
+        return [Phase("class_means")]
+
+    def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
+        frozen = self.ctx.frozen_train_features(task)
+        for label in self.ctx.classes(task):
+            members = frozen.features[frozen.labels == label]
+            if len(members) == 0:
+                raise ValueError(f"class {label} of task {task + 1} has no training images: NCM needs at least one")
+            self.means[label] = class_mean(members, self.metric)
+            self.known[label] = True
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+        if frozen_features is None:
+            frozen_features = self.ctx.frozen_encode(images)
+        scores = nearness(frozen_features.float().cpu(), self.means, self.metric)
+        allowed = self.ctx.class_mask_until(seen_tasks - 1).cpu() & self.known
+        return Prediction(masked_logits(scores, allowed).argmax(dim=1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"means": self.means.clone(), "known": self.known.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.means.copy_(state["means"])
+        self.known.copy_(state["known"])
