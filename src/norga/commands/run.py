@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="run one continual-learning experiment (a preset or YAML file) into a run directory",
         description="Run an experiment: both official stages per task in one run, checkpointed after every "
-        "epoch. Example: norga run cifar100_sup21k_norga --set data.root=/data --set wtp.train.epochs=5",
+        "epoch. Example: norga run cifar100_sup21k_norga --set data.root=/data --set wtp.train.epochs=5. "
+        "Data parallel on N processes: torchrun --nproc_per_node=N -m norga run ... (gloo on CPU, nccl on GPU).",
     )
     parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,17 +37,42 @@ def handle(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         name = config.name or (Path(args.config).stem if Path(args.config).suffix else args.config)
         run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from norga.engine.build import build_run  # torch, timm and the data readers load only for a real run
+    from norga.engine.build import build_run, resolve_device  # torch, timm and data readers load only for a run
+    from norga.engine.distributed import init_distributed, shutdown_distributed
     from norga.engine.loop import run_experiment
     from norga.engine.progress import Progress
+
+    dist = init_distributed(resolve_device(config.device).type)  # under torchrun: join the job
+    try:
+        run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamp for every process
+        built = build_run(config)
+        device = built.device
+        if dist.enabled and device.type == "cuda":
+            device = torch_device_of_rank(dist.local_rank)
+        matrices = run_experiment(
+            config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume), device=device,
+            progress=Progress(enabled=not args.quiet and dist.is_main), records=built.records, dist=dist,
+        )
+    finally:
+        shutdown_distributed()
+    if dist.is_main:
+        print_summary(run_dir, matrices)
+    return 0
+
+
+def torch_device_of_rank(local_rank: int):
+    """This process's GPU in a multi-GPU job (torchrun's LOCAL_RANK)."""
+    import torch
+
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def print_summary(run_dir: Path, matrices: dict) -> None:
+    """The final accuracy matrix and metrics on stdout."""
     from norga.engine.run_dir import metrics_of
     from norga.report import format_matrix, format_metric
 
-    built = build_run(config)
-    matrices = run_experiment(
-        config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume),
-        device=built.device, progress=Progress(enabled=not args.quiet), records=built.records,
-    )
     accuracy, identity = matrices["accuracy"], matrices["task_identity"]
     last = accuracy.num_steps - 1
     m = metrics_of(accuracy, last)
@@ -55,4 +81,3 @@ def handle(args: argparse.Namespace) -> int:
     task_identity = None if identity.is_empty() else identity.final_average_accuracy(last)
     print(f"FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}  "
           f"FFM {format_metric(m['forgetting'])}  task-identity {format_metric(task_identity)}")
-    return 0

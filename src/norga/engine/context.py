@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from norga.config import RunConfig
+from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.engine.features import FeatureSet, FrozenFeatureCache
 from norga.engine.seeding import derive_seed, generator
 from norga.nn import PromptedViT
@@ -27,8 +29,37 @@ class TaskDatasets:
     test: Dataset
 
 
+class TrainBatch(NamedTuple):
+    """This process's shard of one training batch; `counts` holds every process's shard size."""
+
+    images: Tensor  # images, or frozen features for models trained on them
+    labels: Tensor
+    counts: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Images in the whole (global) batch."""
+        return sum(self.counts)
+
+
+class SeededAugmentation(Dataset):
+    """`dataset` with each item's random transform seeded from (`seed`, index): independent of which
+    process or loader worker reads it, and of the order items are read in."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        torch.default_generator.manual_seed(derive_seed(self.seed, index))
+        return self.dataset[index]
+
+
 class RunContext:
-    """Shared by the engine and a method: loaders seeded per (task, epoch), class masks, feature caches."""
+    """Shared by the engine and a method: seeded (and, across processes, sharded) batches, class masks,
+    feature caches, and the loss helpers that keep a distributed run equal to one process."""
 
     def __init__(
         self,
@@ -40,6 +71,7 @@ class RunContext:
         workers: int = 0,
         feature_dir: Path | None = None,
         test_tasks: Sequence[TaskDatasets] | None = None,
+        dist: Distributed = SINGLE_PROCESS,
     ) -> None:
         self.config = config
         self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
@@ -51,9 +83,10 @@ class RunContext:
         self.class_to_task = torch.full((num_classes,), -1, dtype=torch.long)
         for index, task in enumerate(self.tasks):
             self.class_to_task[task.classes] = index
+        self.dist = dist
         self.frozen_images_encoded = 0
-        self.cache = FrozenFeatureCache(self.frozen_encode, device, enabled=config.cache_frozen_features,
-                                        directory=feature_dir)
+        self.cache = FrozenFeatureCache(enabled=config.cache_frozen_features, directory=feature_dir,
+                                        write=dist.is_main)
 
     # ------------------------------------------------------------ classes
     def classes(self, task: int) -> list[int]:
@@ -77,18 +110,78 @@ class RunContext:
         return mask
 
     # ------------------------------------------------------------ loading
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int | None = None) -> DataLoader:
-        """A DataLoader; shuffling and worker seeds come from `seed`, so an epoch can be replayed."""
-        rng = torch.Generator().manual_seed(seed) if seed is not None else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=rng, num_workers=self.workers,
+    def _data_loader(self, dataset: Dataset, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
-    def train_loader(self, task: int, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Augmented training batches of `task` on the device; augmentation seeded by (seed, task, epoch)."""
+    def train_loader(self, task: int, epoch: int, batch_size: int) -> Iterator[TrainBatch]:
+        """This process's shards of `task`'s augmented training batches, on the device.
+
+        The order comes from (seed, task, epoch) and every image's augmentation from (seed, task, epoch,
+        image), so an epoch replays exactly, whatever the number of processes or loader workers.
+        """
         seed = derive_seed(self.config.seed, "train", task, epoch)
-        torch.manual_seed(seed)  # main-process transforms draw from the global generator
-        for images, labels in self.loader(self.tasks[task].train, batch_size, shuffle=True, seed=seed):
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        dataset = self.tasks[task].train
+        plan = self._shard_plan(len(dataset), batch_size, torch.Generator().manual_seed(seed))
+        local = [indices for indices, _ in plan if indices]
+        loaded = iter(self._data_loader(SeededAugmentation(dataset, seed), local))
+        empty = None
+        for indices, counts in plan:
+            if indices:
+                images, labels = next(loaded)
+                empty = (images[:0], labels[:0])
+            else:  # the last global batch has fewer images than there are processes
+                images, labels = empty
+            yield TrainBatch(images.to(self.device, non_blocking=True),
+                             torch.as_tensor(labels).to(self.device, non_blocking=True), counts)
+
+    def _shard_plan(self, count: int, batch_size: int, rng: torch.Generator) -> list[tuple[list[int], tuple[int, ...]]]:
+        """Per global batch of a seeded shuffle of `count` items: this rank's indices and every rank's count."""
+        if self.dist.enabled and batch_size < self.dist.world_size:
+            raise ValueError(f"batch size {batch_size} cannot be split over {self.dist.world_size} processes: "
+                             f"use a batch size of at least {self.dist.world_size} or fewer processes")
+        order = torch.randperm(count, generator=rng).tolist()
+        plan = []
+        for start in range(0, count, batch_size):
+            batch = order[start : start + batch_size]
+            counts = tuple(self.dist.shard_sizes(len(batch)))
+            begin, end = self.dist.shard_bounds(len(batch))
+            plan.append((batch[begin:end], counts))
+        return plan
+
+    def map_batches(self, dataset: Dataset, batch_size: int,
+                    compute: Callable[[Tensor, Tensor, slice], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """``compute(images, labels, rows)`` over `dataset` in order, batch by batch, concatenated.
+
+        `rows` is the batch's slice of the dataset. In a distributed run each process computes whole batches
+        (so batch composition, and everything that depends on it, is that of one process) and every process
+        gets all results.
+        """
+        bounds = [(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
+        mine = [bounds[index] for index in self.dist.my_batches(len(bounds))]
+        loader = self._data_loader(dataset, [list(range(start, stop)) for start, stop in mine])
+        results = []
+        for (start, stop), (images, labels) in zip(mine, loader):
+            outputs = compute(images.to(self.device, non_blocking=True), torch.as_tensor(labels), slice(start, stop))
+            results.append(tuple(output.cpu() for output in outputs))
+        if self.dist.enabled:
+            by_rank = self.dist.gather_objects(results)
+            results = [by_rank[index % self.dist.world_size][index // self.dist.world_size]
+                       for index in range(len(bounds))]
+        return tuple(torch.cat(parts) for parts in zip(*results))
+
+    # ------------------------------------------------------ distributed loss
+    def batch_mean(self, per_sample: Tensor, batch: TrainBatch) -> Tensor:
+        """This process's share of the mean of `per_sample` over the whole (global) batch."""
+        return per_sample.sum() / batch.size
+
+    def gather_batch(self, local: Tensor, batch: TrainBatch) -> Tensor:
+        """Per-sample rows of the whole batch, for loss terms that couple samples (use `replicated_term`)."""
+        return self.dist.gather_batch(local, batch.counts)
+
+    def replicated_term(self, term: Tensor | float) -> Tensor | float:
+        """A loss term every process computes in full (of the whole batch, or of parameters only): its share."""
+        return term / self.dist.world_size
 
     # ------------------------------------------------------- frozen features
     @torch.no_grad()
@@ -98,46 +191,53 @@ class RunContext:
         with self.autocast():
             return self.model.forward_features(images.to(self.device)).float()
 
+    @torch.no_grad()
+    def encode_dataset(self, dataset: Dataset, slots: int | None = None) -> FeatureSet:
+        """Pre-logits of every image of `dataset` in order: frozen (`slots` None) or prompted with that slot."""
+        def encode(images: Tensor, labels: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+            if slots is None:
+                return self.frozen_encode(images), labels
+            with self.autocast():
+                return self.model.forward_features(images, slots).float(), labels
+
+        features, labels = self.map_batches(dataset, self._eval_batch(), encode)
+        return FeatureSet(features, labels.long())
+
     def frozen_train_features(self, task: int) -> FeatureSet:
         """Frozen features of `task`'s training images under the test transform, computed once per run."""
-        return self.cache.features(("train", task), self.loader(self.tasks[task].train_eval, self._eval_batch()))
+        return self.cache.features(("train", task), lambda: self.encode_dataset(self.tasks[task].train_eval))
 
     def frozen_test_features(self, task: int) -> FeatureSet:
         """Frozen features of test task `task`'s images, computed once per run."""
-        return self.cache.features(("test", task), self.loader(self.test_tasks[task].test, self._eval_batch()))
+        return self.cache.features(("test", task), lambda: self.encode_dataset(self.test_tasks[task].test))
 
-    def tii_training_batches(self, task: int, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches (features, labels) for task-identity training (augmented views per ``tii.augment``)."""
+    def tii_training_batches(self, task: int, epoch: int, batch_size: int) -> Iterator[TrainBatch]:
+        """Batches of (features, labels) for task-identity training (augmented views per ``tii.augment``)."""
         return self.frozen_training_batches(task, epoch, batch_size, self.config.tii.augment, "tii")
 
     def frozen_training_batches(
         self, task: int, epoch: int, batch_size: int, augment: bool, stream: str
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches (frozen features, labels) of `task`'s training images for a model on frozen features.
+    ) -> Iterator[TrainBatch]:
+        """Batches of (frozen features, labels) of `task`'s training images for a model on frozen features.
 
         With `augment` (official for the TII model) the frozen backbone encodes freshly augmented images
         every epoch; without, the cached test-transform features are reshuffled each epoch by a generator
         seeded from (seed, `stream`, task, epoch).
         """
         if augment:
-            for images, labels in self.train_loader(task, epoch, batch_size):
-                yield self.frozen_encode(images), labels
+            for batch in self.train_loader(task, epoch, batch_size):
+                yield batch._replace(images=self.frozen_encode(batch.images))
             return
         cached = self.frozen_train_features(task)
-        order = torch.randperm(len(cached.labels), generator=generator(self.config.seed, stream, task, epoch))
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            yield cached.features[index].to(self.device), cached.labels[index].to(self.device)
+        for indices, counts in self._shard_plan(len(cached.labels), batch_size,
+                                                generator(self.config.seed, stream, task, epoch)):
+            index = torch.as_tensor(indices, dtype=torch.long)
+            yield TrainBatch(cached.features[index].to(self.device), cached.labels[index].to(self.device), counts)
 
-    @torch.no_grad()
     def prompted_train_features(self, task: int) -> tuple[Tensor, Tensor]:
         """Prompted pre-logits (slot `task`) of `task`'s training images under the test transform."""
-        chunks, labels = [], []
-        for images, targets in self.loader(self.tasks[task].train_eval, self._eval_batch()):
-            with self.autocast():
-                chunks.append(self.model.forward_features(images.to(self.device), task).float().cpu())
-            labels.append(torch.as_tensor(targets))
-        return torch.cat(chunks), torch.cat(labels).long()
+        encoded = self.encode_dataset(self.tasks[task].train_eval, slots=task)
+        return encoded.features, encoded.labels
 
     # --------------------------------------------------------------- misc
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -6,9 +6,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from norga.engine.checkpoint import load_checkpoint, save_checkpoint
 
@@ -22,25 +20,20 @@ class FeatureSet:
 
 
 class FrozenFeatureCache:
-    """Memoises ``encode(images)`` over whole datasets by a caller-chosen key, e.g. ("test", task).
+    """Memoises whole-dataset feature computations by a caller-chosen key, e.g. ("test", task).
 
-    `images_encoded` counts the images that went through the frozen backbone, so tests can check that
-    each image is encoded once per run, not once per epoch or evaluation.
+    With a `directory`, features are also kept on disk (they survive a resume); only a process with
+    `write` set saves them (rank 0 of a distributed run), every process may read them.
     """
 
-    def __init__(
-        self, encode: Callable[[Tensor], Tensor], device: torch.device, enabled: bool = True, directory: Path | None = None
-    ) -> None:
-        self.encode = encode
-        self.device = device
+    def __init__(self, enabled: bool = True, directory: Path | None = None, write: bool = True) -> None:
         self.enabled = enabled
-        self.directory = directory  # also keep features on disk (survive a resume)
-        self.images_encoded = 0
+        self.directory = directory
+        self.write = write
         self._store: dict[Hashable, FeatureSet] = {}
 
-    @torch.no_grad()
-    def features(self, key: Hashable, loader: DataLoader) -> FeatureSet:
-        """The features of every image of `loader` (which must not shuffle), computed at most once."""
+    def features(self, key: Hashable, compute: Callable[[], FeatureSet]) -> FeatureSet:
+        """``compute()`` (features of every image in the dataset's order), run at most once per key."""
         if self.enabled and key in self._store:
             return self._store[key]
         file = self._file(key)
@@ -48,15 +41,10 @@ class FrozenFeatureCache:
             saved = load_checkpoint(file)
             self._store[key] = FeatureSet(saved["features"], saved["labels"])
             return self._store[key]
-        chunks, labels = [], []
-        for images, targets in loader:
-            chunks.append(self.encode(images.to(self.device, non_blocking=True)).float().cpu())
-            labels.append(torch.as_tensor(targets))
-            self.images_encoded += len(images)
-        result = FeatureSet(torch.cat(chunks), torch.cat(labels).long())
+        result = compute()
         if self.enabled:
             self._store[key] = result
-            if file is not None:
+            if file is not None and self.write:
                 save_checkpoint({"features": result.features, "labels": result.labels}, file)
         return result
 

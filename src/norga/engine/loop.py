@@ -11,6 +11,7 @@ import torch
 
 from norga.config import RunConfig
 from norga.engine.context import RunContext, TaskDatasets
+from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.engine.joint import training_schedule
 from norga.engine.progress import Progress
 from norga.engine.run_dir import RunDirectory
@@ -23,6 +24,7 @@ from norga.nn import PromptedViT
 log = logging.getLogger("norga")
 
 MATRICES = ("accuracy", "before_tap", "task_identity")
+NO_TASK = -1  # a method that infers no task
 
 
 @dataclass
@@ -50,14 +52,18 @@ class Engine:
         device: torch.device,
         progress: Progress | None = None,
         after_epoch: Callable[[Position], None] | None = None,
+        dist: Distributed = SINGLE_PROCESS,
     ) -> None:
+        if dist.enabled and config.prompt.prefix_layout == "official":
+            raise ValueError("prompt.prefix_layout=official mixes the samples of a training batch, which a distributed "
+                             "run splits across processes: run it in one process or use prompt.prefix_layout=correct")
         self.config = config
         self.run_dir = run_dir
         seed_everything(config.seed)  # before any module the method creates is initialised
         feature_dir = run_dir.path / "feature_cache" if config.cache_features_on_disk else None
         self.joint = config.data.joint  # one training step on the union of all tasks (engine/joint.py)
         self.context = RunContext(config, model.to(device), training_schedule(tasks, self.joint), num_classes, device,
-                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks)
+                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks, dist=dist)
         self.method: ContinualMethod = METHODS[config.method](self.context)
         self.num_tasks = len(self.context.tasks)  # training steps
         self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in MATRICES}
@@ -125,25 +131,22 @@ class Engine:
         Task identity is recorded only for methods that predict tasks, and not in a joint run (one task: trivial).
         """
         self.context.model.eval()
-        batch_size = self.config.eval.batch_size
         for seen in range(matrix.tested(task)):
             frozen = self.context.frozen_test_features(seen)
-            correct = task_correct = total = 0
-            infers_tasks = False
-            loader = self.context.loader(self.context.test_tasks[seen].test, batch_size)
-            for start, (images, labels) in zip(range(0, len(frozen.labels), batch_size), loader):
-                prediction = self.method.predict(images, task + 1, frozen.features[start : start + len(images)])
-                correct += int((prediction.classes == labels).sum())
-                if prediction.tasks is not None:
-                    infers_tasks = True
-                    task_correct += int((prediction.tasks == seen).sum())
-                total += len(labels)
-            matrix.update(seen, task, correct, total)
-            if identity is not None and infers_tasks and not self.joint:
-                identity.update(seen, task, task_correct, total)
+
+            def predict(images: torch.Tensor, labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
+                prediction = self.method.predict(images, task + 1, frozen.features[rows])
+                tasks = prediction.tasks if prediction.tasks is not None else torch.full_like(labels, NO_TASK)
+                return prediction.classes, tasks, labels
+
+            classes, tasks, labels = self.context.map_batches(
+                self.context.test_tasks[seen].test, self.config.eval.batch_size, predict)
+            matrix.update(seen, task, int((classes == labels).sum()), len(labels))
+            if identity is not None and bool((tasks != NO_TASK).any()) and not self.joint:
+                identity.update(seen, task, int((tasks == seen).sum()), len(labels))
 
 
-def run_experiment(
+def open_run(
     config: RunConfig,
     model: PromptedViT,
     tasks: Sequence[TaskDatasets],
@@ -155,16 +158,29 @@ def run_experiment(
     progress: Progress | None = None,
     after_epoch: Callable[[Position], None] | None = None,
     records: dict | None = None,
-) -> dict[str, AccuracyMatrix]:
-    """Library entry point: run (or resume) one experiment on already-built model and task data.
+    dist: Distributed = SINGLE_PROCESS,
+) -> Engine:
+    """The engine of a new run directory (written: config, environment) or of one to resume (state loaded).
 
-    `records` (backbone and benchmark provenance) go into environment.json with the software versions.
+    `records` (backbone and benchmark provenance) go into environment.json with the software versions. In a
+    distributed run (`dist`) every process calls this; only rank 0 writes the run directory.
     """
-    directory = RunDirectory(Path(run_dir), create=not resume)
+    if dist.is_main:
+        directory = RunDirectory(Path(run_dir), create=not resume)
+    dist.barrier()  # the directory exists (or the main process failed) before the others look at it
+    if not dist.is_main:
+        directory = RunDirectory(Path(run_dir), create=False, write=False)
     if not resume:
         directory.write_config(config)
-        directory.write_environment({"device": str(device or "cpu"), **(records or {})})
-    engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch)
+        directory.write_environment({"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})})
+    engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch,
+                    dist)
     if resume:
         engine.resume()
-    return engine.run()
+    return engine
+
+
+def run_experiment(*args, **kwargs) -> dict[str, AccuracyMatrix]:
+    """Library entry point: run (or resume) one experiment on already-built model and task data (the arguments
+    are those of `open_run`); returns the accuracy, before-TAP and task-identity matrices."""
+    return open_run(*args, **kwargs).run()

@@ -37,10 +37,17 @@ def metrics_of(matrix: AccuracyMatrix, upto: int) -> dict[str, float | None]:
 
 
 class RunDirectory:
-    """Owns every file of a run; all writes are atomic."""
+    """Owns every file of a run; all writes are atomic.
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    ``write=False`` gives a read-only view (the other processes of a distributed run): it reads the state to
+    resume, and every write is skipped.
+    """
+
+    def __init__(self, path: Path, create: bool = True, write: bool = True) -> None:
         self.path = Path(path)
+        self.writable = write
+        if not write:
+            return
         if create:
             if self.path.exists() and any(self.path.iterdir()):
                 raise FileExistsError(
@@ -68,11 +75,15 @@ class RunDirectory:
 
     # ------------------------------------------------------------- records
     def write_config(self, config: RunConfig) -> None:
+        if not self.writable:
+            return
         from norga.config_io import dump_config
 
         dump_config(config, self.path / "config.yaml")
 
     def write_environment(self, extra: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         write_json(
             {
                 "norga": __version__,
@@ -89,6 +100,8 @@ class RunDirectory:
     # -------------------------------------------------------------- state
     def save_state(self, state: dict[str, Any], heavy: dict[str, Any] | None = None) -> None:
         """Heavy parts (class statistics) are written only when given; the light state every time."""
+        if not self.writable:
+            return
         if heavy is not None:
             save_checkpoint(heavy, self.path / HEAVY_STATE)
         save_checkpoint(state, self.path / STATE)
@@ -99,10 +112,13 @@ class RunDirectory:
         return load_checkpoint(self.path / STATE), heavy
 
     def save_task_checkpoint(self, task: int, state: dict[str, Any], heavy: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         save_checkpoint({**state, **heavy}, self.path / "checkpoints" / f"task{task + 1}.pt")
 
     # ------------------------------------------------------------ results
     def write_results(self, config: RunConfig, matrices: dict[str, AccuracyMatrix], upto: int) -> dict[str, Any]:
+        """results.json, the matrices as CSV and the plots (read-only view: nothing is written)."""
         accuracy, identity = matrices["accuracy"], matrices["task_identity"]
         results = {
             "method": config.method,
@@ -126,6 +142,8 @@ class RunDirectory:
         }
         if accuracy.joint:
             results["note"] = JOINT_NOTE
+        if not self.writable:
+            return results
         write_json(results, self.path / "results.json")
         for name, matrix in matrices.items():
             matrix.to_csv(self.path / f"{name}_matrix.csv")

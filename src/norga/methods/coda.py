@@ -42,4 +42,4 @@ class CodaPrompt(QueryPromptMethod):
                     for layer, (k, v) in zip(self.layers, pool.prefixes(query, task, train))}
         logits = self.model(images, prefixes=prefixes).logits
         extra = self.settings.ortho_weight * pool.ortho_loss(task) if train and self.settings.ortho_weight > 0 else 0.0
-        return PromptedPass(logits, extra)
+        return PromptedPass(logits, penalty=extra)

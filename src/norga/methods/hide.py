@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
-from norga.engine.context import RunContext
+from norga.engine.context import RunContext, TrainBatch
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
@@ -107,15 +107,21 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         for epoch in range(start_epoch, cfg.epochs):
             set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
             total = 0.0
-            for images, labels in self.ctx.train_loader(task, epoch, cfg.batch_size):
+            for batch in self.ctx.train_loader(task, epoch, cfg.batch_size):
                 with self.ctx.autocast():
-                    out = model(images, task, momentum=momentum)
-                    loss = F.cross_entropy(masked_logits(out.logits.float(), allowed), labels)
-                    loss = loss + self.config.wtp.contrastive_weight * contrastive_loss(
-                        out.features.float(), prototypes, self.config.wtp.contrastive_temperature)
+                    out = model(batch.images, task, momentum=momentum)
+                    loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
                 total += self._step(loss, params, cfg)
             self._end_epoch(epoch, total, cfg, on_epoch_end)
         model.eval()
+
+    def _prompt_loss(self, logits: Tensor, features: Tensor, batch: TrainBatch, allowed: Tensor,
+                     prototypes: Tensor | None) -> Tensor:
+        """Masked cross-entropy plus the contrastive regulariser over the whole batch's features."""
+        ce = self.ctx.batch_mean(F.cross_entropy(masked_logits(logits, allowed), batch.labels, reduction="none"), batch)
+        contrastive = contrastive_loss(self.ctx.gather_batch(features, batch), prototypes,
+                                       self.config.wtp.contrastive_temperature)
+        return ce + self.config.wtp.contrastive_weight * self.ctx.replicated_term(contrastive)
 
     def _commit_momentum(self, task: int) -> None:
         if task > 0 and self.config.prompt.momentum > 0:
@@ -145,11 +151,11 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             total = 0.0
             chunks = official_tap_batches(gaussians, seen, previous if cfg.official_chunking else len(seen),
                                           cfg.samples_per_class, rng)
-            for features, labels in chunks:
+            for features, labels in chunks:  # the same samples in every process: no gradient exchange
                 features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
                 loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
-                total += self._step(loss, params, optim_cfg)
-            self._end_epoch(epoch, total, optim_cfg, on_epoch_end)
+                total += self._step(loss, params, optim_cfg, sharded=False)
+            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False)
 
     # --------------------------------------------------------------- inference
     @torch.inference_mode()

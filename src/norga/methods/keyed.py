@@ -26,6 +26,9 @@ class KeyedPromptMethod(QueryPromptMethod):
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
         s = self.settings
+        if context.dist.enabled and self.config.eval.batchwise_prompt and s.train_selection == "similarity":
+            raise ValueError(f"{self.section}: the batch-wise prompt vote while training couples the whole batch and "
+                             "is not split across processes: run it in one process or set eval.batchwise_prompt=false")
         self.top_k = s.top_k
         self.pool_size = s.pool_size or self.num_tasks * s.top_k
         self.prefix_tuning = s.prompt_type == "prefix"
@@ -71,7 +74,7 @@ class KeyedPromptMethod(QueryPromptMethod):
                 prefixes[layer] = _joined(prefixes.get(layer), Prefix(k, v, self.gate_of(layer)))
         logits = self.model(images, prefixes=prefixes, prompt_tokens=tokens).logits
         tasks = selection.indices[:, 0] // self.top_k if self.settings.train_selection == "task" else None
-        return PromptedPass(logits, -self.settings.pull_weight * selection.pull, tasks)
+        return PromptedPass(logits, -self.settings.pull_weight * selection.per_sample_pull, tasks=tasks)
 
 
 def _joined(first: Prefix | None, second: Prefix) -> Prefix:

@@ -28,10 +28,15 @@ log = logging.getLogger("norga")
 
 
 class PromptedPass(NamedTuple):
-    """What one prompted forward gives: logits, the method's extra loss term, and predicted tasks (or None)."""
+    """What one prompted forward gives: logits, the method's extra loss terms and predicted tasks (or None).
+
+    `sample_loss` (B,) is added to each sample's cross-entropy (e.g. minus the pull constraint);
+    `penalty` is a term of the parameters alone (e.g. CODA's orthogonality penalty).
+    """
 
     logits: Tensor
-    extra_loss: Tensor | float
+    sample_loss: Tensor | float = 0.0
+    penalty: Tensor | float = 0.0
     tasks: Tensor | None = None
 
 
@@ -106,11 +111,12 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         for epoch in range(start_epoch, cfg.epochs):
             set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
             total = 0.0
-            for images, labels in self.ctx.train_loader(task, epoch, cfg.batch_size):
-                query = self._training_query(images)
+            for batch in self.ctx.train_loader(task, epoch, cfg.batch_size):
+                query = self._training_query(batch.images)
                 with self.ctx.autocast():
-                    out = self.prompted(images, query, task, train=True)
-                    loss = F.cross_entropy(masked_logits(out.logits.float(), allowed), labels) + out.extra_loss
+                    out = self.prompted(batch.images, query, task, train=True)
+                    ce = F.cross_entropy(masked_logits(out.logits.float(), allowed), batch.labels, reduction="none")
+                    loss = self.ctx.batch_mean(ce + out.sample_loss, batch) + self.ctx.replicated_term(out.penalty)
                 total += self._step(loss, params, cfg)
             self._end_epoch(epoch, total, cfg, on_epoch_end)
         self.model.eval()

@@ -1,6 +1,6 @@
-"""What every gradient-trained method shares: masked logits, the optimizer step, the per-epoch finiteness
-check, a fresh optimizer per phase that survives a resume, training a classifier on masked logits, and
-checkpointing only the trainable model state."""
+"""What every gradient-trained method shares: masked logits, the optimizer step (gradients summed over
+processes in a distributed run), the per-epoch finiteness check, a fresh optimizer per phase that survives a
+resume, training a classifier on masked logits, and checkpointing only the trainable model state."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from norga.config import OptimConfig
+from norga.engine.context import RunContext, TrainBatch
 from norga.engine.optim import build_optimizer, schedule_factor, set_epoch_lr
 
 NEG_INF = float("-inf")
@@ -23,9 +24,17 @@ def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
 
 
 class PhaseTraining:
-    """Mixin for methods whose phases train with an optimizer; needs ``self.model`` (a `PromptedViT`)."""
+    """Mixin for methods whose phases train with an optimizer; needs ``self.model`` (a `PromptedViT`) and
+    ``self.ctx`` (the `RunContext`).
+
+    Data-parallel phases (the default) train on this process's shard of each batch with a loss that is its
+    share of the whole batch's (`RunContext.batch_mean`, `replicated_term`); `_step` sums the gradients over
+    processes. Replicated phases (``sharded=False``: every process draws the same samples, e.g. TAP on
+    Gaussian features) skip that.
+    """
 
     model: nn.Module
+    ctx: RunContext
     optimizer: torch.optim.Optimizer | None = None
     _saved_optimizer: dict | None = None
 
@@ -39,21 +48,24 @@ class PhaseTraining:
                 raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
             self.optimizer.load_state_dict(saved)
 
-    def _step(self, loss: Tensor, params: Iterable[Tensor], cfg: OptimConfig) -> Tensor:
+    def _step(self, loss: Tensor, params: Iterable[Tensor], cfg: OptimConfig, sharded: bool = True) -> Tensor:
         """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
+        params = list(params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sharded:
+            self.ctx.dist.sum_gradients(params)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         self.optimizer.step()
         return loss.detach()
 
-    @staticmethod
     def _end_epoch(
-        epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None]
+        self, epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None],
+        sharded: bool = True,
     ) -> None:
         """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
-        total = float(total)
+        total = float(self.ctx.dist.all_sum(total) if sharded else total)
         if not torch.isfinite(torch.tensor(total)):
             raise FloatingPointError(
                 f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
@@ -64,21 +76,22 @@ class PhaseTraining:
     def _fit_classifier(
         self,
         classifier: nn.Module,
-        batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+        batches: Callable[[int], Iterable[TrainBatch]],
         allowed: Tensor,
         cfg: OptimConfig,
         start_epoch: int,
         on_epoch_end: Callable[[int, dict], None],
     ) -> None:
-        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)``."""
+        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)`` (of inputs)."""
         params = list(classifier.parameters())
         classifier.train()
         self._phase_optimizer([{"params": params}], cfg, start_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
             total = 0.0
-            for inputs, labels in batches(epoch):
-                loss = F.cross_entropy(masked_logits(classifier(inputs), allowed), labels)
+            for batch in batches(epoch):
+                logits = masked_logits(classifier(batch.images), allowed)
+                loss = self.ctx.batch_mean(F.cross_entropy(logits, batch.labels, reduction="none"), batch)
                 total += self._step(loss, params, cfg)
             self._end_epoch(epoch, total, cfg, on_epoch_end)
         classifier.eval()

@@ -15,10 +15,15 @@ from torch import Tensor, nn
 
 
 class Selection(NamedTuple):
-    """Slots chosen per sample, (B, top_k), and the pull-constraint similarity (a scalar, to be maximised)."""
+    """Slots chosen per sample, (B, top_k), and each sample's pull-constraint similarity Σ_k cos (B,)."""
 
     indices: Tensor
-    pull: Tensor
+    per_sample_pull: Tensor
+
+    @property
+    def pull(self) -> Tensor:
+        """The pull constraint of the batch, ``mean_b Σ_k cos(query_b, key_selected)`` (to be maximised)."""
+        return self.per_sample_pull.mean()
 
 
 def l2_normalize(x: Tensor, dim: int = -1, epsilon: float = 1e-12) -> Tensor:
@@ -68,6 +73,5 @@ class PromptKeys(nn.Module):
             indices = majority_vote(indices, top_k)
         if forced is not None:
             indices = forced.to(indices.device).expand(len(query), -1)
-        pull = similarity.gather(1, indices).sum() / len(query)
-        return Selection(indices, pull)
+        return Selection(indices, similarity.gather(1, indices).sum(dim=1))
 

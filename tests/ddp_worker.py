@@ -1,0 +1,73 @@
+"""Run by tests/test_distributed.py under torchrun (or in-process with one rank): the tiny engine fixture,
+after which every process saves what it holds (matrices, class statistics, trainable state) to OUT/rankR.pt.
+
+    torchrun --nproc_per_node=2 tests/ddp_worker.py OUT METHOD [--resume] [--crash-at TASK,PHASE,EPOCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_fixtures import NUM_TASKS, CLASSES_PER_TASK, make_model, make_tasks, tiny_config  # noqa: E402
+
+from norga.engine.distributed import SINGLE_PROCESS, Distributed, init_distributed  # noqa: E402
+from norga.engine.loop import Position, open_run  # noqa: E402
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def ddp_config(method: str):
+    """Odd batch sizes, so global batches split unevenly and a last training batch of one image leaves a
+    process with nothing; augmented task-identity training goes through the sharded image loader."""
+    config = tiny_config(**{"method": method, "tii.augment": True, "tii.train.batch_size": 5,
+                            "wtp.train.batch_size": 5, "eval.batch_size": 3})
+    for section in ("coda", "l2p"):
+        getattr(config, section).train = config.wtp.train
+        getattr(config, section).layers = [0, 1]
+    config.coda.pool_size, config.coda.length, config.coda.ortho_weight = 6, 2, 0.1
+    config.l2p.pool_size, config.l2p.top_k, config.l2p.length = 6, 2, 2
+    return config
+
+
+def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_at: Position | None = None) -> None:
+    """Run (or resume) the fixture into OUT/run and save this process's state as OUT/rank{rank}.pt."""
+    config = ddp_config(method)
+
+    def after_epoch(position: Position) -> None:
+        if crash_at is not None and position == crash_at:
+            raise InjectedCrash(f"injected crash at {position}")
+
+    engine = open_run(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK, out / "run",
+                      resume=resume, after_epoch=after_epoch, dist=dist)
+    matrices = engine.run()
+    torch.save({"matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
+                "method": engine.method.state_dict(), "heavy": engine.method.heavy_state_dict(),
+                "frozen_images_encoded": engine.context.frozen_images_encoded}, out / f"rank{dist.rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("method")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--crash-at", help="TASK,PHASE,EPOCH: fail right after that checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    crash = Position(*map(int, args.crash_at.split(","))) if args.crash_at else None
+    dist = init_distributed("cpu")
+    try:
+        run(args.out, args.method, dist if dist.enabled else SINGLE_PROCESS, args.resume, crash)
+    except InjectedCrash:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Data parallelism: two gloo processes under torchrun give the results of one process with the same global
+batch and seed, hold the same class statistics, resume after a crash, and refuse what cannot be split."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_worker import ddp_config, run
+from engine_fixtures import NUM_TASKS, CLASSES_PER_TASK, make_model, make_tasks, tiny_config
+from norga.engine.distributed import SINGLE_PROCESS, Distributed
+from norga.engine.loop import Engine
+from norga.engine.run_dir import RunDirectory
+from norga.methods import METHODS
+
+WORKER = Path(__file__).parent / "ddp_worker.py"
+REAL = os.environ.get("NORGA_DATA")
+
+
+def torchrun(*args: str, module: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *(["-m"] if module else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def single_process(out: Path, method: str) -> dict:
+    run(out, method, SINGLE_PROCESS)
+    return torch.load(out / "rank0.pt", weights_only=True)
+
+
+def assert_close_states(actual, expected, path="state"):
+    """Nested dicts/lists of tensors equal within fp tolerance (sums of gradients in another order)."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_close_states(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_close_states(a, e, f"{path}[{index}]")
+    elif isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=path)
+    else:
+        assert actual == expected, path
+
+
+@pytest.mark.parametrize("method", ["norga", "coda", "l2p"])
+def test_two_processes_match_one_process(tmp_path, method):
+    expected = single_process(tmp_path / "single", method)
+    result = torchrun(str(WORKER), str(tmp_path / "ddp"), method)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:  # the same accuracy and task-identity counts as one process
+        assert rank["matrices"] == expected["matrices"]
+    assert_close_states(ranks[0]["method"], expected["method"])  # prompts, gates, heads, TII model, optimizer
+    assert_close_states(ranks[0]["heavy"], expected["heavy"])  # class statistics
+    for key in ("method", "heavy"):  # every process holds exactly the same state
+        assert_close_states(ranks[1][key], ranks[0][key])
+    for rank in ranks:  # the frozen work was shared out, not repeated
+        assert rank["frozen_images_encoded"] < expected["frozen_images_encoded"]
+    run_dir = tmp_path / "ddp" / "run"
+    assert json.loads((run_dir / "environment.json").read_text())["processes"] == 2
+    written = json.loads((run_dir / "results.json").read_text())["matrices"]
+    assert written == json.loads(json.dumps(expected["matrices"]))
+
+
+def test_class_statistics_are_identical_on_every_rank_to_the_bit(tmp_path):
+    result = torchrun(str(WORKER), str(tmp_path), "norga")
+    assert result.returncode == 0, result.stderr[-3000:]
+    heavy = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["heavy"] for r in range(2)]
+    for stage in ("tii_gaussians", "prompt_gaussians"):
+        flat = [torch.cat([t.flatten().double() for t in _tensors(h[stage])]) for h in heavy]
+        assert flat[0].numel() > 0 and torch.equal(flat[0], flat[1])
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def test_a_distributed_run_resumes_after_a_crash_to_the_same_results(tmp_path):
+    expected = single_process(tmp_path / "single", "norga")
+    out = tmp_path / "ddp"
+    crashed = torchrun(str(WORKER), str(out), "norga", "--crash-at", "1,3,1")  # task 2, mid prompt training
+    assert crashed.returncode != 0 and not (out / "rank0.pt").exists()
+    resumed = torchrun(str(WORKER), str(out), "norga", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(out / "rank0.pt", weights_only=True)
+    assert final["matrices"] == expected["matrices"]
+    assert_close_states(final["heavy"], expected["heavy"])
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
+                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
+def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_results(tmp_path):
+    overrides = ["--set", "wtp.train.batch_size=15", "--set", "tii.train.batch_size=15", "--quiet"]
+    single = subprocess.run([sys.executable, "-m", "norga", "run", "tiny_smoke", "--run-dir", str(tmp_path / "one"),
+                             *overrides], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    result = torchrun("norga", "run", "tiny_smoke", "--run-dir", str(tmp_path / "two"), *overrides, module=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # only rank 0 reports
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["matrices"] == one["matrices"]
+    assert json.loads((tmp_path / "two" / "environment.json").read_text())["processes"] == 2
+
+
+# ------------------------------------------------------------------ what cannot be split
+FAKE_TWO = Distributed(rank=0, world_size=2)  # no process group: these fail before any collective
+
+
+def test_the_official_prefix_layout_is_refused_across_processes(tmp_path):
+    config = tiny_config(**{"prompt.prefix_layout": "official"})
+    with pytest.raises(ValueError, match="prefix_layout=correct"):
+        Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
+               RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
+
+
+def test_l2p_batchwise_vote_while_training_is_refused_across_processes(tmp_path):
+    config = ddp_config("l2p")
+    config.eval.batchwise_prompt = True
+    with pytest.raises(ValueError, match="batchwise_prompt=false"):
+        Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
+               RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
+    assert METHODS["l2p"].uses_prompt_slots is False
+
+
+def test_a_batch_smaller_than_the_number_of_processes_is_refused(tmp_path):
+    config = tiny_config(**{"wtp.train.batch_size": 1})
+    engine = Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
+                    RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
+    with pytest.raises(ValueError, match="batch size 1 cannot be split over 2 processes"):
+        next(engine.context.train_loader(0, 0, 1))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 8])
+def test_shards_cover_a_batch_contiguously(count):
+    ranks = [Distributed(rank, 3) for rank in range(3)]
+    bounds = [rank.shard_bounds(count) for rank in ranks]
+    assert [stop - start for start, stop in bounds] == ranks[0].shard_sizes(count)
+    assert bounds[0][0] == 0 and bounds[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(ranks[0].shard_sizes(count)) - min(ranks[0].shard_sizes(count)) <= 1
