@@ -195,6 +195,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: str = "none"  # none | bf16
     cache_frozen_features: bool = True
+    cache_prompted_features: bool = True  # memoise prompted test features per (image, slot) across evaluations
     cache_features_on_disk: bool = False  # keep them in the run directory too (a resume needs no recompute)
     output_dir: str = "runs"
     name: str | None = None

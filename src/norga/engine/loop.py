@@ -17,7 +17,7 @@ from norga.engine.progress import Progress
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
 from norga.methods import METHODS
-from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod
+from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, ImageIds
 from norga.metrics import AccuracyMatrix
 from norga.nn import PromptedViT
 
@@ -135,7 +135,8 @@ class Engine:
             frozen = self.context.frozen_test_features(seen)
 
             def predict(images: torch.Tensor, labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
-                prediction = self.method.predict(images, task + 1, frozen.features[rows])
+                ids = ImageIds(("test", seen), torch.arange(rows.start, rows.stop), len(frozen.labels))
+                prediction = self.method.predict(images, task + 1, frozen.features[rows], ids)
                 tasks = prediction.tasks if prediction.tasks is not None else torch.full_like(labels, NO_TASK)
                 return prediction.classes, tasks, labels
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
@@ -29,6 +29,14 @@ class Prediction:
     tasks: Tensor | None = None
 
 
+class ImageIds(NamedTuple):
+    """Which images a batch holds: a dataset key (e.g. ("test", 3)), their rows in it and its size."""
+
+    dataset: Hashable
+    rows: Tensor
+    size: int
+
+
 class ContinualMethod(ABC):
     """A method is a set of task hooks; the engine never branches on its name.
 
@@ -49,9 +57,11 @@ class ContinualMethod(ABC):
         """Run `phase` from `start_epoch`; call ``on_epoch_end(epoch, logs)`` after each finished epoch."""
 
     @abstractmethod
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
+                image_ids: ImageIds | None = None) -> Prediction:
         """Classes (and tasks, if inferred) of `images` after `seen_tasks` tasks; the engine passes the images'
-        cached frozen-backbone features as `frozen_features`."""
+        cached frozen-backbone features as `frozen_features` and their identity as `image_ids` (for methods
+        that memoise per-image work)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

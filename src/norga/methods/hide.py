@@ -20,7 +20,8 @@ from norga.engine.context import RunContext, TrainBatch
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
-from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, Phase, Prediction, register_method
+from norga.engine.features import PromptedFeatureMemo
+from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, ImageIds, Phase, Prediction, register_method
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.tii import TaskIdentityModel
 
@@ -50,6 +51,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         self.prompt_gaussians = ClassGaussians()
         self.optimizer: torch.optim.Optimizer | None = None
         self._saved_optimizer: dict | None = None
+        memoise = self.config.cache_prompted_features and self.config.prompt.prefix_layout == "correct"
+        self.prompted_memo = PromptedFeatureMemo(self._slot_version) if memoise else None
 
     # ----------------------------------------------------------------- phases
     def phases(self, task: int) -> list[Phase]:
@@ -166,19 +169,40 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return self.ctx.class_to_task[logits.argmax(dim=1).cpu()]
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
-        """Frozen pass -> predicted task -> prompted pass with that task's slot -> class."""
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
+                image_ids: ImageIds | None = None) -> Prediction:
+        """Frozen pass -> predicted task -> prompted pass with that task's slot -> class.
+
+        With `image_ids` the prompted features are memoised per (image, slot) while the slot is unchanged
+        (``cache_prompted_features``, correct prefix layout only): before- and after-TAP evaluations and later
+        tasks' evaluations reuse them.
+        """
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         tasks = self.predict_tasks(frozen_features, seen_tasks)
         slots = tasks
         if self.config.eval.batchwise_prompt:  # official compat (P2): the batch's majority task for all
             slots = torch.full_like(tasks, int(torch.mode(tasks).values))
-        with self.ctx.autocast():
-            logits = self.model(images.to(self.ctx.device), slots.to(self.ctx.device)).logits.float()
+        images = images.to(self.ctx.device)
+
+        def encode(mask: Tensor) -> Tensor:
+            with self.ctx.autocast():
+                return self.model.forward_features(images[mask.to(images.device)], slots[mask].to(self.ctx.device))
+
+        if self.prompted_memo is not None and image_ids is not None:
+            features = self.prompted_memo.features(image_ids.dataset, image_ids.rows, slots, image_ids.size, encode)
+        else:
+            features = encode(torch.ones(len(slots), dtype=torch.bool))
+        logits = self.model.classify(features.to(self.ctx.device).float()).float()
         if self.config.eval.mask_final_logits:
             logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
         return Prediction(logits.argmax(dim=1).cpu(), tasks)
+
+    def _slot_version(self, slot: int) -> tuple[int, ...]:
+        """In-place version counters of everything a slot's prompted features depend on (slot, gates, fc_norm)."""
+        params = [self.model.pool.slots[slot], *self.model.gates.parameters(),
+                  *self.model.backbone.fc_norm.parameters()]
+        return tuple((id(param), param._version) for param in params)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

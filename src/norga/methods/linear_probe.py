@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from norga.engine.context import RunContext
-from norga.methods.base import ContinualMethod, Phase, Prediction, register_method
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, register_method
 from norga.methods.training import PhaseTraining, masked_logits
 
 
@@ -38,7 +38,8 @@ class LinearProbe(PhaseTraining, ContinualMethod):
         self._fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
+                image_ids: ImageIds | None = None) -> Prediction:
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         logits = self.head(frozen_features.to(self.ctx.device))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from norga.engine.context import RunContext
-from norga.methods.base import ContinualMethod, Phase, Prediction, register_method
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, register_method
 from norga.methods.training import masked_logits
 
 METRICS = ("cosine", "euclidean")
@@ -57,7 +57,8 @@ class NearestClassMean(ContinualMethod):
             self.known[label] = True
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
+                image_ids: ImageIds | None = None) -> Prediction:
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         scores = nearness(frozen_features.float().cpu(), self.means, self.metric)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from norga.engine.context import RunContext
 from norga.engine.optim import schedule_factor, set_epoch_lr
-from norga.methods.base import ContinualMethod, Phase, Prediction
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
 
@@ -130,7 +130,8 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
 
     # ------------------------------------------------------------- inference
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None) -> Prediction:
+    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
+                image_ids: ImageIds | None = None) -> Prediction:
         """Query = frozen CLS feature (cached by the engine) -> prompts -> prompted pass -> class."""
         query = self.ctx.frozen_encode(images) if frozen_features is None else frozen_features.to(self.ctx.device)
         with self.ctx.autocast():
