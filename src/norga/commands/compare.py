@@ -82,7 +82,10 @@ def request_from(args: argparse.Namespace) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from norga.commands import refuse_under_torchrun
     from norga.comparison import ComparisonDirectory, MethodRun, method_config
+
+    refuse_under_torchrun("compare")
 
     if args.resume:
         if args.config or args.methods or args.overrides or args.joint_upper_bound or args.dir:

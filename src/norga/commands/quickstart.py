@@ -25,7 +25,10 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from norga.commands import refuse_under_torchrun
     from norga.comparison import MethodRun, method_config, run_method
+
+    refuse_under_torchrun("quickstart")
     from norga.engine.progress import Progress
     from norga.report import format_comparison_table, format_matrix
 

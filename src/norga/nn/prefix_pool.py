@@ -97,7 +97,8 @@ class PrefixPool(nn.Module):
             if momentum:
                 raise ValueError("prompt momentum applies to one training slot: pass slots as an int")
             slots = torch.as_tensor(slots, device=self.slots[0].device).long().reshape(-1)
-            if slots.numel() and (slots.min() < 0 or slots.max() >= self.num_slots):
+            # checked on the CPU only: on an accelerator the check would wait for the device every step
+            if slots.device.type == "cpu" and slots.numel() and (slots.min() < 0 or slots.max() >= self.num_slots):
                 raise IndexError(f"prompt slots must be in [0, {self.num_slots}), got {slots.tolist()}")
             picked = self.prompts[:, :, slots]  # (L, 2, B, Lp, H, d)
         if layout == "correct":
