@@ -121,7 +121,7 @@ def pipeline_config(fast: bool, amp: bool, compile: bool, quick: bool):
     config = load_config("quickstart")
     config.seed = 1
     if quick:
-        config.tii.train.epochs, config.tii.tap.epochs, config.wtp.train.epochs, config.wtp.tap.epochs = 2, 2, 1, 2
+        config.tii.train.epochs, config.tii.tap.epochs, config.wtp.train.epochs, config.wtp.tap.epochs = 1, 1, 1, 1
     config.prompt.attention_impl = "fused" if fast else "reference"
     config.cache_frozen_features = fast
     config.amp = "bf16" if fast and amp else "none"
@@ -134,7 +134,7 @@ def pipeline_config(fast: bool, amp: bool, compile: bool, quick: bool):
 def _pipeline_tasks(quick: bool):
     from norga.synthetic import synthetic_tasks
 
-    per_class = (16, 8) if quick else (64, 32)
+    per_class = (8, 4) if quick else (64, 32)
     return synthetic_tasks(num_tasks=5, classes_per_task=2, train_per_class=per_class[0], test_per_class=per_class[1],
                            size=32)
 
