@@ -97,7 +97,8 @@ def count_flops(step) -> float | None:
 
 def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
     """Interleaved median ms of reference and fast steps, and the FLOPs of one reference step (the same work)."""
-    steps = {"reference": _step(row, "reference", batch, False, False), "fast": _step(row, "fused", batch, amp, compile)}
+    steps = {"reference": _step(row, "reference", batch, False, False),
+             "fast": _step(row, "fused", batch, amp, compile)}
     ms = median_ms(steps, warmup=1 if repeats <= 3 else 2, repeats=repeats)
     result = {which: {"ms": ms[which], "images_per_s": batch / ms[which] * 1e3} for which in steps}
     result["reference"]["flops"] = count_flops(steps["reference"])  # explicit matmuls: the counter sees them all
@@ -105,7 +106,10 @@ def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
 
 
 def memory(row: str, batch: int, which: str, warmup: int, amp: bool, compile: bool) -> dict:
-    step = _step(row, "reference", batch, False, False) if which == "reference" else _step(row, "fused", batch, amp, compile)
+    if which == "reference":
+        step = _step(row, "reference", batch, False, False)
+    else:
+        step = _step(row, "fused", batch, amp, compile)
     return {"peak_mb": peak_mb(step, warmup=warmup)}
 
 
@@ -144,7 +148,7 @@ def pipeline(which: str, amp: bool, compile: bool, quick: bool) -> dict:
 
     config = pipeline_config(which == "fast", amp, compile, quick)
     tasks = _pipeline_tasks(quick)
-    base = rss_mb()
+    base = rss_mb()  # before the model and data exist: the pipeline's peak includes them
     with tempfile.TemporaryDirectory() as tmp:
         seconds, encoded, accuracy = timed_run(config, tasks, Path(tmp))
     return {"seconds": seconds, "peak_mb": peak_rss_mb() - base, "encoded": encoded, "fa": accuracy}
@@ -181,7 +185,8 @@ def measure_row(row: str, args, fast: dict) -> dict:
         runs: dict[str, list[dict]] = {"reference": [], "fast": []}
         for _ in range(1 if args.quick else args.pipeline_repeats):
             for which in runs:  # alternate processes: drift hits both paths alike
-                runs[which].append(in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick, **fast))
+                runs[which].append(
+                    in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick, **fast))
         return {which: {key: statistics.median(run[key] for run in results) for key in results[0]}
                 for which, results in runs.items()}
     repeats = (2 if args.quick else 7) if MODEL_KINDS[ROWS[row][2]][3] == 224 else (3 if args.quick else 15)
@@ -277,8 +282,11 @@ def main() -> None:
           f"{', QUICK (smoke sizes, not the figures to quote)' if args.quick else ''}")
     print(f"matmul peak: fp32 {measured_peaks['fp32']:.1f} GFLOP/s (2048²), bf16 {measured_peaks['bf16']:.1f} GFLOP/s; "
           f"native bf16: {has_bf16} ({source})")
+    from norga.nn import PromptedViT
+
+    how = "PromptedViT.compiled()" if callable(getattr(PromptedViT, "compiled", None)) else "torch.compile per block"
     print(f"fast path: attention fused, amp {'bf16' if amp else 'none'} (--amp {args.amp}), "
-          f"compile {'on' if args.compile else 'off'}, frozen-feature caching on, "
+          f"compile {f'on ({how})' if args.compile else 'off'}, frozen-feature caching on, "
           + ", ".join(f"config.{key} {'on' if present and (key != 'compile' or args.compile) else 'off' if present else 'n/a'}"
                       for key, present in optional.items()))
     print("reference path: attention reference, fp32, no caching\n")
