@@ -11,44 +11,19 @@ the RSS after set-up) is measured in a separate subprocess per implementation. U
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
+from _timing import in_subprocess as _in_subprocess
+from _timing import median_ms, peak_mb
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _median_ms(steps: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each step, calls alternating between the steps."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def _peak_mb(step, warmup: int) -> float:
-    base = _rss_mb()
-    for _ in range(warmup + 1):
-        step()
-    return _peak_rss_mb() - base
+MODEL_KINDS = {  # timm name, timm kwargs, default training batch, image size, prompt length
+    "vit_base_224": ("vit_base_patch16_224", {}, 8, 224, 20),
+    # ViT-Ti width/depth/heads at 32 px with 4 px patches (65 tokens)
+    "vit_tiny_32": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4), 64, 32, 5),
+}
 
 
 def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str | None):
@@ -64,55 +39,83 @@ def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str |
     return (lambda: attend(q, k, v, pk, pv, score_gate, dim**-0.5).backward(grad_out)), batch
 
 
-def train_step(impl: str, model_kind: str):
-    """One optimizer step on prompts, gate and head of a prompted ViT with a frozen backbone."""
+def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100):
+    """A randomly initialised prompted ViT of `model_kind` (NoRGa tanh gate) and its input image size."""
     from norga.nn import PromptedViT
 
-    if model_kind == "vit_base_224":
-        name, kwargs, batch, size, length = "vit_base_patch16_224", {}, 8, 224, 20
-    else:  # ViT-Ti width/depth/heads at 32 px with 4 px patches (65 tokens)
-        name, kwargs, batch, size, length = "vit_tiny_patch16_224", dict(img_size=32, patch_size=4), 64, 32, 5
+    name, kwargs, _, size, length = MODEL_KINDS[model_kind]
     model = PromptedViT.from_timm(
-        name, timm_kwargs=kwargs, num_slots=10, prompt_length=length, num_classes=100,
+        name, timm_kwargs=kwargs, num_slots=num_slots, prompt_length=length, num_classes=num_classes,
         gate="tanh", attention_impl=impl,
-    ).train()
+    )
+    return model, size
+
+
+def autocast(amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU when `amp`, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool = False, compile: bool = False):
+    """One optimizer step on prompts, gate and head of a prompted ViT with a frozen backbone.
+
+    `amp`: forward under bf16 autocast; `compile`: `compile_model` (torch.compile) the model first.
+    """
+    model, size = prompted_model(impl, model_kind)
+    model.train()
+    batch = batch or MODEL_KINDS[model_kind][2]
     model.pool.set_trainable_slot(1)
     groups = model.parameter_groups()
     optimizer = torch.optim.Adam(
         [{"params": groups["prompts"] + groups["gates"]}, {"params": groups["head"], "lr": 1e-4}], lr=1e-3
     )
+    forward = compile_model(model) if compile else model
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 100, (batch,))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(images, 1, momentum=0.01).logits, labels)
+        with autocast(amp):
+            logits = forward(images, 1, momentum=0.01).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
         optimizer.step()
 
     return step, batch
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The project's own compile hook if norga has one (``model.compiled()``), else ``torch.compile`` per block.
+
+    Compiling block by block keeps the prefix binding (a context manager around the whole forward) outside
+    the compiled graphs.
+    """
+    hook = getattr(model, "compiled", None)
+    if callable(hook):
+        return hook()
+    for index, block in enumerate(model.backbone.blocks):
+        model.backbone.blocks[index] = torch.compile(block, dynamic=False)
+    return model
+
+
 def measure(case: str, repeats: int, **kwargs) -> dict:
     """Interleaved median times of both implementations (memory is measured by `measure_memory`)."""
     maker = CASES[case]
     built = {impl: maker(impl, **kwargs) for impl in ("reference", "fused")}
-    ms = _median_ms({impl: step for impl, (step, _) in built.items()}, warmup=2, repeats=repeats)
+    ms = median_ms({impl: step for impl, (step, _) in built.items()}, warmup=2, repeats=repeats)
     return {impl: {"ms": ms[impl], "images_per_s": built[impl][1] / ms[impl] * 1e3} for impl in built}
 
 
 def measure_memory(case: str, impl: str, **kwargs) -> dict:
     step, _ = CASES[case](impl, **kwargs)
-    return {"peak_mb": _peak_mb(step, warmup=1)}
+    return {"peak_mb": peak_mb(step, warmup=1)}
 
 
 CASES = {"attention": attention_step, "train_step": train_step}
 
 
 def in_subprocess(threads: int, function: str, **kwargs) -> dict:
-    command = [sys.executable, __file__, "--threads", str(threads), "--call", json.dumps({"function": function, **kwargs})]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _in_subprocess(__file__, threads, function, **kwargs)
 
 
 def main() -> None:

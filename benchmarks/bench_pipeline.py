@@ -36,10 +36,13 @@ def config_for(epochs: int, cache: bool, augment: bool) -> RunConfig:
 
 
 def timed_run(config: RunConfig, tasks, workdir: Path) -> tuple[float, int, float]:
+    """Wall seconds, frozen images encoded and final average accuracy of one run (model built from `config`)."""
     torch.manual_seed(0)
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4)
-    model = PromptedViT(backbone, num_slots=len(tasks), prompt_length=5, gate=config.prompt.gate, num_classes=10)
-    engine = Engine(config, model, tasks, 10, RunDirectory(workdir), torch.device("cpu"))
+    model = PromptedViT(backbone, num_slots=len(tasks), prompt_length=config.prompt.length, gate=config.prompt.gate,
+                        num_classes=sum(len(task.classes) for task in tasks),
+                        attention_impl=config.prompt.attention_impl)
+    engine = Engine(config, model, tasks, model.backbone.num_classes, RunDirectory(workdir), torch.device("cpu"))
     start = time.perf_counter()
     matrices = engine.run()
     return time.perf_counter() - start, engine.context.frozen_images_encoded, matrices["accuracy"].final_average_accuracy()

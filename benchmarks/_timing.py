@@ -1,0 +1,72 @@
+"""Timing and memory helpers shared by the benchmark scripts (bench_core, bench_pipeline, bench_suite).
+
+Timings drift by tens of percent over seconds on a shared CPU, so steps are timed *interleaved*
+(A, B, A, B, ...) and summarised by medians. Peak memory is the peak RSS above the RSS after set-up,
+which only means something in a fresh process: `in_subprocess` runs one measurement per process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_ms(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each step, calls alternating between the steps."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_mb(step: Callable[[], object], warmup: int) -> float:
+    """Peak RSS above the current RSS while running `step` ``warmup + 1`` times (call in a fresh process)."""
+    base = rss_mb()
+    for _ in range(warmup + 1):
+        step()
+    return peak_rss_mb() - base
+
+
+def matmul_gflops(dtype: torch.dtype, size: int, min_seconds: float = 0.5, min_repeats: int = 2) -> float:
+    """Achieved GFLOP/s of a square ``size``² matmul in `dtype` (best of the timed calls): the machine's peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool, packing buffers
+    times: list[float] = []
+    while len(times) < min_repeats or sum(times) < min_seconds:
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e9
+
+
+def in_subprocess(script: str, threads: int, function: str, timeout: float | None = None, **kwargs) -> dict:
+    """Run ``script --threads N --call {"function": ..., **kwargs}`` and return the JSON it prints last."""
+    command = [sys.executable, script, "--threads", str(threads), "--call", json.dumps({"function": function, **kwargs})]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{function}({kwargs}) failed in a subprocess:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,0 +1,318 @@
+"""Scale and speed: the fast path against the project's reference path, one table with targets.
+
+Reference path = how the official code computes: explicit attention (``attention_impl="reference"``),
+fp32, no caching. Fast path = the project's best settings on this device: fused attention, bf16 autocast
+only where the CPU has native bf16, frozen-feature caching (and memoised prompted test features when the
+config has ``cache_prompted_features``), ``torch.compile`` only with ``--compile``.
+
+Every measurement runs in its own subprocess; speed rows time reference and fast interleaved in one
+process and take medians; peak memory (peak RSS above the RSS after set-up) comes from separate
+processes, one per path; pipeline runs alternate reference / fast processes. Usage:
+
+    python benchmarks/bench_suite.py [--quick] [--threads 2] [--only ROW] [--out results.json]
+                                     [--compile] [--amp auto|bf16|none] [--profile ROW]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _timing import in_subprocess, matmul_gflops, median_ms, peak_mb, peak_rss_mb, rss_mb
+from bench_core import MODEL_KINDS, autocast, compile_model, prompted_model, train_step
+
+ROWS = {  # name: (label, kind, model kind, batch, quick batch, target ratio)
+    "train_vitb": ("training step ViT-B/16@224 (Lp 20, tanh)", "train", "vit_base_224", 8, 1, 2.0),
+    "train_tiny": ("training step ViT-Ti@32 (Lp 5, tanh)", "train", "vit_tiny_32", 64, 16, 2.0),
+    "infer_vitb": ("inference ViT-B/16@224 (task id + prompted)", "infer", "vit_base_224", 16, 1, 2.0),
+    "infer_tiny": ("inference ViT-Ti@32 (task id + prompted)", "infer", "vit_tiny_32", 256, 64, 2.0),
+    "pipeline": ("NoRGa pipeline, 5 tasks x 2 classes, ViT-Ti@32", "pipeline", "vit_tiny_32", 0, 0, 3.0),
+    "flops_vitb": ("ViT-B training step FLOP/s / matmul peak", "flops", "vit_base_224", 8, 1, 0.5),
+}
+VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight backward ~ the same again
+
+
+# ----------------------------------------------------------------------------------- device
+def native_bf16() -> tuple[bool, str]:
+    """Whether the CPU has native bf16 matmuls: norga's own helper if it has one, else /proc/cpuinfo."""
+    for module in ("norga", "norga.engine.amp", "norga.engine.precision", "norga.engine.device", "norga.engine.build",
+                   "norga.engine.context", "norga.amp", "norga.device", "norga.nn"):
+        try:
+            helper = getattr(importlib.import_module(module), "native_bf16", None)
+        except ImportError:
+            continue
+        if callable(helper):
+            return bool(helper(torch.device("cpu"))), f"{module}.native_bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "no /proc/cpuinfo"
+    return ("avx512_bf16" in flags or "amx_bf16" in flags), "/proc/cpuinfo avx512_bf16/amx_bf16"
+
+
+# --------------------------------------------------------------- measurements (subprocess)
+def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, compile: bool = False):
+    """Task-identity pass (frozen forward -> TII MLP) then the prompted pass with each sample's predicted slot."""
+    from norga.tii import TaskIdentityModel
+
+    model, size = prompted_model(impl, model_kind)
+    model.eval()
+    tii = TaskIdentityModel(model.backbone.num_features, 100).eval()
+    class_to_task = torch.arange(100) // 10
+    forward = compile_model(model) if compile else model
+    images = torch.randn(batch, 3, size, size)
+
+    def step():
+        with torch.inference_mode(), autocast(amp):
+            tasks = class_to_task[tii(forward.forward_features(images).float()).argmax(dim=1)]
+            return forward(images, tasks).logits.float().argmax(dim=1)
+
+    return step, batch
+
+
+def _step(row: str, impl: str, batch: int, amp: bool, compile: bool):
+    kind, model_kind = ROWS[row][1], ROWS[row][2]
+    maker = inference_step if kind == "infer" else train_step
+    return maker(impl, model_kind, batch=batch, amp=amp, compile=compile)[0]
+
+
+def count_flops(step) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    except Exception:  # compiled graphs or kernels the counter cannot see
+        return None
+    return float(counter.get_total_flops())
+
+
+def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
+    """Interleaved median ms of reference and fast steps, and the FLOPs of one reference step (the same work)."""
+    steps = {"reference": _step(row, "reference", batch, False, False),
+             "fast": _step(row, "fused", batch, amp, compile)}
+    ms = median_ms(steps, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    result = {which: {"ms": ms[which], "images_per_s": batch / ms[which] * 1e3} for which in steps}
+    result["reference"]["flops"] = count_flops(steps["reference"])  # explicit matmuls: the counter sees them all
+    return result
+
+
+def memory(row: str, batch: int, which: str, warmup: int, amp: bool, compile: bool) -> dict:
+    if which == "reference":
+        step = _step(row, "reference", batch, False, False)
+    else:
+        step = _step(row, "fused", batch, amp, compile)
+    return {"peak_mb": peak_mb(step, warmup=warmup)}
+
+
+def peaks(quick: bool) -> dict:
+    """This machine's matmul peak GFLOP/s in fp32 (2048² sgemm) and bf16 (smaller: slow without native bf16)."""
+    return {"fp32": matmul_gflops(torch.float32, 2048), "bf16": matmul_gflops(torch.bfloat16, 512 if quick else 1024)}
+
+
+def pipeline_config(fast: bool, amp: bool, compile: bool, quick: bool):
+    """The quickstart preset's shape (NoRGa, sigmoid gate, cached-feature TII) on the fast or reference settings."""
+    from norga.config_io import load_config
+
+    config = load_config("quickstart")
+    config.seed = 1
+    if quick:
+        config.tii.train.epochs, config.tii.tap.epochs, config.wtp.train.epochs, config.wtp.tap.epochs = 1, 1, 1, 1
+    config.prompt.attention_impl = "fused" if fast else "reference"
+    config.cache_frozen_features = fast
+    config.amp = "bf16" if fast and amp else "none"
+    for key, value in {"cache_prompted_features": fast, "compile": fast and compile}.items():
+        if hasattr(config, key):  # keys other branches are adding
+            setattr(config, key, value)
+    return config
+
+
+def _pipeline_tasks(quick: bool):
+    from norga.synthetic import synthetic_tasks
+
+    per_class = (8, 4) if quick else (64, 32)
+    return synthetic_tasks(num_tasks=5, classes_per_task=2, train_per_class=per_class[0], test_per_class=per_class[1],
+                           size=32)
+
+
+def pipeline(which: str, amp: bool, compile: bool, quick: bool) -> dict:
+    from bench_pipeline import timed_run
+
+    config = pipeline_config(which == "fast", amp, compile, quick)
+    tasks = _pipeline_tasks(quick)
+    base = rss_mb()  # before the model and data exist: the pipeline's peak includes them
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, encoded, accuracy = timed_run(config, tasks, Path(tmp))
+    return {"seconds": seconds, "peak_mb": peak_rss_mb() - base, "encoded": encoded, "fa": accuracy}
+
+
+def profile(row: str, batch: int, amp: bool, compile: bool, quick: bool) -> dict:
+    """torch.profiler top-15 ops by self CPU time of the fast path of `row`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if ROWS[row][1] == "pipeline":
+        config, tasks = pipeline_config(True, amp, compile, quick), _pipeline_tasks(quick)
+        from bench_pipeline import timed_run
+
+        with tempfile.TemporaryDirectory() as tmp, torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            timed_run(config, tasks, Path(tmp))
+    else:
+        step = _step(row, "fused", batch, amp, compile)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
+    return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)}
+
+
+FUNCTIONS = {"speed": speed, "memory": memory, "peaks": peaks, "pipeline": pipeline, "profile": profile}
+
+
+# -------------------------------------------------------------------------- orchestration
+def measure_row(row: str, args, fast: dict) -> dict:
+    """All subprocess measurements of one row: speed (or pipeline wall time) and peak memory per path."""
+    kind, batch = ROWS[row][1], ROWS[row][4 if args.quick else 3]
+    if kind == "pipeline":
+        runs: dict[str, list[dict]] = {"reference": [], "fast": []}
+        for _ in range(1 if args.quick else args.pipeline_repeats):
+            for which in runs:  # alternate processes: drift hits both paths alike
+                runs[which].append(
+                    in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick, **fast))
+        return {which: {key: statistics.median(run[key] for run in results) for key in results[0]}
+                for which, results in runs.items()}
+    repeats = (2 if args.quick else 7) if MODEL_KINDS[ROWS[row][2]][3] == 224 else (3 if args.quick else 15)
+    result = in_subprocess(__file__, args.threads, "speed", row=row, batch=batch, repeats=repeats, **fast)
+    for which in ("reference", "fast"):
+        result[which].update(in_subprocess(__file__, args.threads, "memory", row=row, batch=batch, which=which,
+                                           warmup=0 if args.quick else 1, **fast))
+    result["batch"] = batch
+    return result
+
+
+def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
+    """Reference / fast values, their ratio, PASS/MISS and, for a MISS, what bounds it."""
+    label, kind, _, _, _, target = ROWS[row]
+    ref, fast = result["reference"], result["fast"]
+    peak_flops = peak[dtype] * 1e9
+    if kind == "pipeline":
+        values = (f"{ref['seconds']:.1f} s", f"{fast['seconds']:.1f} s")
+        ratio = score = ref["seconds"] / fast["seconds"]
+        bound = (f"what caching cannot remove: prompted training and evaluation passes (rows train_tiny, infer_tiny); "
+                 f"frozen images encoded {ref['encoded']:.0f} -> {fast['encoded']:.0f}; --profile pipeline")
+    elif kind == "flops":
+        work = ref["flops"]  # the reference's explicit matmuls: the same useful work as the fast path
+        fractions = [work / (path["ms"] / 1e3) / peak_flops for path in (ref, fast)]
+        values = tuple(f"{fraction:.0%}" for fraction in fractions)
+        ratio, score = ref["ms"] / fast["ms"], fractions[1]
+        bound = (f"{work / 1e9 / result['batch']:.1f} GFLOP/image counted at {fast['ms'] / 1e3:.2f} s/step vs "
+                 f"{dtype} peak {peak[dtype]:.0f} GFLOP/s at 2048²; small-M linears and non-matmul ops run below it: "
+                 f"--profile train_vitb")
+    else:
+        values = (f"{ref['images_per_s']:.1f} img/s", f"{fast['images_per_s']:.1f} img/s")
+        ratio = score = fast["images_per_s"] / ref["images_per_s"]
+        work = ref["flops"] or 0.0
+        best = ref["ms"] / (work / peak_flops * 1e3) if work else float("nan")
+        reference_fraction = work / (ref["ms"] / 1e3) / peak_flops
+        if best < target:
+            bound = (f"matmul peak: the reference already runs at {reference_fraction:.0%} of the {dtype} peak, so "
+                     f"even 100 % of it gives at most ~{best:.2f}x")
+        else:
+            fast_fraction = work / (fast["ms"] / 1e3) / peak_flops
+            bound = (f"fast path at {fast_fraction:.0%} of the {dtype} peak (reference {reference_fraction:.0%}); "
+                     f"at most {best:.2f}x at peak: --profile {row}")
+    passed = score >= target
+    return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
+            "target": f">= {target:.0%} of peak" if kind == "flops" else f">= {target:g}x",
+            "result": "PASS" if passed else "MISS", "bound": "" if passed else bound,
+            "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
+
+
+def print_table(verdicts: list[dict]) -> None:
+    print("| row | reference | fast path | fast/ref | target | result | ref peak MB | fast peak MB | what bounds a MISS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v in verdicts:
+        ratio = f"{v['ratio']:.2f}x"
+        memory_mb = [f"{mb:.0f}" if mb is not None else "" for mb in (v["ref_peak_mb"], v["fast_peak_mb"])]
+        print(f"| {v['label']} | {v['reference']} | {v['fast']} | {ratio} | {v['target']} | {v['result']} | "
+              f"{memory_mb[0]} | {memory_mb[1]} | {v['bound']} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke run, ~2-3 minutes)")
+    parser.add_argument("--only", choices=list(ROWS), action="append", help="run only this row (repeatable)")
+    parser.add_argument("--out", help="also write settings, raw measurements and the table as JSON here")
+    parser.add_argument("--compile", action="store_true", help="fast path: torch.compile (project hook if present)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto",
+                        help="fast path autocast: auto = bf16 only where the CPU has native bf16")
+    parser.add_argument("--pipeline-repeats", type=int, default=3, help="alternating run pairs of the pipeline row")
+    parser.add_argument("--profile", choices=list(ROWS), help="print the fast path's top-15 ops of this row and exit")
+    parser.add_argument("--call", help=argparse.SUPPRESS)  # internal: one measurement, JSON in/out
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.call:
+        spec = json.loads(args.call)
+        print(json.dumps(FUNCTIONS[spec.pop("function")](**spec)))
+        return
+
+    has_bf16, source = native_bf16()
+    amp = has_bf16 if args.amp == "auto" else args.amp == "bf16"
+    fast = {"amp": amp, "compile": args.compile}
+    if args.profile:
+        row = "train_vitb" if args.profile == "flops_vitb" else args.profile
+        batch = ROWS[row][4 if args.quick else 3]
+        print(in_subprocess(__file__, args.threads, "profile", row=row, batch=batch, quick=args.quick, **fast)["table"])
+        return
+    from norga.config import RunConfig
+
+    optional = {key: hasattr(RunConfig(), key) for key in ("cache_prompted_features", "compile")}
+    measured_peaks = in_subprocess(__file__, args.threads, "peaks", quick=args.quick)
+    dtype = "bf16" if amp else "fp32"
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
+          f"{', QUICK (smoke sizes, not the figures to quote)' if args.quick else ''}")
+    print(f"matmul peak: fp32 {measured_peaks['fp32']:.1f} GFLOP/s (2048²), bf16 {measured_peaks['bf16']:.1f} GFLOP/s; "
+          f"native bf16: {has_bf16} ({source})")
+    from norga.nn import PromptedViT
+
+    how = "PromptedViT.compiled()" if callable(getattr(PromptedViT, "compiled", None)) else "torch.compile per block"
+    print(f"fast path: attention fused, amp {'bf16' if amp else 'none'} (--amp {args.amp}), "
+          f"compile {f'on ({how})' if args.compile else 'off'}, frozen-feature caching on, "
+          + ", ".join(f"config.{key} {'on' if present and (key != 'compile' or args.compile) else 'off' if present else 'n/a'}"
+                      for key, present in optional.items()))
+    print("reference path: attention reference, fp32, no caching\n")
+
+    rows = args.only or list(ROWS)
+    measured: dict[str, dict] = {}
+    for row in [r for r in ROWS if r in rows or (r == "train_vitb" and "flops_vitb" in rows)]:
+        if row != "flops_vitb":
+            start = time.perf_counter()
+            measured[row] = measure_row(row, args, fast)
+            print(f"[measured {row} in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    if "flops_vitb" in rows:
+        measured["flops_vitb"] = measured["train_vitb"]
+        train = measured["train_vitb"]
+        per_image = train["reference"]["flops"] / 1e9 / train["batch"]
+        print(f"FLOPs of one ViT-B training step: {per_image:.1f} GFLOP/image counted (FlopCounterMode, reference path); "
+              f"analytic {2 * VIT_B_FORWARD_GFLOP:.1f} (forward {VIT_B_FORWARD_GFLOP:.1f} + frozen-weight backward ~1x)\n")
+    verdicts = [verdict(row, measured[row], measured_peaks, dtype) for row in ROWS if row in measured and row in rows]
+    print_table(verdicts)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+                       "threads": args.threads, "quick": args.quick, "fast_path": {**fast, **optional},
+                       "native_bf16": [has_bf16, source], "peaks_gflops": measured_peaks,
+                       "measurements": measured, "table": verdicts}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

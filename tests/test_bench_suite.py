@@ -1,0 +1,67 @@
+"""The benchmark suite's bookkeeping (configs, verdicts), on made-up measurements: nothing here times anything."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench_suite = pytest.importorskip("bench_suite")
+
+PEAKS = {"fp32": 100.0, "bf16": 1.0}  # GFLOP/s
+
+
+def speed_result(ref_ms: float, fast_ms: float, batch: int = 8, gflop: float = 50.0) -> dict:
+    return {"reference": {"ms": ref_ms, "images_per_s": batch / ref_ms * 1e3, "flops": gflop * 1e9, "peak_mb": 100.0},
+            "fast": {"ms": fast_ms, "images_per_s": batch / fast_ms * 1e3, "peak_mb": 80.0}, "batch": batch}
+
+
+def test_reference_config_turns_every_speed_setting_off():
+    config = bench_suite.pipeline_config(fast=False, amp=True, compile=True, quick=True)
+    assert (config.prompt.attention_impl, config.cache_frozen_features, config.amp) == ("reference", False, "none")
+    for key in ("cache_prompted_features", "compile"):
+        assert getattr(config, key, False) is False
+
+
+def test_fast_config_uses_fused_attention_caching_and_amp_only_when_asked():
+    assert bench_suite.pipeline_config(fast=True, amp=False, compile=False, quick=False).amp == "none"
+    config = bench_suite.pipeline_config(fast=True, amp=True, compile=False, quick=False)
+    assert (config.prompt.attention_impl, config.cache_frozen_features, config.amp) == ("fused", True, "bf16")
+    assert getattr(config, "cache_prompted_features", True) is True
+    assert config.method == "norga" and config.prompt.gate == "sigmoid"  # the quickstart preset's shape
+
+
+def test_speed_row_passes_at_the_target_ratio():
+    verdict = bench_suite.verdict("train_tiny", speed_result(1000.0, 500.0), PEAKS, "fp32")
+    assert verdict["result"] == "PASS" and verdict["ratio"] == pytest.approx(2.0) and verdict["bound"] == ""
+
+
+def test_a_miss_near_the_matmul_peak_says_the_peak_bounds_it():
+    # 50 GFLOP in 0.6 s is 83 % of a 100 GFLOP/s peak: at most 1.2x is possible
+    verdict = bench_suite.verdict("train_vitb", speed_result(600.0, 550.0), PEAKS, "fp32")
+    assert verdict["result"] == "MISS"
+    assert "matmul peak" in verdict["bound"] and "1.20x" in verdict["bound"]
+
+
+def test_a_miss_far_from_the_peak_points_to_the_profile():
+    verdict = bench_suite.verdict("infer_tiny", speed_result(5000.0, 4000.0), PEAKS, "fp32")
+    assert verdict["result"] == "MISS" and "--profile infer_tiny" in verdict["bound"]
+
+
+def test_flop_row_scores_the_fast_path_against_the_peak_of_its_dtype():
+    result = speed_result(1000.0, 800.0, gflop=60.0)  # fast: 75 GFLOP/s
+    assert bench_suite.verdict("flops_vitb", result, PEAKS, "fp32")["result"] == "PASS"
+    assert bench_suite.verdict("flops_vitb", result, {"fp32": 200.0, "bf16": 1.0}, "fp32")["result"] == "MISS"
+
+
+def test_pipeline_row_compares_wall_time():
+    runs = {which: {"seconds": seconds, "peak_mb": 1.0, "encoded": 10.0, "fa": 1.0}
+            for which, seconds in (("reference", 90.0), ("fast", 30.0))}
+    assert bench_suite.verdict("pipeline", runs, PEAKS, "fp32")["result"] == "PASS"
+
+
+def test_native_bf16_answers_a_bool_and_says_where_it_looked():
+    has_bf16, source = bench_suite.native_bf16()
+    assert isinstance(has_bf16, bool) and source
