@@ -8,12 +8,16 @@ MLP. `nn.Module.compile` compiles in place, so state-dict keys stay unchanged (n
 
 from __future__ import annotations
 
+import torch._dynamo
 from torch import nn
 
 from norga.nn.prefix_attention import PrefixAttention
 
 #: The sub-modules of a timm `Block` compiled when its attention is a prefix attention.
 PREFIX_BLOCK_REGIONS = ("norm1", "norm2", "mlp")
+#: Graphs kept per compiled forward. A run needs up to ~8 (training, no_grad, inference_mode, bf16 autocast,
+#: each static then batch-dynamic); past torch's default limit (8) the extra variants would run eager.
+RECOMPILE_LIMIT = 16
 
 
 def compile_block(block: nn.Module, dynamic: bool | None = None, **options) -> list[str]:
@@ -24,6 +28,7 @@ def compile_block(block: nn.Module, dynamic: bool | None = None, **options) -> l
     Calling it again after the block's attention became a prefix attention re-splits it into regions.
     """
     options["dynamic"] = dynamic
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)  # process-wide
     if not isinstance(block.attn, PrefixAttention):
         block.compile(**options)
         return [""]
