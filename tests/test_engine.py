@@ -115,10 +115,24 @@ def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_intact(tmp_pa
     assert state["position"]["task"] == 1 and heavy  # task 0 finished and saved, loadable
 
 
-def test_bf16_autocast_run_completes(tmp_path):
-    matrices = run(tmp_path, config=tiny_config(amp="bf16"))
-    accuracy = matrices["accuracy"].accuracies()
+def test_bf16_autocast_run_completes_with_class_statistics_in_full_precision(tmp_path):
+    """Under bf16 autocast, class means and covariances stay float32 and the Cholesky factors float64."""
+    config = tiny_config(amp="bf16")
+    engine = Engine(config, make_model(config), make_tasks(), NUM_CLASSES, RunDirectory(tmp_path / "bf16"),
+                    torch.device("cpu"))
+    autocast_calls = []
+    entered = engine.context.autocast
+    engine.context.autocast = lambda: autocast_calls.append(1) or entered()
+    accuracy = engine.run()["accuracy"].accuracies()
     assert ((accuracy >= 0) & (accuracy <= 100)).all() and accuracy[:, -1].sum() > 0
+    assert autocast_calls and isinstance(entered(), torch.autocast)
+    for gaussians in (engine.method.tii_gaussians, engine.method.prompt_gaussians):
+        state = gaussians.state_dict()
+        assert len(state["labels"]) == NUM_CLASSES
+        assert state["means"].dtype == state["covariances"].dtype == torch.float32
+        assert state["factors"].dtype == torch.float64
+        features, _ = gaussians.sample(gaussians.labels, 3)
+        assert features.dtype == torch.float32 and torch.isfinite(features).all()
 
 
 def test_features_cached_on_disk_survive_a_resume(tmp_path):

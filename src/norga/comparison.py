@@ -85,10 +85,11 @@ def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> Meth
 
 def run_method(run: MethodRun, progress=None, previous_seconds: float | None = None) -> MethodResult:
     """Run `run` into its directory, resume it if interrupted, or skip it if it finished (same config only)."""
-    from norga.engine.build import build_run
+    from norga.engine.build import build_run, resolve_precision
     from norga.engine.loop import run_experiment
 
     directory = run.run_dir
+    resolve_precision(run.config)  # as build_run will: a stored config.yaml holds the resolved amp, not `auto`
     resume = _check_existing(run)
     if resume and _finished(directory):
         return read_result(run, "finished earlier", previous_seconds)

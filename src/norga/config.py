@@ -193,7 +193,8 @@ class RunConfig:
     ncm: NCMConfig = field(default_factory=NCMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | mps
-    amp: str = "none"  # none | bf16
+    amp: str = "none"  # none | bf16 | auto (bf16 where the device has native bf16, else none; build_run resolves it)
+    compile: bool = False  # regional torch.compile of the backbone blocks, prefix attention eager (nn/regional_compile.py)
     cache_frozen_features: bool = True
     cache_prompted_features: bool = True  # memoise prompted test features per (image, slot) across evaluations
     cache_features_on_disk: bool = False  # keep them in the run directory too (a resume needs no recompute)

@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple] = {
     "data.normalization": ("backbone", "official"),
     "schedule": ("constant", "step", "cosine", "coda_cosine"),
     "optimizer": ("adam", "sgd"),
-    "amp": ("none", "bf16"),
+    "amp": ("none", "bf16", "auto"),
     "device": ("auto", "cpu", "cuda", "mps"),
 }
 

@@ -12,6 +12,7 @@ from norga.backbones import create_backbone
 from norga.config import RunConfig
 from norga.data import build_benchmark
 from norga.engine.context import TaskDatasets
+from norga.engine.precision import native_bf16, resolve_amp
 from norga.methods import METHODS
 from norga.engine.seeding import seed_everything
 from norga.nn import PromptedViT
@@ -44,6 +45,9 @@ def build_run(config: RunConfig) -> BuiltRun:
 
     Seeded first, so random initialisations (a randomly initialised backbone, the head, the prompt pool) are a
     function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
+    ``config.amp`` is resolved in place (``auto`` -> ``bf16`` or ``none`` for the device; the engine only
+    knows those two), so the run directory's config.yaml records what ran; ``config.compile`` compiles the
+    model's blocks.
     """
     seed_everything(config.seed)
     backbone, record = create_backbone(
@@ -77,7 +81,21 @@ def build_run(config: RunConfig) -> BuiltRun:
         prefix_layout=config.prompt.prefix_layout,
         train_fc_norm=not isinstance(getattr(backbone, "fc_norm", nn.Identity()), nn.Identity),
     )
+    if config.compile:
+        model.compile_blocks()
     tasks = [TaskDatasets(list(task.classes), task.train, task.train_eval, task.test) for task in benchmark.tasks]
     device = resolve_device(config.device)
     return BuiltRun(model, tasks, benchmark.num_classes, device,
-                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "device": str(device)})
+                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "device": str(device),
+                     "precision": resolve_precision(config, device)})
+
+
+def resolve_precision(config: RunConfig, device: torch.device | None = None) -> dict[str, Any]:
+    """Resolve ``config.amp`` in place for `device` (``auto`` -> ``bf16`` or ``none``) and say what was decided.
+
+    `RunContext.autocast` knows only ``bf16`` and ``none``, so this must run before the engine sees the config.
+    """
+    device = device or resolve_device(config.device)
+    record = {"amp_requested": config.amp, "native_bf16": native_bf16(device), "compile": config.compile}
+    config.amp = resolve_amp(config.amp, device)
+    return {**record, "amp": config.amp}

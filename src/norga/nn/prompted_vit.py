@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from norga.nn.gates import GateSchedule, IdentityGate, ScoreGate, apply_gate_schedule, make_gate
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
+from norga.nn.regional_compile import compile_block
 
 DEFAULT_PROMPT_LAYERS = (0, 1, 2, 3, 4)
 
@@ -82,6 +83,7 @@ class PromptedViT(nn.Module):
         self.prefix_layout = prefix_layout
         self.train_fc_norm = train_fc_norm
         self._attention_impl = attention_impl
+        self._compile_options: dict | None = None  # set by `compile_blocks`
         self.install_prefix_layers(layers)
         self.pool: PrefixPool | None = None  # num_slots=0: no per-task slots (methods that bring their own prompts)
         if num_slots:
@@ -112,6 +114,17 @@ class PromptedViT(nn.Module):
             block = self.backbone.blocks[index]
             if not isinstance(block.attn, PrefixAttention):
                 block.attn = PrefixAttention(block.attn, impl=self._attention_impl)
+                if self._compile_options is not None:  # compiled whole before: now only around the prefix attention
+                    compile_block(block, **self._compile_options)
+
+    def compile_blocks(self, **options) -> dict[int, list[str]]:
+        """Regional ``torch.compile`` of the backbone blocks in place (`norga.nn.regional_compile`).
+
+        Plain blocks are compiled whole, prefix-attention blocks only in their norms and MLP; state-dict
+        keys are unchanged. `options` go to `nn.Module.compile`. Returns the compiled regions per block.
+        """
+        self._compile_options = dict(options)
+        return {index: compile_block(block, **options) for index, block in enumerate(self.backbone.blocks)}
 
     @property
     def depth(self) -> int:
