@@ -85,16 +85,8 @@ def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool =
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The project's own compile hook if norga has one (``model.compiled()``), else ``torch.compile`` per block.
-
-    Compiling block by block keeps the prefix binding (a context manager around the whole forward) outside
-    the compiled graphs.
-    """
-    hook = getattr(model, "compiled", None)
-    if callable(hook):
-        return hook()
-    for index, block in enumerate(model.backbone.blocks):
-        model.backbone.blocks[index] = torch.compile(block, dynamic=False)
+    """The project's regional compile (``PromptedViT.compile_blocks``: prefix attention stays eager)."""
+    model.compile_blocks()
     return model
 
 

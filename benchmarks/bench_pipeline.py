@@ -42,6 +42,8 @@ def timed_run(config: RunConfig, tasks, workdir: Path) -> tuple[float, int, floa
     model = PromptedViT(backbone, num_slots=len(tasks), prompt_length=config.prompt.length, gate=config.prompt.gate,
                         num_classes=sum(len(task.classes) for task in tasks),
                         attention_impl=config.prompt.attention_impl)
+    if config.compile:
+        model.compile_blocks()
     engine = Engine(config, model, tasks, model.backbone.num_classes, RunDirectory(workdir), torch.device("cpu"))
     start = time.perf_counter()
     matrices = engine.run()

@@ -16,7 +16,6 @@ processes, one per path; pipeline runs alternate reference / fast processes. Usa
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
@@ -42,20 +41,10 @@ VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight ba
 
 # ----------------------------------------------------------------------------------- device
 def native_bf16() -> tuple[bool, str]:
-    """Whether the CPU has native bf16 matmuls: norga's own helper if it has one, else /proc/cpuinfo."""
-    for module in ("norga", "norga.engine.amp", "norga.engine.precision", "norga.engine.device", "norga.engine.build",
-                   "norga.engine.context", "norga.amp", "norga.device", "norga.nn"):
-        try:
-            helper = getattr(importlib.import_module(module), "native_bf16", None)
-        except ImportError:
-            continue
-        if callable(helper):
-            return bool(helper(torch.device("cpu"))), f"{module}.native_bf16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False, "no /proc/cpuinfo"
-    return ("avx512_bf16" in flags or "amx_bf16" in flags), "/proc/cpuinfo avx512_bf16/amx_bf16"
+    """Whether this CPU computes bf16 natively (norga's own check: AVX512-BF16 / AMX)."""
+    from norga.engine.precision import native_bf16 as check
+
+    return check(torch.device("cpu")), "norga.engine.precision.native_bf16"
 
 
 # --------------------------------------------------------------- measurements (subprocess)
@@ -129,9 +118,8 @@ def pipeline_config(fast: bool, amp: bool, compile: bool, quick: bool):
     config.prompt.attention_impl = "fused" if fast else "reference"
     config.cache_frozen_features = fast
     config.amp = "bf16" if fast and amp else "none"
-    for key, value in {"cache_prompted_features": fast, "compile": fast and compile}.items():
-        if hasattr(config, key):  # keys other branches are adding
-            setattr(config, key, value)
+    config.cache_prompted_features = fast
+    config.compile = fast and compile
     return config
 
 
