@@ -137,9 +137,10 @@ class RunContext:
 
     def _shard_plan(self, count: int, batch_size: int, rng: torch.Generator) -> list[tuple[list[int], tuple[int, ...]]]:
         """Per global batch of a seeded shuffle of `count` items: this rank's indices and every rank's count."""
-        if self.dist.enabled and batch_size < self.dist.world_size:
-            raise ValueError(f"batch size {batch_size} cannot be split over {self.dist.world_size} processes: "
-                             f"use a batch size of at least {self.dist.world_size} or fewer processes")
+        if self.dist.enabled and min(batch_size, count) < self.dist.world_size:
+            raise ValueError(f"batches of {min(batch_size, count)} images cannot be split over {self.dist.world_size} "
+                             f"processes: use a batch size (and training set) of at least {self.dist.world_size} "
+                             "images or fewer processes")
         order = torch.randperm(count, generator=rng).tolist()
         plan = []
         for start in range(0, count, batch_size):
