@@ -150,3 +150,35 @@ def test_features_cached_on_disk_survive_a_resume(tmp_path):
     engine.run()
     per_task = CLASSES_PER_TASK * (TRAIN_PER_CLASS + TEST_PER_CLASS)
     assert engine.context.frozen_images_encoded == per_task  # only task 2's images; tasks 0-1 came from disk
+
+
+class RandomlyShifted(torch.utils.data.Dataset):
+    """Images plus noise drawn from the global torch generator: a stand-in for a random augmentation."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image + torch.randn(()), label
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmented_batches_replay_exactly_whatever_the_number_of_loader_workers(tmp_path, workers):
+    """Each image's augmentation is seeded from (seed, task, epoch, image): loader workers change nothing."""
+    config = tiny_config()
+    tasks = [TaskDatasets(t.classes, RandomlyShifted(t.train), t.train_eval, t.test) for t in make_tasks()]
+
+    def batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        config.data.workers = workers
+        engine = Engine(config, make_model(config), tasks, NUM_TASKS * CLASSES_PER_TASK,
+                        RunDirectory(tmp_path / f"w{workers}e{epoch}-{len(list(tmp_path.iterdir()))}"),
+                        torch.device("cpu"))
+        return [batch.images for batch in engine.context.train_loader(0, epoch, 5)]
+
+    single = batches(0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(batches(workers, 0), single, strict=True))
+    assert not torch.equal(batches(workers, 1)[0], single[0])  # another epoch, other draws
