@@ -15,7 +15,6 @@ import contextlib
 import json
 
 import torch
-
 from _timing import in_subprocess as _in_subprocess
 from _timing import median_ms, peak_mb
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _timing import in_subprocess, matmul_gflops, median_ms, peak_mb, peak_rss_mb, rss_mb
 from bench_core import MODEL_KINDS, autocast, compile_model, prompted_model, train_step
 

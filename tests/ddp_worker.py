@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_fixtures import NUM_TASKS, CLASSES_PER_TASK, make_model, make_tasks, tiny_config  # noqa: E402
+from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config  # noqa: E402
 
 from norga.engine.distributed import SINGLE_PROCESS, Distributed, init_distributed  # noqa: E402
 from norga.engine.loop import Position, open_run  # noqa: E402

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp_worker import ddp_config, run
-from engine_fixtures import NUM_TASKS, CLASSES_PER_TASK, make_model, make_tasks, tiny_config
+from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config
+
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory

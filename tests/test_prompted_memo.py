@@ -4,8 +4,8 @@ when the slot's parameters change."""
 from __future__ import annotations
 
 import torch
+from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config
 
-from engine_fixtures import NUM_TASKS, CLASSES_PER_TASK, make_model, make_tasks, tiny_config
 from norga.engine.features import PromptedFeatureMemo
 from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
@@ -55,7 +55,7 @@ def test_a_changed_slot_is_recomputed_and_the_others_are_not():
 
 
 def run_engine(tmp_path, memoise: bool) -> Engine:
-    config = tiny_config(**{"cache_prompted_features": memoise})
+    config = tiny_config(cache_prompted_features=memoise)
     engine = Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
                     RunDirectory(tmp_path / f"memo{memoise}"), torch.device("cpu"))
     engine.run()

@@ -13,8 +13,8 @@ from norga.config import RunConfig
 from norga.data import build_benchmark
 from norga.engine.context import TaskDatasets
 from norga.engine.precision import native_bf16, resolve_amp
-from norga.methods import METHODS
 from norga.engine.seeding import seed_everything
+from norga.methods import METHODS
 from norga.nn import PromptedViT
 
 

@@ -12,6 +12,7 @@ import torch
 from norga.config import RunConfig
 from norga.engine.context import RunContext, TaskDatasets
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
+from norga.engine.features import FeatureSet
 from norga.engine.joint import training_schedule
 from norga.engine.progress import Progress
 from norga.engine.run_dir import RunDirectory
@@ -134,7 +135,8 @@ class Engine:
         for seen in range(matrix.tested(task)):
             frozen = self.context.frozen_test_features(seen)
 
-            def predict(images: torch.Tensor, labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
+            def predict(images: torch.Tensor, labels: torch.Tensor, rows: slice,
+                        seen: int = seen, frozen: FeatureSet = frozen) -> tuple[torch.Tensor, ...]:
                 ids = ImageIds(("test", seen), torch.arange(rows.start, rows.stop), len(frozen.labels))
                 prediction = self.method.predict(images, task + 1, frozen.features[rows], ids)
                 tasks = prediction.tasks if prediction.tasks is not None else torch.full_like(labels, NO_TASK)

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.context import RunContext, TrainBatch
+from norga.engine.features import PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
-from norga.engine.features import PromptedFeatureMemo
 from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, ImageIds, Phase, Prediction, register_method
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.tii import TaskIdentityModel
