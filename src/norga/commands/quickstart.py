@@ -27,10 +27,10 @@ def add_parser(subparsers) -> None:
 def handle(args: argparse.Namespace) -> int:
     from norga.commands import refuse_under_torchrun
     from norga.comparison import MethodRun, method_config, run_method
-
-    refuse_under_torchrun("quickstart")
     from norga.engine.progress import Progress
     from norga.report import format_comparison_table, format_matrix
+
+    refuse_under_torchrun("quickstart")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     overrides = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])

@@ -103,7 +103,7 @@ class Distributed:
         """The global batch of per-sample tensors (rank order = batch order), differentiable.
 
         Each rank computes batch-coupled loss terms on the whole batch and divides them by the world size
-        (see `RunContext.whole_batch_term`); the backward hands this rank the gradient of its own rows,
+        (`RunContext.replicated_term`); the backward hands this rank the gradient of its own rows,
         scaled back by the world size, so the summed gradients are those of one process.
         """
         if not self.enabled:
