@@ -2,50 +2,55 @@
 
 from __future__ import annotations
 
-import timm
+import json
+from pathlib import Path
+
 import torch
 from torch.utils.data import Dataset
 
-from norga.config import OptimConfig, RunConfig, TAPConfig
+from norga.config import SHARED_KEYS, RunConfig
+from norga.config_io import load_config
+from norga.engine.build import BuiltRun, build_run
 from norga.engine.context import TaskDatasets
-from norga.methods import METHODS
-from norga.nn import PromptedViT
+from norga.engine.loop import Engine
+from norga.engine.run_dir import RunDirectory
 from norga.synthetic import synthetic_tasks
 
 NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE = 3, 2, 8, 4, 16, 0.5
+NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
+TINY = Path(__file__).with_name("tiny.yaml")
 
 
 def make_tasks(seed: int = 0) -> list[TaskDatasets]:
     return synthetic_tasks(NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE, seed)
 
 
-def make_model(config: RunConfig, seed: int = 0) -> PromptedViT:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=8, depth=2,
-                                     embed_dim=32, num_heads=2)
-        slots = NUM_TASKS if METHODS[config.method].uses_prompt_slots else 0
-        return PromptedViT(backbone, num_slots=slots, prompt_length=config.prompt.length,
-                           prompt_layers=config.prompt.layers, gate=config.prompt.gate,
-                           num_classes=NUM_TASKS * CLASSES_PER_TASK, prefix_layout=config.prompt.prefix_layout)
-
-
-def tiny_config(**changes) -> RunConfig:
-    config = RunConfig(method="norga", seed=7, cache_frozen_features=True)
-    config.prompt.length, config.prompt.layers, config.prompt.gate = 2, [0, 1], "sigmoid"
-    config.tii.mlp_hidden = [1]
-    config.tii.train = OptimConfig(epochs=2, lr=1e-3, batch_size=4)
-    config.tii.tap = TAPConfig(epochs=2, lr=0.01, samples_per_class=4)
-    config.wtp.train = OptimConfig(epochs=2, lr=0.01, batch_size=4, schedule="step")
-    config.wtp.tap = TAPConfig(epochs=2, lr=0.01, samples_per_class=8)
-    config.eval.batch_size = 3
+def tiny_config(method: str = "norga", **changes) -> RunConfig:
+    """tests/tiny.yaml for `method`, through `load_config` as a user's run; `changes` are ``--set`` keys, those
+    not of the shared schema relative to the method's section (``wtp.train.lr`` -> ``norga.wtp.train.lr``)."""
+    overrides = [f"method={method}"]
     for key, value in changes.items():
-        section, _, field = key.rpartition(".")
-        target = config
-        for part in filter(None, section.split(".")):
-            target = getattr(target, part)
-        setattr(target, field, value)
-    return config
+        dotted = key if key.split(".")[0] in SHARED_KEYS else f"{method}.{key}"
+        overrides.append(f"{dotted}={json.dumps(value)}")
+    return load_config(TINY, overrides)
+
+
+def build(config: RunConfig, tasks: list[TaskDatasets] | None = None) -> BuiltRun:
+    """What `norga run` builds, on the generated tasks."""
+    return build_run(config, tasks=tasks or make_tasks())
+
+
+def make_model(config: RunConfig):
+    return build(config).model
+
+
+def make_engine(config: RunConfig, directory: Path | RunDirectory, tasks: list[TaskDatasets] | None = None,
+                **kwargs) -> Engine:
+    """A new run's engine on the generated tasks (a `RunDirectory` is used as it is)."""
+    built = build(config, tasks)
+    run_dir = directory if isinstance(directory, RunDirectory) else RunDirectory(Path(directory))
+    return Engine(config, built.model, built.tasks, built.num_classes, run_dir, torch.device("cpu"),
+                  init_generator=built.init_generator, **kwargs)
 
 
 class FailingDataset(Dataset):

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from engine_fixtures import (CLASSES_PER_TASK, NUM_TASKS, TEST_PER_CLASS, TRAIN_PER_CLASS, FailingDataset,
-                             make_model, make_tasks, tiny_config)
+from engine_fixtures import (CLASSES_PER_TASK, NUM_TASKS, TEST_PER_CLASS, TRAIN_PER_CLASS, FailingDataset, build,
+                             make_engine, make_tasks, tiny_config)
 from norga.config import OptimConfig, TAPConfig
 from norga.engine.context import TaskDatasets
-from norga.engine.loop import Engine, run_experiment
+from norga.engine.loop import run_experiment
 from norga.engine.run_dir import RunDirectory
 
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
@@ -17,12 +17,14 @@ NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 
 def run(tmp_path, name="run", config=None, tasks=None, **kwargs):
     config = config or tiny_config()
-    return run_experiment(config, make_model(config), tasks or make_tasks(), NUM_CLASSES, tmp_path / name, **kwargs)
+    built = build(config, tasks)
+    return run_experiment(config, built.model, built.tasks, built.num_classes, tmp_path / name,
+                          init_generator=built.init_generator, **kwargs)
 
 
-@pytest.mark.parametrize("gate", ["sigmoid", None])
-def test_every_phase_runs_and_the_run_directory_is_complete(tmp_path, gate):
-    matrices = run(tmp_path, config=tiny_config(**{"prompt.gate": gate}))
+@pytest.mark.parametrize(("method", "gate"), [("norga", "sigmoid"), ("hide", "none")])
+def test_every_phase_runs_and_the_run_directory_is_complete(tmp_path, method, gate):
+    matrices = run(tmp_path, config=tiny_config(method))
     accuracy = matrices["accuracy"].accuracies()
     assert accuracy.shape == (NUM_TASKS, NUM_TASKS)
     upper = [(i, t) for t in range(NUM_TASKS) for i in range(t + 1)]
@@ -37,7 +39,8 @@ def test_every_phase_runs_and_the_run_directory_is_complete(tmp_path, gate):
         assert (directory / name).is_file(), name
     results = json.loads((directory / "results.json").read_text())
     assert results["tasks_finished"] == NUM_TASKS and results["gate"] == gate
-    assert results["compat"]["prefix_layout"] == "correct"
+    assert results["compat"]["prefix_layout"] == "correct" and results["settings"] == json.loads(
+        json.dumps(__import__("dataclasses").asdict(tiny_config(method).settings)))
     fa = results["metrics"]["final_average_accuracy"]
     assert fa == pytest.approx(accuracy[:, -1].mean())
 
@@ -45,9 +48,9 @@ def test_every_phase_runs_and_the_run_directory_is_complete(tmp_path, gate):
 def test_it_learns_the_generated_benchmark(tmp_path):
     """Separable class templates: final and task-identity accuracy far above chance (1/6), and TAP helps."""
     config = tiny_config(**{"wtp.train.lr": 0.05, "wtp.head_lr_scale": 1.0, "wtp.train.epochs": 5})
-    config.tii.train = OptimConfig(epochs=8, lr=1e-2, batch_size=4)
-    config.tii.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
-    config.wtp.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
+    config.settings.tii.train = OptimConfig(epochs=8, lr=1e-2, batch_size=4)
+    config.settings.tii.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
+    config.settings.wtp.tap = TAPConfig(epochs=5, lr=0.05, samples_per_class=16)
     matrices = run(tmp_path, config=config)
     last = NUM_TASKS - 1
     assert matrices["accuracy"].final_average_accuracy(last) > 70
@@ -75,15 +78,14 @@ def test_resume_after_a_crash_mid_epoch_gives_identical_results(tmp_path):
 
 def test_frozen_backbone_encodes_each_image_once(tmp_path):
     config = tiny_config(**{"tii.augment": False, "tii.train.epochs": 3})
-    model, tasks = make_model(config), make_tasks()
-    engine = Engine(config, model, tasks, NUM_CLASSES, RunDirectory(tmp_path / "cache"), torch.device("cpu"))
+    tasks = make_tasks()
+    engine = make_engine(config, tmp_path / "cache", tasks)
     engine.run()
     distinct = NUM_TASKS * CLASSES_PER_TASK * (TRAIN_PER_CLASS + TEST_PER_CLASS)
     assert engine.context.frozen_images_encoded == distinct
 
     config = tiny_config(**{"tii.augment": False, "tii.train.epochs": 3, "cache_frozen_features": False})
-    uncached = Engine(config, make_model(config), tasks, NUM_CLASSES, RunDirectory(tmp_path / "nocache"),
-                      torch.device("cpu"))
+    uncached = make_engine(config, tmp_path / "nocache", tasks)
     uncached.run()
     assert uncached.context.frozen_images_encoded > 2 * distinct
 
@@ -118,8 +120,7 @@ def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_intact(tmp_pa
 def test_bf16_autocast_run_completes_with_class_statistics_in_full_precision(tmp_path):
     """Under bf16 autocast, class means and covariances stay float32 and the Cholesky factors float64."""
     config = tiny_config(amp="bf16")
-    engine = Engine(config, make_model(config), make_tasks(), NUM_CLASSES, RunDirectory(tmp_path / "bf16"),
-                    torch.device("cpu"))
+    engine = make_engine(config, tmp_path / "bf16")
     autocast_calls = []
     entered = engine.context.autocast
     engine.context.autocast = lambda: autocast_calls.append(1) or entered()
@@ -144,8 +145,7 @@ def test_features_cached_on_disk_survive_a_resume(tmp_path):
         run(tmp_path, "disk", config, tasks=tasks)
     cached = sorted(p.name for p in (tmp_path / "disk" / "feature_cache").iterdir())
     assert cached == ["test_0.pt", "test_1.pt", "train_0.pt", "train_1.pt"]
-    engine = Engine(config, make_model(config), make_tasks(), NUM_CLASSES, RunDirectory(tmp_path / "disk", create=False),
-                    torch.device("cpu"))
+    engine = make_engine(config, RunDirectory(tmp_path / "disk", create=False))
     engine.resume()
     engine.run()
     per_task = CLASSES_PER_TASK * (TRAIN_PER_CLASS + TEST_PER_CLASS)
@@ -174,9 +174,7 @@ def test_augmented_batches_replay_exactly_whatever_the_number_of_loader_workers(
 
     def batches(workers: int, epoch: int) -> list[torch.Tensor]:
         config.data.workers = workers
-        engine = Engine(config, make_model(config), tasks, NUM_TASKS * CLASSES_PER_TASK,
-                        RunDirectory(tmp_path / f"w{workers}e{epoch}-{len(list(tmp_path.iterdir()))}"),
-                        torch.device("cpu"))
+        engine = make_engine(config, tmp_path / f"w{workers}e{epoch}-{len(list(tmp_path.iterdir()))}", tasks)
         return [batch.images for batch in engine.context.train_loader(0, epoch, 5)]
 
     single = batches(0, 0)

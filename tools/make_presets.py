@@ -54,16 +54,10 @@ def preset_from_script(script: str, calls: list[dict]) -> tuple[str, dict, str]:
     stage_a = next(a for a in calls if a["train_inference_task_only"])
     stage_b = next(a for a in calls if not a["train_inference_task_only"])
     name, method = preset_name(script)
-    gate = stage_b.get("gate_act") if method == "norga" else None
-    config = {
-        "method": method,
-        "seed": stage_b["seed"],
-        "data": {"benchmark": BENCHMARKS[stage_b["dataset"]], "num_tasks": stage_b["num_tasks"]},
-        "backbone": {"name": BACKBONES[stage_b["model"]], "weights": "hub"},
+    section = {
         "prompt": {
             "length": stage_b["length"],
             "layers": stage_b["e_prompt_layer_idx"],
-            "gate": gate,
             "momentum": stage_b["prompt_momentum"],
         },
         "tii": {
@@ -83,6 +77,15 @@ def preset_from_script(script: str, calls: list[dict]) -> tuple[str, dict, str]:
             "tap": {"epochs": stage_b["crct_epochs"], "lr": stage_b["ca_lr"],
                     "samples_per_class": 5 * stage_b["batch_size"]},
         },
+    }
+    if method == "norga":
+        section["gate"] = stage_b["gate_act"]
+    config = {
+        "method": method,
+        "seed": stage_b["seed"],
+        "data": {"benchmark": BENCHMARKS[stage_b["dataset"]], "num_tasks": stage_b["num_tasks"]},
+        "backbone": {"name": BACKBONES[stage_b["model"]], "weights": "hub"},
+        method: section,
         "eval": {"batch_size": stage_b["batch_size"]},
     }
     header = (f"# Official script scripts/{script} (MoE_PromptCL @ e418337), both stages in one run.\n"

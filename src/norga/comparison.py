@@ -8,7 +8,6 @@ It is resumable: a method whose run finished is skipped, an interrupted one resu
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,19 +26,20 @@ NO_PROGRESS_FILES = {"config.yaml", "environment.json", "log.txt"}
 
 def method_config(source: str | Path, method: str, overrides: Sequence[str] = (), method_overrides: Sequence[str] = (),
                   joint: bool = False) -> RunConfig:
-    """The config of `method` on a preset or YAML file: shared `overrides`, then the method and the settings
-    its name implies (``hide``: no gate), then ``data.joint``, then `method_overrides` (which win)."""
-    from norga.methods import METHOD_SETTINGS, METHODS
+    """The config of `method` on a preset or YAML file: shared `overrides`, then the method, then ``data.joint``,
+    then `method_overrides` (which win). The method reads its own section of the file (its defaults where the
+    file has none); shared overrides into other methods' sections do not apply to it."""
+    from norga.methods import method_names
 
-    if method not in METHODS:
+    if method not in method_names():
         from norga.config_io import _suggest
 
-        raise ConfigError(f"unknown method {method!r}{_suggest(method, list(METHODS))}; registered: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {method!r}{_suggest(method, method_names())}; registered: "
+                          f"{', '.join(sorted(method_names()))}")
     if any(o.partition("=")[0].strip() == "method" for o in overrides):
         raise ConfigError("--set method=... conflicts with --methods: list the methods in --methods")
-    implied = [f"{key}={json.dumps(value)}" for key, value in METHOD_SETTINGS[method].items()]
     joint_setting = ["data.joint=true"] if joint else []
-    return load_config(source, [*overrides, f"method={method}", *implied, *joint_setting, *method_overrides])
+    return load_config(source, [*overrides, f"method={method}", *joint_setting, *method_overrides], other_sections=True)
 
 
 @dataclass
@@ -96,7 +96,7 @@ def run_method(run: MethodRun, progress=None, previous_seconds: float | None = N
     start = time.perf_counter()
     built = build_run(run.config)
     run_experiment(run.config, built.model, built.tasks, built.num_classes, directory, resume=resume,
-                   device=built.device, progress=progress, records=built.records)
+                   device=built.device, progress=progress, records=built.records, init_generator=built.init_generator)
     return read_result(run, "resumed" if resume else "ran", time.perf_counter() - start)
 
 

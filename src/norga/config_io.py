@@ -1,10 +1,17 @@
-"""Reading and writing `RunConfig`: presets by name, YAML files, ``dotted.key=value`` overrides, validation."""
+"""Reading and writing `RunConfig`: presets by name, YAML files, ``dotted.key=value`` overrides, validation.
+
+Validation happens here and only here, from the field types: ``Literal`` choices, `Range` bounds, `OneOf`
+run-time choices, optional values, lists, nested sections; unknown keys and values get a "did you mean".
+The method's section is typed by its ``Settings`` class (`norga.methods.registry`); sections of other
+registered methods in a file (presets that serve several methods) are validated too, then left out.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -14,29 +21,13 @@ from typing import Any
 
 import yaml
 
-from norga.config import GATE_ACTIVATIONS, RunConfig
-
-#: Registered method names (norga.methods registers exactly these; kept here so configs load without torch).
-METHOD_NAMES = ("norga", "hide", "l2p", "dualprompt", "sprompt", "coda", "linear_probe", "ncm")
+from norga.config import SHARED_KEYS, OneOf, Range, RunConfig
 
 PRESET_PACKAGE = "norga.presets"
 
-#: Allowed values of the string-valued switches, by dotted key suffix.
-CHOICES: dict[str, tuple] = {
-    "method": METHOD_NAMES,
-    "gate": (*GATE_ACTIVATIONS, None),
-    "gate_train_tasks": ("first", "all", "none"),
-    "prompt_type": ("prefix", "tokens"),
-    "train_selection": ("task", "similarity"),
-    "ncm.metric": ("cosine", "euclidean"),
-    "prompt.prefix_layout": ("correct", "official"),
-    "prompt.attention_impl": ("fused", "reference"),
-    "data.normalization": ("backbone", "official"),
-    "schedule": ("constant", "step", "cosine", "coda_cosine"),
-    "optimizer": ("adam", "sgd"),
-    "amp": ("none", "bf16", "auto"),
-    "device": ("auto", "cpu", "cuda", "mps"),
-}
+#: Keys of the old shared schema that are now a method's own settings: where to find them.
+MOVED_KEYS = {"prompt": "norga.prompt / norga.gate (hide.prompt for HiDe-Prompt)", "tii": "norga.tii (or hide.tii)",
+              "wtp": "norga.wtp (or hide.wtp)"}
 
 
 class ConfigError(ValueError):
@@ -55,66 +46,163 @@ def preset_text(name: str) -> str:
     return resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
 
 
-def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """A preset name or YAML file (missing keys keep defaults), then ``key=value`` overrides, validated."""
-    data: dict = {}
-    if source is not None:
-        path = Path(source)
-        if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            text = path.read_text()
-        else:
-            text = preset_text(str(source))
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{source} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source} must hold a mapping of config keys")
-    config = _build(RunConfig, data, "")
+def read_source(source: str | Path | None) -> dict:
+    """The mapping a preset name or YAML file holds (empty for None)."""
+    if source is None:
+        return {}
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+    else:
+        text = preset_text(str(source))
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of config keys")
+    return _unshared(data)
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no two places share a mapping or list (YAML anchors and ``<<`` merges alias them)."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = (), *,
+                other_sections: bool = False) -> RunConfig:
+    """A preset name or YAML file (missing keys keep defaults), then ``key=value`` overrides, validated.
+
+    An override into another method's section is refused (it would not apply to this run) unless
+    `other_sections` (``norga compare``: shared overrides reach every method's run).
+    """
+    data = read_source(source)
     for override in overrides:
-        apply_override(config, override)
+        key, value = parse_override(override)
+        _assign(data, key, value)
+    config = build_config(data)
+    if not other_sections:
+        for override in overrides:
+            section = override.partition("=")[0].strip().split(".")[0]
+            if section != config.method and section in _method_names():
+                raise ConfigError(f"--set {override} does not apply: this run's method is {config.method!r}, whose "
+                                  f"settings are {config.method}.*; add --set method={section} to run {section}")
     return config
 
 
-def apply_override(config: RunConfig, override: str) -> None:
-    """Set one ``dotted.key=value`` (value parsed as YAML: numbers, true/false, null, [lists])."""
+def build_config(data: dict) -> RunConfig:
+    """A validated `RunConfig` from its YAML mapping (shared keys, the method's section, other methods' sections)."""
+    data = copy.deepcopy(data)
+    names = _method_names()
+    method = data.pop("method", RunConfig.method)
+    if method not in names:
+        raise ConfigError(f"method must be one of {sorted(names)}, got {method!r}{_suggest(str(method), names)}; "
+                          "`norga methods` lists them")
+    sections = {name: data.pop(name) for name in list(data) if name in names}
+    for key in data:
+        if key not in SHARED_KEYS:
+            hint = f": moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else _suggest(str(key), [*SHARED_KEYS, *names])
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    settings = {name: _build(_settings_class(name), value, name) for name, value in sections.items()}
+    shared = _build(RunConfig, data, "", RunConfig(method=method, settings=_settings_class(method)()))
+    shared.settings = settings.get(method, shared.settings)
+    return shared
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """``dotted.key=value`` -> (key, value parsed as YAML: numbers, true/false, null, [lists], {maps})."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. wtp.train.epochs=3")
-    parts = key.strip().split(".")
-    target: Any = config
-    for depth, part in enumerate(parts[:-1]):
-        target = getattr(target, _field_name(target, part, ".".join(parts[: depth + 1])))
-    name = _field_name(target, parts[-1], key.strip())
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. eval.batch_size=64")
     try:
-        value = yaml.safe_load(raw)
+        return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as error:
         raise ConfigError(f"cannot parse the value of {override!r}: {error}") from error
-    field = {f.name: f for f in dataclasses.fields(target)}[name]
-    if dataclasses.is_dataclass(getattr(target, name)):
-        setattr(target, name, _build(type(getattr(target, name)), value, key.strip(), getattr(target, name)))
-    else:
-        setattr(target, name, _check(value, _hints(type(target))[field.name], key.strip()))
+
+
+def apply_override(config: RunConfig, override: str) -> None:
+    """Set one ``dotted.key=value`` on `config` in place (validated like a file)."""
+    data = config.to_dict()
+    key, value = parse_override(override)
+    _assign(data, key, value)
+    rebuilt = build_config(data)
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, getattr(rebuilt, f.name))
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config` reads it back identically."""
     from norga.engine.checkpoint import write_text
 
-    write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), path)
+    write_text(config_yaml(config), path)
+
+
+def config_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flat_settings(settings: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"dotted.key": value}`` of a settings dataclass (nested sections flattened)."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value, dotted = getattr(settings, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(flat_settings(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def describe_type(field_type: Any) -> str:
+    """A field type as a reader would say it: "an integer >= 1", "one of ['adam', 'sgd']", ..."""
+    return _describe(field_type)
 
 
 # --------------------------------------------------------------------------- internals
+def _method_names() -> list[str]:
+    from norga.methods.registry import method_names
+
+    return method_names()
+
+
+def _settings_class(name: str) -> type:
+    from norga.methods.registry import settings_class
+
+    return settings_class(name)
+
+
+def _assign(data: dict, dotted: str, value: Any) -> None:
+    """Set `dotted` in the nested mapping `data`; a mapping value merges into an existing section."""
+    parts = dotted.split(".")
+    target = data
+    for depth, part in enumerate(parts[:-1]):
+        existing = target.get(part)
+        if existing is None:
+            existing = target[part] = {}
+        if not isinstance(existing, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section: cannot set {dotted}")
+        target = existing
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(target.get(last), dict):
+        target[last] = {**target[last], **value}
+    else:
+        target[last] = value
+
+
 def _build(cls: type, data: Any, prefix: str, base: Any = None):
     """`cls` from a mapping; keys it does not give keep `base`'s values (the section's own defaults)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {data!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "settings"]
     result = copy.deepcopy(base) if base is not None else cls()
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -128,41 +216,49 @@ def _build(cls: type, data: Any, prefix: str, base: Any = None):
     return result
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_name(target: Any, part: str, dotted: str) -> str:
-    names = [f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target) else []
-    if part not in names:
-        raise ConfigError(f"unknown config key {dotted!r}{_suggest(part, names)}")
-    return part
-
-
 def _check(value: Any, field_type: Any, dotted: str) -> Any:
-    """Type-check `value` against a field annotation; ints are accepted for floats."""
+    """`value` checked (and, ints or number strings for floats, converted) against a field annotation."""
+    value = _coerce(value, field_type)
     if not _matches(value, field_type):
-        raise ConfigError(f"{dotted} must be {_describe(field_type)}, got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and _base(field_type) is float:
-        value = float(value)
-    choices = next((options for suffix, options in CHOICES.items() if dotted == suffix or dotted.endswith("." + suffix)), None)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{dotted} must be one of {[c if c is not None else 'null' for c in choices]}, got {value!r}"
-                          f"{_suggest(str(value), [str(c) for c in choices if c is not None])}")
+        raise ConfigError(f"{dotted} must be {_describe(field_type)}, got {value!r}{_choice_hint(value, field_type)}")
     return value
 
 
-def _base(field_type: Any) -> Any:
-    args = [a for a in typing.get_args(field_type) if a is not type(None)]
-    if typing.get_origin(field_type) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return field_type
+def _coerce(value: Any, field_type: Any) -> Any:
+    """Ints for float fields become floats; strings YAML 1.1 leaves unparsed (``1e-3``) become numbers."""
+    if _accepts(field_type, float) and not _accepts(field_type, str):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    if typing.get_origin(field_type) is list and isinstance(value, list):
+        (item,) = typing.get_args(field_type) or (Any,)
+        return [_coerce(v, item) for v in value]
+    return value
+
+
+def _accepts(field_type: Any, kind: type) -> bool:
+    """Whether `field_type` (through Optional / Annotated) admits values of the plain type `kind`."""
+    origin = typing.get_origin(field_type)
+    if origin is typing.Annotated:
+        return _accepts(typing.get_args(field_type)[0], kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, kind) for arg in typing.get_args(field_type))
+    return field_type is kind
 
 
 def _matches(value: Any, field_type: Any) -> bool:
     origin = typing.get_origin(field_type)
+    if origin is typing.Annotated:
+        base, *metadata = typing.get_args(field_type)
+        return _matches(value, base) and all(_within(value, rule) for rule in metadata)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(field_type))
+    if origin is typing.Literal:
+        return value in typing.get_args(field_type)
     if field_type is type(None):
         return value is None
     if field_type is bool:
@@ -170,7 +266,7 @@ def _matches(value: Any, field_type: Any) -> bool:
     if field_type is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if field_type is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, float) and math.isfinite(value)
     if field_type is str:
         return isinstance(value, str)
     if origin is list or field_type is list:
@@ -178,15 +274,68 @@ def _matches(value: Any, field_type: Any) -> bool:
         return isinstance(value, list) and (item is Any or all(_matches(v, item) for v in value))
     if origin is dict or field_type is dict:
         return isinstance(value, dict)
-    if origin is tuple:
-        return isinstance(value, (list, tuple))
+    return True
+
+
+def _within(value: Any, rule: Any) -> bool:
+    if isinstance(rule, Range):
+        return rule.violation(value) is None
+    if isinstance(rule, OneOf):
+        return value in rule.options()
     return True
 
 
 def _describe(field_type: Any) -> str:
-    text = str(field_type).replace("typing.", "").replace("NoneType", "null")
-    return {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
-            "<class 'str'>": "a string"}.get(text, text)
+    origin = typing.get_origin(field_type)
+    if origin is typing.Annotated:
+        base, *metadata = typing.get_args(field_type)
+        text = _describe(base)
+        for rule in metadata:
+            if isinstance(rule, Range):
+                text += " " + _range_text(rule)
+            elif isinstance(rule, OneOf):
+                text = f"one of {rule.options()}"
+        return text
+    if origin in (typing.Union, types.UnionType):
+        options = [_describe(arg) for arg in typing.get_args(field_type) if arg is not type(None)]
+        nullable = type(None) in typing.get_args(field_type)
+        return " or ".join(options) + (" or null" if nullable else "")
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(field_type))}"
+    if origin is list:
+        (item,) = typing.get_args(field_type) or (Any,)
+        return f"a list, each {_describe(item)}"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            dict: "a mapping"}.get(field_type, str(field_type).replace("typing.", ""))
+
+
+def _range_text(rule: Range) -> str:
+    parts = []
+    if rule.min is not None:
+        parts.append(f"{'>' if rule.exclusive_min else '>='} {rule.min:g}")
+    if rule.max is not None:
+        parts.append(f"<= {rule.max:g}")
+    return " and ".join(parts)
+
+
+def _choice_hint(value: Any, field_type: Any) -> str:
+    """A "did you mean" among the string choices of `field_type`, if it has any."""
+    if not isinstance(value, str):
+        return ""
+    return _suggest(value, [c for c in _choices(field_type) if isinstance(c, str)])
+
+
+def _choices(field_type: Any) -> list:
+    origin = typing.get_origin(field_type)
+    if origin is typing.Literal:
+        return list(typing.get_args(field_type))
+    if origin is typing.Annotated:
+        base, *metadata = typing.get_args(field_type)
+        found = [c for rule in metadata if isinstance(rule, OneOf) for c in rule.options()]
+        return found or _choices(base)
+    if origin in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(field_type) for c in _choices(arg)]
+    return []
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:

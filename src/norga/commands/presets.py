@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-import yaml
-
-from norga.config_io import load_config, preset_names
+from norga.config_io import config_yaml, load_config, preset_names
 
 
 def add_parser(subparsers) -> None:
@@ -17,15 +14,16 @@ def add_parser(subparsers) -> None:
 
 
 def summary(name: str) -> str:
+    """One line: the preset's benchmark, backbone, method and the settings that matter to that method."""
+    from norga.methods import method_class
+
     c = load_config(name)
-    gate = c.prompt.gate or "none (HiDe-Prompt)"
-    return (f"{name:28s} {c.data.benchmark:11s} {c.backbone.name:8s} gate {gate:19s} "
-            f"Lp {c.prompt.length:<3d} prompt epochs {c.wtp.train.epochs}")
+    return f"{name:28s} {c.data.benchmark:11s} {c.backbone.name:18s} {c.method:12s} {method_class(c.method).summary(c.settings)}"
 
 
 def handle(args: argparse.Namespace) -> int:
     if args.name:
-        print(yaml.safe_dump(dataclasses.asdict(load_config(args.name)), sort_keys=False), end="")
+        print(config_yaml(load_config(args.name)), end="")
     else:
         for name in preset_names():
             print(summary(name))

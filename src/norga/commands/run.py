@@ -52,6 +52,7 @@ def handle(args: argparse.Namespace) -> int:
         matrices = run_experiment(
             config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume), device=device,
             progress=Progress(enabled=not args.quiet and dist.is_main), records=built.records, dist=dist,
+            init_generator=built.init_generator,
         )
     finally:
         shutdown_distributed()
@@ -73,11 +74,11 @@ def print_summary(run_dir: Path, matrices: dict) -> None:
     from norga.engine.run_dir import metrics_of
     from norga.report import format_matrix, format_metric
 
-    accuracy, identity = matrices["accuracy"], matrices["task_identity"]
+    accuracy, identity = matrices["accuracy"], matrices.get("task_identity")
     last = accuracy.num_steps - 1
     m = metrics_of(accuracy, last)
     print(f"run directory: {run_dir}")
     print(format_matrix(accuracy, last))
-    task_identity = None if identity.is_empty() else identity.final_average_accuracy(last)
+    task_identity = None if identity is None else identity.final_average_accuracy(last)
     print(f"FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}  "
           f"FFM {format_metric(m['forgetting'])}  task-identity {format_metric(task_identity)}")

@@ -1,7 +1,8 @@
-"""From a resolved `RunConfig` to the objects a run needs: device, backbone, prompted model, task data."""
+"""From a resolved `RunConfig` to the objects a run needs: device, backbone, prompt host model, task data."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,6 @@ from norga.data import build_benchmark
 from norga.engine.context import TaskDatasets
 from norga.engine.precision import native_bf16, resolve_amp
 from norga.engine.seeding import seed_everything
-from norga.methods import METHODS
 from norga.nn import PromptedViT
 
 
@@ -38,56 +38,61 @@ class BuiltRun:
     num_classes: int
     device: torch.device
     records: dict[str, Any]
+    init_generator: torch.Generator  # the seeded stream after the backbone and head: methods initialise from it
 
 
-def build_run(config: RunConfig) -> BuiltRun:
-    """Backbone (with its weights, strictly loaded), benchmark sized to it, and the prompted model.
+def build_run(config: RunConfig, tasks: Sequence[TaskDatasets] | None = None) -> BuiltRun:
+    """Backbone (with its weights, strictly loaded), benchmark sized to it, and the prompt host model.
 
-    Seeded first, so random initialisations (a randomly initialised backbone, the head, the prompt pool) are a
-    function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
+    `tasks` (library use, tests) replaces the configured benchmark with task data of your own; its classes
+    must be 0 .. C-1. Seeded first, so random initialisations (a randomly initialised backbone, the head)
+    are a function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
     ``config.amp`` is resolved in place (``auto`` -> ``bf16`` or ``none`` for the device; the engine only
     knows those two), so the run directory's config.yaml records what ran; ``config.compile`` compiles the
-    model's blocks.
+    model's blocks. The method builds its own prompts on the host when the engine creates it.
     """
     seed_everything(config.seed)
     backbone, record = create_backbone(
         config.backbone.name, weights=config.backbone.weights, **config.backbone.timm_kwargs
     )
-    benchmark = build_benchmark(
-        config.data.benchmark,
-        data_root=config.data.root,
-        seed=config.seed,
-        num_tasks=config.data.num_tasks,
-        image_size=record.input_size[-1],
-        mean=tuple(record.mean),
-        std=tuple(record.std),
-        normalization=config.data.normalization,
-        train_per_class=config.data.train_per_class,
-        test_per_class=config.data.test_per_class,
-        download=config.data.download,
-        fiveds_transform_carryover=config.data.fiveds_transform_carryover,
-        skip_unreadable=config.data.skip_unreadable,
-        memory_budget_mb=config.data.memory_budget_mb,
-        split_manifest=config.data.split_manifest,
-    )
+    if tasks is None:
+        benchmark = build_benchmark(
+            config.data.benchmark,
+            data_root=config.data.root,
+            seed=config.seed,
+            num_tasks=config.data.num_tasks,
+            image_size=record.input_size[-1],
+            mean=tuple(record.mean),
+            std=tuple(record.std),
+            normalization=config.data.normalization,
+            train_per_class=config.data.train_per_class,
+            test_per_class=config.data.test_per_class,
+            download=config.data.download,
+            fiveds_transform_carryover=config.data.fiveds_transform_carryover,
+            skip_unreadable=config.data.skip_unreadable,
+            memory_budget_mb=config.data.memory_budget_mb,
+            split_manifest=config.data.split_manifest,
+        )
+        tasks = [TaskDatasets(list(task.classes), task.train, task.train_eval, task.test) for task in benchmark.tasks]
+        num_classes, benchmark_record = benchmark.num_classes, benchmark.record()
+    else:
+        tasks = list(tasks)
+        num_classes = 1 + max(c for task in tasks for c in task.classes)
+        benchmark_record = {"name": "user-supplied tasks", "num_tasks": len(tasks),
+                            "task_classes": [list(task.classes) for task in tasks]}
     model = PromptedViT(
         backbone,
-        num_slots=len(benchmark.tasks) if METHODS[config.method].uses_prompt_slots else 0,
-        prompt_length=config.prompt.length,
-        prompt_layers=config.prompt.layers,
-        gate=config.prompt.gate,
-        num_classes=benchmark.num_classes,
-        attention_impl=config.prompt.attention_impl,
-        prefix_layout=config.prompt.prefix_layout,
+        num_classes=num_classes,
+        attention_impl=config.attention_impl,
         train_fc_norm=not isinstance(getattr(backbone, "fc_norm", nn.Identity()), nn.Identity),
     )
+    init_generator = torch.Generator().set_state(torch.get_rng_state())
     if config.compile:
         model.compile_blocks()
-    tasks = [TaskDatasets(list(task.classes), task.train, task.train_eval, task.test) for task in benchmark.tasks]
     device = resolve_device(config.device)
-    return BuiltRun(model, tasks, benchmark.num_classes, device,
-                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "device": str(device),
-                     "precision": resolve_precision(config, device)})
+    return BuiltRun(model, tasks, num_classes, device,
+                    {"backbone": record.to_dict(), "benchmark": benchmark_record, "device": str(device),
+                     "precision": resolve_precision(config, device)}, init_generator)
 
 
 def resolve_precision(config: RunConfig, device: torch.device | None = None) -> dict[str, Any]:

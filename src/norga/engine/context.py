@@ -72,8 +72,12 @@ class RunContext:
         feature_dir: Path | None = None,
         test_tasks: Sequence[TaskDatasets] | None = None,
         dist: Distributed = SINGLE_PROCESS,
+        init_generator: torch.Generator | None = None,
     ) -> None:
         self.config = config
+        #: Where methods draw their parameters' random initialisation: `build_run` continues its own seeded
+        #: stream here (after the backbone and head), so a run's prompts are a function of the seed alone.
+        self.init_generator = init_generator or generator(config.seed, "init")
         self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
         self.tasks = list(tasks)  # what the method trains on, task after task
         self.test_tasks = list(test_tasks) if test_tasks is not None else self.tasks  # what is evaluated (joint: differ)
@@ -193,13 +197,13 @@ class RunContext:
             return self.model.forward_features(images.to(self.device)).float()
 
     @torch.no_grad()
-    def encode_dataset(self, dataset: Dataset, slots: int | None = None) -> FeatureSet:
-        """Pre-logits of every image of `dataset` in order: frozen (`slots` None) or prompted with that slot."""
+    def encode_dataset(self, dataset: Dataset, encoder: Callable[[Tensor], Tensor] | None = None) -> FeatureSet:
+        """Features of every image of `dataset` in order: frozen pre-logits, or ``encoder(images)`` (e.g. a
+        method's prompted pass), in evaluation batches split over the processes."""
         def encode(images: Tensor, labels: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-            if slots is None:
+            if encoder is None:
                 return self.frozen_encode(images), labels
-            with self.autocast():
-                return self.model.forward_features(images, slots).float(), labels
+            return encoder(images).float(), labels
 
         features, labels = self.map_batches(dataset, self._eval_batch(), encode)
         return FeatureSet(features, labels.long())
@@ -212,16 +216,12 @@ class RunContext:
         """Frozen features of test task `task`'s images, computed once per run."""
         return self.cache.features(("test", task), lambda: self.encode_dataset(self.test_tasks[task].test))
 
-    def tii_training_batches(self, task: int, epoch: int, batch_size: int) -> Iterator[TrainBatch]:
-        """Batches of (features, labels) for task-identity training (augmented views per ``tii.augment``)."""
-        return self.frozen_training_batches(task, epoch, batch_size, self.config.tii.augment, "tii")
-
     def frozen_training_batches(
         self, task: int, epoch: int, batch_size: int, augment: bool, stream: str
     ) -> Iterator[TrainBatch]:
         """Batches of (frozen features, labels) of `task`'s training images for a model on frozen features.
 
-        With `augment` (official for the TII model) the frozen backbone encodes freshly augmented images
+        With `augment` (e.g. HiDe's task-identity model, officially) the frozen backbone encodes freshly augmented images
         every epoch; without, the cached test-transform features are reshuffled each epoch by a generator
         seeded from (seed, `stream`, task, epoch).
         """
@@ -234,11 +234,6 @@ class RunContext:
                                                 generator(self.config.seed, stream, task, epoch)):
             index = torch.as_tensor(indices, dtype=torch.long)
             yield TrainBatch(cached.features[index].to(self.device), cached.labels[index].to(self.device), counts)
-
-    def prompted_train_features(self, task: int) -> tuple[Tensor, Tensor]:
-        """Prompted pre-logits (slot `task`) of `task`'s training images under the test transform."""
-        encoded = self.encode_dataset(self.tasks[task].train_eval, slots=task)
-        return encoded.features, encoded.labels
 
     # --------------------------------------------------------------- misc
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -17,14 +17,13 @@ from norga.engine.joint import training_schedule
 from norga.engine.progress import Progress
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
-from norga.methods import METHODS
-from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, ImageIds
+from norga.methods import method_class
+from norga.methods.base import ContinualMethod, ImageIds
 from norga.metrics import AccuracyMatrix
 from norga.nn import PromptedViT
 
 log = logging.getLogger("norga")
 
-MATRICES = ("accuracy", "before_tap", "task_identity")
 NO_TASK = -1  # a method that infers no task
 
 
@@ -54,23 +53,30 @@ class Engine:
         progress: Progress | None = None,
         after_epoch: Callable[[Position], None] | None = None,
         dist: Distributed = SINGLE_PROCESS,
+        init_generator: torch.Generator | None = None,
     ) -> None:
-        if dist.enabled and config.prompt.prefix_layout == "official":
-            raise ValueError("prompt.prefix_layout=official mixes the samples of a training batch, which a distributed "
-                             "run splits across processes: run it in one process or use prompt.prefix_layout=correct")
         self.config = config
         self.run_dir = run_dir
         seed_everything(config.seed)  # before any module the method creates is initialised
         feature_dir = run_dir.path / "feature_cache" if config.cache_features_on_disk else None
         self.joint = config.data.joint  # one training step on the union of all tasks (engine/joint.py)
         self.context = RunContext(config, model.to(device), training_schedule(tasks, self.joint), num_classes, device,
-                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks, dist=dist)
-        self.method: ContinualMethod = METHODS[config.method](self.context)
+                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks, dist=dist,
+                                  init_generator=init_generator)
+        self.method: ContinualMethod = method_class(config.method)(self.context, config.settings)
+        if dist.enabled and (refusal := self.method.data_parallel_refusal()) is not None:
+            raise ValueError(refusal)
         self.num_tasks = len(self.context.tasks)  # training steps
-        self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in MATRICES}
+        self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in self.matrix_names()}
         self.position = Position()
         self.progress = progress or Progress(enabled=False)
         self.after_epoch = after_epoch  # test hook: called after each checkpointed epoch
+
+    def matrix_names(self) -> list[str]:
+        """The accuracy matrix, the task-identity one if the method infers tasks (not in a joint run: one task
+        is trivial), and the method's own extra matrices."""
+        identity = ["task_identity"] if self.method.infers_tasks and not self.joint else []
+        return ["accuracy", *identity, *self.method.extra_matrices]
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -105,8 +111,8 @@ class Engine:
             for index in range(first_phase, len(phases)):
                 phase = phases[index]
                 first_epoch = start.epoch if (task, index) == (start.task, start.phase) else 0
-                if phase.name == EVALUATE_BEFORE_TAP:
-                    self.evaluate(task, self.matrices["before_tap"])
+                if phase.evaluate is not None:
+                    self.evaluate(task, self.matrices[phase.evaluate])
                 else:
                     bar = self.progress.bar(f"task {task + 1}/{self.num_tasks} {phase.name}", phase.epochs, first_epoch)
 
@@ -117,10 +123,10 @@ class Engine:
                     self.method.run_phase(task, phase, first_epoch, on_epoch_end)
                     bar.close()
                 self._checkpoint(task, index + 1, 0)
-            self.evaluate(task, self.matrices["accuracy"], self.matrices["task_identity"])
+            self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"))
             self._checkpoint(task + 1, 0, 0)
             self.run_dir.save_task_checkpoint(task, self.state(), self.method.heavy_state_dict())
-            self.run_dir.write_results(self.config, self.matrices, upto=task)
+            self.run_dir.write_results(self.config, self.matrices, upto=task, method=self.method)
             self.progress.write(self.run_dir.summary_line(self.matrices["accuracy"], task))
         return self.matrices
 
@@ -129,7 +135,7 @@ class Engine:
     def evaluate(self, task: int, matrix: AccuracyMatrix, identity: AccuracyMatrix | None = None) -> None:
         """Accuracy on the test set of every task seen so far (all tasks in a joint run), after learning `task`.
 
-        Task identity is recorded only for methods that predict tasks, and not in a joint run (one task: trivial).
+        `identity` (the task-identity matrix) is given for methods that infer tasks, outside joint runs.
         """
         self.context.model.eval()
         for seen in range(matrix.tested(task)):
@@ -139,13 +145,15 @@ class Engine:
                         seen: int = seen, frozen: FeatureSet = frozen) -> tuple[torch.Tensor, ...]:
                 ids = ImageIds(("test", seen), torch.arange(rows.start, rows.stop), len(frozen.labels))
                 prediction = self.method.predict(images, task + 1, frozen.features[rows], ids)
+                if prediction.tasks is None and identity is not None:
+                    raise RuntimeError(f"method {self.config.method!r} infers tasks but its predict returned none")
                 tasks = prediction.tasks if prediction.tasks is not None else torch.full_like(labels, NO_TASK)
                 return prediction.classes, tasks, labels
 
             classes, tasks, labels = self.context.map_batches(
                 self.context.test_tasks[seen].test, self.config.eval.batch_size, predict)
             matrix.update(seen, task, int((classes == labels).sum()), len(labels))
-            if identity is not None and bool((tasks != NO_TASK).any()) and not self.joint:
+            if identity is not None:
                 identity.update(seen, task, int((tasks == seen).sum()), len(labels))
 
 
@@ -162,10 +170,12 @@ def open_run(
     after_epoch: Callable[[Position], None] | None = None,
     records: dict | None = None,
     dist: Distributed = SINGLE_PROCESS,
+    init_generator: torch.Generator | None = None,
 ) -> Engine:
     """The engine of a new run directory (written: config, environment) or of one to resume (state loaded).
 
-    `records` (backbone and benchmark provenance) go into environment.json with the software versions. In a
+    `records` (backbone and benchmark provenance) go into environment.json with the software versions;
+    `init_generator` (`BuiltRun.init_generator`) initialises the method's parameters. In a
     distributed run (`dist`) every process calls this; only rank 0 writes the run directory.
     """
     if dist.is_main:
@@ -177,7 +187,7 @@ def open_run(
         directory.write_config(config)
         directory.write_environment({"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})})
     engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch,
-                    dist)
+                    dist, init_generator)
     if resume:
         engine.resume()
     return engine
@@ -185,5 +195,6 @@ def open_run(
 
 def run_experiment(*args, **kwargs) -> dict[str, AccuracyMatrix]:
     """Library entry point: run (or resume) one experiment on already-built model and task data (the arguments
-    are those of `open_run`); returns the accuracy, before-TAP and task-identity matrices."""
+    are those of `open_run`); returns the run's matrices by name ("accuracy", "task_identity" where the method
+    infers tasks, and the method's own, e.g. HiDe-Prompt's "before_tap")."""
     return open_run(*args, **kwargs).run()

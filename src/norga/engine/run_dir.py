@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -15,6 +16,9 @@ from norga import __version__
 from norga.config import RunConfig
 from norga.engine.checkpoint import load_checkpoint, save_checkpoint, write_json
 from norga.metrics import AccuracyMatrix
+
+if TYPE_CHECKING:
+    from norga.methods.base import ContinualMethod
 
 STATE = "state.pt"
 HEAVY_STATE = "state_heavy.pt"
@@ -117,27 +121,31 @@ class RunDirectory:
         save_checkpoint({**state, **heavy}, self.path / "checkpoints" / f"task{task + 1}.pt")
 
     # ------------------------------------------------------------ results
-    def write_results(self, config: RunConfig, matrices: dict[str, AccuracyMatrix], upto: int) -> dict[str, Any]:
-        """results.json, the matrices as CSV and the plots (read-only view: nothing is written)."""
-        accuracy, identity = matrices["accuracy"], matrices["task_identity"]
+    def write_results(self, config: RunConfig, matrices: dict[str, AccuracyMatrix], upto: int,
+                      method: ContinualMethod | None = None) -> dict[str, Any]:
+        """results.json, the matrices as CSV and the plots (read-only view: nothing is written).
+
+        The record holds the method's own resolved settings and what it adds (`ContinualMethod.compat`,
+        `run_record`), and nothing of another method's.
+        """
+        accuracy, identity = matrices["accuracy"], matrices.get("task_identity")
         results = {
             "method": config.method,
-            "gate": config.prompt.gate,
+            "settings": dataclasses.asdict(config.settings),
             "joint": accuracy.joint,
             "tasks_finished": accuracy.tested(upto),
             "complete": upto + 1 == accuracy.num_steps,
             "metrics": metrics_of(accuracy, upto),
             # null where the method infers no task (e.g. linear_probe, ncm) or in a joint run (trivial)
-            "task_identity_accuracy": None if identity.is_empty() else identity.final_average_accuracy(upto),
+            "task_identity_accuracy": None if identity is None else identity.final_average_accuracy(upto),
             "compat": {
-                "prefix_layout": config.prompt.prefix_layout,
-                "batchwise_prompt": config.eval.batchwise_prompt,
                 "normalization": config.data.normalization,
                 "fiveds_transform_carryover": config.data.fiveds_transform_carryover,
-                "gate_train_tasks": config.prompt.gate_train_tasks,
                 "mask_final_logits": config.eval.mask_final_logits,
                 "test_batch_size": config.eval.batch_size,
+                **(method.compat() if method is not None else {}),
             },
+            **(method.run_record() if method is not None else {}),
             "matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
         }
         if accuracy.joint:

@@ -1,7 +1,13 @@
-"""Continual-learning methods, registered by name (`METHODS`)."""
+"""Continual-learning methods, registered by name (`METHODS`): each is one module with its class and settings.
 
-# importing registers them: "norga", "hide", "l2p", "dualprompt", "sprompt", "coda", "linear_probe", "ncm"
-from norga.methods import coda, hide, keyed, linear_probe, ncm  # noqa: F401
-from norga.methods.base import METHOD_SETTINGS, METHODS, ContinualMethod, Phase, Prediction, register_method
+Importing this package registers the built-in ones: "hide", "norga", "l2p", "dualprompt", "sprompt", "coda",
+"linear_probe", "ncm".
+"""
 
-__all__ = ["METHODS", "METHOD_SETTINGS", "ContinualMethod", "Phase", "Prediction", "register_method"]
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.registry import METHODS, method_class, method_names, register_method, settings_class
+
+from norga.methods import coda, hide, keyed, linear_probe, ncm  # noqa: E402,F401,I001 - registers them
+
+__all__ = ["METHODS", "ContinualMethod", "ImageIds", "Phase", "Prediction", "method_class", "method_names",
+           "register_method", "settings_class"]

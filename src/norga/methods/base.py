@@ -1,24 +1,31 @@
-"""What a continual-learning method is to the engine: named phases per task, prediction, state."""
+"""What a continual-learning method is to the engine: its settings, its phases per task, prediction, state.
+
+The engine knows no method's phases. A method declares them (`phases`), which of them evaluate into which
+of its matrices (`Phase.evaluate`, `extra_matrices`), whether it infers task identity, what it refuses under
+data parallelism, and what it adds to the run record.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
-#: A phase name that asks the engine to evaluate all seen tasks into the "before_tap" matrices.
-EVALUATE_BEFORE_TAP = "evaluate_before_tap"
+if TYPE_CHECKING:
+    from norga.engine.context import RunContext
 
 
 @dataclass
 class Phase:
-    """One step of learning a task; `epochs` > 0 marks a resumable training phase."""
+    """One step of learning a task: `epochs` > 0 marks a resumable training phase; `evaluate` names the
+    method's matrix that an evaluation phase fills (every seen task's test set, at that point)."""
 
     name: str
     epochs: int = 0
+    evaluate: str | None = None
 
 
 @dataclass
@@ -38,16 +45,27 @@ class ImageIds(NamedTuple):
 
 
 class ContinualMethod(ABC):
-    """A method is a set of task hooks; the engine never branches on its name.
+    """A method is a set of task hooks with its own typed settings; the engine never branches on its name.
 
-    `phases(task)` lists what learning `task` takes; the engine runs each with `run_phase` and, after every
-    epoch of a training phase, checkpoints `state_dict()` so a run can resume from the last finished epoch.
+    Subclasses set ``name`` (the config name, also its settings section) and ``Settings`` (a dataclass with
+    typed fields and the method's defaults) and register with `norga.methods.register_method`.
+    `phases(task)` lists what learning `task` takes; the engine runs each with `run_phase` (or evaluates, for
+    a phase with `Phase.evaluate`) and, after every epoch of a training phase, checkpoints `state_dict()`.
     """
 
     name: ClassVar[str]
-    #: Whether the method uses the model's per-task prefix slots (`PromptedViT.pool`); if not, the model is
-    #: built without them.
-    uses_prompt_slots: ClassVar[bool] = True
+    Settings: ClassVar[type]
+    #: Matrices besides "accuracy" (and "task_identity" when `infers_tasks`) that its phases evaluate into.
+    extra_matrices: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, context: RunContext, settings: Any) -> None:
+        self.ctx = context
+        self.settings = settings
+
+    @property
+    def infers_tasks(self) -> bool:
+        """Whether `predict` returns predicted tasks (recorded as the task-identity matrix)."""
+        return False
 
     @abstractmethod
     def phases(self, task: int) -> list[Phase]: ...
@@ -76,23 +94,19 @@ class ContinualMethod(ABC):
     def load_heavy_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what `heavy_state_dict` returned (nothing by default)."""
 
+    def data_parallel_refusal(self) -> str | None:
+        """Why these settings cannot run split across processes (one line with the fix), or None."""
+        return None
 
-METHODS: dict[str, type[ContinualMethod]] = {}
+    def compat(self) -> dict[str, Any]:
+        """The method's compatibility switches with the official code, as used (for results.json)."""
+        return {}
 
-#: Config values a method name stands for (``hide`` is the HiDe-Prompt class with no gate); commands that
-#: run a method by name on any preset (``norga compare``) apply them. Dotted key -> value.
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {}
+    def run_record(self) -> dict[str, Any]:
+        """What the method adds to results.json about the run as it ended (e.g. learned gate scalars)."""
+        return {}
 
-
-def register_method(
-    *names: str, implies: dict[str, Any] | None = None
-) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
-    """Class decorator: make a method available to configs under `names`, which imply the settings `implies`."""
-
-    def register(cls: type[ContinualMethod]) -> type[ContinualMethod]:
-        for name in names:
-            METHODS[name] = cls
-            METHOD_SETTINGS[name] = dict(implies or {})
-        return cls
-
-    return register
+    @classmethod
+    def summary(cls, settings: Any) -> str:
+        """One line of the settings that matter to this method (``norga presets``)."""
+        return ""

@@ -1,4 +1,4 @@
-"""HiDe-Prompt and NoRGa (HiDe-Prompt with a non-linear residual gate): one method, the gate is config.
+"""HiDe-Prompt and NoRGa (HiDe-Prompt with a non-linear residual gate): two registered methods, one pipeline.
 
 Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run:
 task-identity model training -> its class Gaussians -> its task-adaptive training (t > 0); then prompt
@@ -9,21 +9,75 @@ class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from norga.config import OptimConfig, RunConfig, TAPConfig
+from norga.config import Count, Fraction, NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt, TAPConfig, Temperature
 from norga.engine.context import RunContext, TrainBatch
 from norga.engine.features import PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
-from norga.methods.base import EVALUATE_BEFORE_TAP, ContinualMethod, ImageIds, Phase, Prediction, register_method
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.registry import register_method
 from norga.methods.training import PhaseTraining, masked_logits
+from norga.nn import TaskPrompts
+from norga.nn.gates import GateTrainTasks, NoRGaGate, ScoreGateKind
 from norga.tii import TaskIdentityModel
+
+
+@dataclass
+class TaskPromptSettings:
+    """The per-task prefix prompts: length, prompted blocks and HiDe-Prompt's prompt momentum."""
+
+    length: PositiveInt = 5
+    layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    momentum: Fraction = 0.01
+
+
+@dataclass
+class TIISettings:
+    """Task-identity inference model: frozen features -> residual MLP -> head."""
+
+    mlp_hidden: list[PositiveInt] = field(default_factory=lambda: [2])
+    augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
+    train: OptimConfig = field(default_factory=OptimConfig)
+    tap: TAPConfig = field(default_factory=lambda: TAPConfig(lr=0.0025, samples_per_class=128))
+
+
+@dataclass
+class WTPSettings:
+    """Within-task prompt training (and the prompted model's TAP)."""
+
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=50, lr=0.015, schedule="step"))
+    head_lr_scale: PositiveFloat = 0.1  # official --larger_prompt_lr: head lr = 0.1 x prompt lr
+    contrastive_weight: NonNegativeFloat = 0.1  # official --reg
+    contrastive_temperature: Temperature = 0.8
+    tap: TAPConfig = field(default_factory=TAPConfig)
+
+
+@dataclass
+class HiDeSettings:
+    """HiDe-Prompt's settings (section ``hide:``); defaults are the official CIFAR-100 Sup-21K script's."""
+
+    prompt: TaskPromptSettings = field(default_factory=TaskPromptSettings)
+    tii: TIISettings = field(default_factory=TIISettings)
+    wtp: WTPSettings = field(default_factory=WTPSettings)
+    prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (§1.6)
+    batchwise_prompt: bool = False  # official majority vote of the task id per test batch (P2), compat only
+    cache_prompted_features: bool = True  # memoise prompted test features per (image, slot); correct layout only
+
+
+@dataclass
+class NoRGaSettings(HiDeSettings):
+    """NoRGa's settings (section ``norga:``): HiDe-Prompt's plus the gate ``s + α·σ(τ·s)`` on prompt scores."""
+
+    gate: ScoreGateKind = "tanh"  # σ, a registered gate kind (norga.nn.gates.GATE_KINDS)
+    gate_train_tasks: GateTrainTasks = "first"  # official: α, τ trained on the first task only
 
 
 def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: float) -> Tensor:
@@ -33,37 +87,50 @@ def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: f
     return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
 
 
-@register_method("norga")
-@register_method("hide", implies={"prompt.gate": None})
+@register_method
 class HiDePrompt(PhaseTraining, ContinualMethod):
-    """HiDe-Prompt pipeline; ``config.prompt.gate`` None is HiDe-Prompt, an activation name is NoRGa."""
+    """HiDe-Prompt: per-task prefix slots (plain prefix tuning), task-identity inference, task-adaptive heads."""
 
     name = "hide"
+    Settings = HiDeSettings
+    extra_matrices = ("before_tap",)
+    gate_kind = "none"  # the score gate on every prompted block: none, plain prefix tuning
 
-    def __init__(self, context: RunContext) -> None:
-        self.ctx = context
-        self.config: RunConfig = context.config
+    def __init__(self, context: RunContext, settings: HiDeSettings) -> None:
+        super().__init__(context, settings)
         self.model = context.model
-        dim = self.model.backbone.num_features
-        num_classes = context.num_classes
-        self.tii = TaskIdentityModel(dim, num_classes, self.config.tii.mlp_hidden).to(context.device)
+        self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length, settings.prompt.layers,
+                                   gate=self._gate(), prefix_layout=settings.prefix_layout,
+                                   generator=context.init_generator).to(context.device)
+        self.prompts.freeze()
+        self.tii = TaskIdentityModel(self.model.embed_dim, context.num_classes, settings.tii.mlp_hidden).to(context.device)
         self.tii_gaussians = ClassGaussians()
         self.prompt_gaussians = ClassGaussians()
         self.optimizer: torch.optim.Optimizer | None = None
         self._saved_optimizer: dict | None = None
-        memoise = self.config.cache_prompted_features and self.config.prompt.prefix_layout == "correct"
+        memoise = settings.cache_prompted_features and settings.prefix_layout == "correct"
         self.prompted_memo = PromptedFeatureMemo(self._slot_version) if memoise else None
+
+    def _gate(self) -> str:
+        return self.gate_kind
+
+    def _gate_schedule(self) -> str:
+        return "none"
+
+    @property
+    def infers_tasks(self) -> bool:
+        return True
 
     # ----------------------------------------------------------------- phases
     def phases(self, task: int) -> list[Phase]:
-        cfg = self.config
+        s = self.settings
         later = task > 0
-        phases = [Phase("tii_train", cfg.tii.train.epochs), Phase("tii_stats")]
+        phases = [Phase("tii_train", s.tii.train.epochs), Phase("tii_stats")]
         if later:
-            phases.append(Phase("tii_tap", cfg.tii.tap.epochs))
-        phases += [Phase("wtp_train", cfg.wtp.train.epochs), Phase("momentum"), Phase("prompt_stats")]
+            phases.append(Phase("tii_tap", s.tii.tap.epochs))
+        phases += [Phase("wtp_train", s.wtp.train.epochs), Phase("momentum"), Phase("prompt_stats")]
         if later:
-            phases += [Phase(EVALUATE_BEFORE_TAP), Phase("tap", cfg.wtp.tap.epochs)]
+            phases += [Phase("evaluate_before_tap", evaluate="before_tap"), Phase("tap", s.wtp.tap.epochs)]
         return phases
 
     def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
@@ -77,9 +144,12 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     # ------------------------------------------------------ task identity model
     def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        cfg = self.config.tii.train
-        self._fit_classifier(self.tii, lambda epoch: self.ctx.tii_training_batches(task, epoch, cfg.batch_size),
-                             self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
+        s = self.settings.tii
+
+        def batches(epoch: int):
+            return self.ctx.frozen_training_batches(task, epoch, s.train.batch_size, s.augment, "tii")
+
+        self._fit_classifier(self.tii, batches, self.ctx.class_mask(task), s.train, start_epoch, on_epoch_end)
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)
@@ -88,56 +158,55 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         self.tii.train()
-        self._tap(task, start_epoch, on_epoch_end, self.config.tii.tap, self.tii_gaussians,
+        self._tap(task, start_epoch, on_epoch_end, self.settings.tii.tap, self.tii_gaussians,
                   list(self.tii.parameters()), self.tii, "tii_tap")
 
     # ---------------------------------------------------------- prompt training
     def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        cfg, model = self.config.wtp.train, self.model
+        s, model = self.settings, self.model
         if start_epoch == 0 and task > 0:
-            model.pool.copy_slot(task - 1, task)
-        model.set_gate_schedule(self.config.prompt.gate_train_tasks, task)
-        model.pool.set_trainable_slot(task)
-        groups = model.parameter_groups()
-        self._phase_optimizer(
-            [{"params": groups["prompts"] + groups["gates"]},
-             {"params": groups["head"], "lr_scale": self.config.wtp.head_lr_scale}], cfg, start_epoch)
-        momentum = self.config.prompt.momentum if task > 0 else 0.0
+            self.prompts.pool.copy_slot(task - 1, task)
+        prompt_params = self.prompts.train_slot(task, self._gate_schedule())
+        head = model.head_parameters()
+        self._phase_optimizer([{"params": prompt_params}, {"params": head, "lr_scale": s.wtp.head_lr_scale}],
+                              s.wtp.train, start_epoch)
+        momentum = s.prompt.momentum if task > 0 else 0.0
         allowed = self.ctx.class_mask(task)
         prototypes = self.prompt_gaussians.means(self.ctx.classes_before(task)) if task > 0 else None
-        params = [p for group in groups.values() for p in group]
+        params = [*prompt_params, *head]
         model.train()
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+        for epoch in range(start_epoch, s.wtp.train.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(s.wtp.train.schedule, epoch, s.wtp.train.epochs, s.wtp.train.lr))
             total = 0.0
-            for batch in self.ctx.train_loader(task, epoch, cfg.batch_size):
+            for batch in self.ctx.train_loader(task, epoch, s.wtp.train.batch_size):
                 with self.ctx.autocast():
-                    out = model(batch.images, task, momentum=momentum)
+                    out = model(batch.images, prefixes=self.prompts.prefixes(task, len(batch.images), momentum))
                     loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
-                total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+                total += self._step(loss, params, s.wtp.train)
+            self._end_epoch(epoch, total, s.wtp.train, on_epoch_end)
         model.eval()
+        self.prompts.freeze()
 
     def _prompt_loss(self, logits: Tensor, features: Tensor, batch: TrainBatch, allowed: Tensor,
                      prototypes: Tensor | None) -> Tensor:
         """Masked cross-entropy plus the contrastive regulariser over the whole batch's features."""
+        s = self.settings.wtp
         ce = self.ctx.batch_mean(F.cross_entropy(masked_logits(logits, allowed), batch.labels, reduction="none"), batch)
-        contrastive = contrastive_loss(self.ctx.gather_batch(features, batch), prototypes,
-                                       self.config.wtp.contrastive_temperature)
-        return ce + self.config.wtp.contrastive_weight * self.ctx.replicated_term(contrastive)
+        contrastive = contrastive_loss(self.ctx.gather_batch(features, batch), prototypes, s.contrastive_temperature)
+        return ce + s.contrastive_weight * self.ctx.replicated_term(contrastive)
 
     def _commit_momentum(self, task: int) -> None:
-        if task > 0 and self.config.prompt.momentum > 0:
-            self.model.pool.commit_blend(task, self.config.prompt.momentum)
+        if task > 0 and self.settings.prompt.momentum > 0:
+            self.prompts.pool.commit_blend(task, self.settings.prompt.momentum)
 
     def _prompt_stats(self, task: int) -> None:
-        features, labels = self.ctx.prompted_train_features(task)
+        encoded = self.ctx.encode_dataset(self.ctx.tasks[task].train_eval, lambda images: self.encode(images, task))
         for label in self.ctx.classes(task):
-            self.prompt_gaussians.add_class(label, features[labels == label])
+            self.prompt_gaussians.add_class(label, encoded.features[encoded.labels == label])
 
     def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         head = self.model.backbone.head
-        self._tap(task, start_epoch, on_epoch_end, self.config.wtp.tap, self.prompt_gaussians,
+        self._tap(task, start_epoch, on_epoch_end, self.settings.wtp.tap, self.prompt_gaussians,
                   list(head.parameters()), head, "tap")
 
     # ------------------------------------------------------------------ shared
@@ -150,7 +219,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         previous = len(self.ctx.classes_before(task))
         for epoch in range(start_epoch, cfg.epochs):
             set_epoch_lr(self.optimizer, cosine_annealing_factor(epoch, cfg.epochs))
-            rng = generator(self.config.seed, key, task, epoch)
+            rng = generator(self.ctx.config.seed, key, task, epoch)
             total = 0.0
             chunks = official_tap_batches(gaussians, seen, previous if cfg.official_chunking else len(seen),
                                           cfg.samples_per_class, rng)
@@ -161,6 +230,11 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False)
 
     # --------------------------------------------------------------- inference
+    def encode(self, images: Tensor, slots: Tensor | int) -> Tensor:
+        """Prompted pre-logits of `images` with slot ``slots[b]`` for sample b (an int: one slot for all)."""
+        with self.ctx.autocast():
+            return self.model.forward_features(images, prefixes=self.prompts.prefixes(slots, len(images))).float()
+
     @torch.inference_mode()
     def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
         """Task-identity inference from frozen features (masked to the seen classes)."""
@@ -181,35 +255,53 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             frozen_features = self.ctx.frozen_encode(images)
         tasks = self.predict_tasks(frozen_features, seen_tasks)
         slots = tasks
-        if self.config.eval.batchwise_prompt:  # official compat (P2): the batch's majority task for all
+        if self.settings.batchwise_prompt:  # official compat (P2): the batch's majority task for all
             slots = torch.full_like(tasks, int(torch.mode(tasks).values))
         images = images.to(self.ctx.device)
 
         def encode(mask: Tensor) -> Tensor:
-            with self.ctx.autocast():
-                return self.model.forward_features(images[mask.to(images.device)], slots[mask].to(self.ctx.device))
+            return self.encode(images[mask.to(images.device)], slots[mask].to(self.ctx.device))
 
         if self.prompted_memo is not None and image_ids is not None:
             features = self.prompted_memo.features(image_ids.dataset, image_ids.rows, slots, image_ids.size, encode)
         else:
             features = encode(torch.ones(len(slots), dtype=torch.bool))
         logits = self.model.classify(features.to(self.ctx.device).float()).float()
-        if self.config.eval.mask_final_logits:
+        if self.ctx.config.eval.mask_final_logits:
             logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
         return Prediction(logits.argmax(dim=1).cpu(), tasks)
 
     def _slot_version(self, slot: int) -> tuple[int, ...]:
         """In-place version counters of everything a slot's prompted features depend on (slot, gates, fc_norm)."""
-        params = [self.model.pool.slots[slot], *self.model.gates.parameters(),
+        params = [self.prompts.pool.slots[slot], *self.prompts.gates.parameters(),
                   *self.model.backbone.fc_norm.parameters()]
         return tuple((id(param), param._version) for param in params)
 
+    # ------------------------------------------------------------ run record
+    def data_parallel_refusal(self) -> str | None:
+        if self.settings.prefix_layout == "official":
+            return (f"{self.name}.prefix_layout=official mixes the samples of a training batch, which a distributed "
+                    f"run splits across processes: run it in one process or use {self.name}.prefix_layout=correct")
+        return None
+
+    def compat(self) -> dict[str, Any]:
+        return {"prefix_layout": self.settings.prefix_layout, "batchwise_prompt": self.settings.batchwise_prompt}
+
+    def run_record(self) -> dict[str, Any]:
+        return {"gate": self._gate()}
+
+    @classmethod
+    def summary(cls, settings: HiDeSettings) -> str:
+        return (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}, prompt epochs "
+                f"{settings.wtp.train.epochs} (lr {settings.wtp.train.lr:g}), TII epochs {settings.tii.train.epochs}")
+
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {**self._model_and_optimizer_state(), "tii": self.tii.state_dict()}
+        return {**self._model_and_optimizer_state(), "prompts": self.prompts.state_dict(), "tii": self.tii.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_trainable_model_state(state["model"])
+        self.prompts.load_state_dict(state["prompts"])
         self.tii.load_state_dict(state["tii"])
         self._saved_optimizer = state["optimizer"]
 
@@ -220,3 +312,30 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         if state:
             self.tii_gaussians.load_state_dict(state["tii_gaussians"])
             self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
+
+
+@register_method
+class NoRGa(HiDePrompt):
+    """NoRGa: HiDe-Prompt with the non-linear residual gate ``s + α·σ(τ·s)`` on the prompt scores."""
+
+    name = "norga"
+    Settings = NoRGaSettings
+
+    def _gate(self) -> str:
+        return self.settings.gate
+
+    def _gate_schedule(self) -> str:
+        return self.settings.gate_train_tasks
+
+    def compat(self) -> dict[str, Any]:
+        return {**super().compat(), "gate_train_tasks": self.settings.gate_train_tasks}
+
+    def run_record(self) -> dict[str, Any]:
+        """The gate kind and the learned α, τ of each prompted block."""
+        gates = [{"block": block, "alpha": float(gate.alpha), "tau": float(gate.tau)}
+                 for block, gate in zip(self.prompts.layers, self.prompts.gates) if isinstance(gate, NoRGaGate)]
+        return {"gate": self._gate(), "gates": gates}
+
+    @classmethod
+    def summary(cls, settings: NoRGaSettings) -> str:
+        return f"gate {settings.gate} (trained: {settings.gate_train_tasks} task), " + super().summary(settings)

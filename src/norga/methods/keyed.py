@@ -1,34 +1,89 @@
-"""L2P, DualPrompt and S-Prompt++ as in the official repository (NORGA_SPEC §1.8): one method, three configs.
+"""L2P, DualPrompt and S-Prompt++ as in the official repository (NORGA_SPEC §1.8): one method class, three
+registered methods with their own settings.
 
 A pool of prompt slots with one key each; a sample's slots are the top-k keys by cosine similarity to its
 frozen CLS feature (while training DualPrompt / S-Prompt++ use the current task's slots instead). E-prompts
 are prefixes in per-head key/value space (`prompt_type: prefix`) or tokens prepended before the class token
 (`tokens`, L2P); DualPrompt adds a G-prompt, a prefix shared by all tasks. Loss: masked cross-entropy minus
-λ times the pull constraint. The batch-wise majority vote is the compat switch ``eval.batchwise_prompt``.
+λ times the pull constraint. The batch-wise majority vote is the compat switch ``batchwise_prompt`` of each section.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
 import torch
 from torch import Tensor, nn
 
+from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
 from norga.engine.context import RunContext
-from norga.methods.base import register_method
+from norga.methods.registry import register_method
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
 from norga.nn import Prefix, PrefixPool
 from norga.nn.prompt_keys import PromptKeys
+from norga.nn.gates import GateKind, GateTrainTasks
 from norga.nn.token_pool import TokenPool
 
 
-class KeyedPromptMethod(QueryPromptMethod):
-    """Key–query prompt selection over a pool; the config section says which of the three methods it is."""
+@dataclass
+class KeyedPromptSettings:
+    """Key–query prompt selection on the frozen CLS feature (NORGA_SPEC §1.8). Layers beyond the backbone's
+    depth are dropped with a warning. Defaults: the official DualPrompt-family configs."""
 
-    def __init__(self, context: RunContext) -> None:
-        super().__init__(context)
-        s = self.settings
-        if context.dist.enabled and self.config.eval.batchwise_prompt and s.train_selection == "similarity":
-            raise ValueError(f"{self.section}: the batch-wise prompt vote while training couples the whole batch and "
-                             "is not split across processes: run it in one process or set eval.batchwise_prompt=false")
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=20, lr=0.0025))
+    pool_size: PositiveInt | None = None  # None: top_k slots per task
+    top_k: PositiveInt = 1
+    length: PositiveInt = 20  # per slot (prefix: key and value vectors each)
+    layers: list[Count] = field(default_factory=lambda: [2, 3, 4])  # E-prompt blocks
+    prompt_type: Literal["prefix", "tokens"] = "prefix"  # prefix tuning | prompt tuning (tokens before CLS)
+    train_selection: Literal["task", "similarity"] = "task"  # task: the current task's slots | similarity (L2P)
+    sequential_init: bool = True  # the official shared_prompt_pool: task t's slots start as task t-1's
+    pull_weight: NonNegativeFloat = 1.0  # pull constraint λ
+    g_length: Count = 0  # G-prompt (a prefix shared by all tasks) length; 0 = none
+    g_layers: list[Count] = field(default_factory=list)
+    gate: GateKind | None = None  # a score gate on every prefix layer (e.g. a NoRGa activation); None = plain prefix
+    gate_train_tasks: GateTrainTasks = "first"
+    prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (top_k 1)
+    batchwise_prompt: bool = False  # official majority vote of the prompts per batch (P2; L2P votes while training)
+
+
+@dataclass
+class L2PSettings(KeyedPromptSettings):
+    """L2P's settings (section ``l2p:``): prompt tuning at block 0, pool 30, top-5, no task mask."""
+
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10, lr=0.0025))
+    pool_size: PositiveInt | None = 30
+    top_k: PositiveInt = 5
+    length: PositiveInt = 5
+    layers: list[Count] = field(default_factory=lambda: [0])
+    prompt_type: Literal["prefix", "tokens"] = "tokens"
+    train_selection: Literal["task", "similarity"] = "similarity"
+    sequential_init: bool = False
+    pull_weight: NonNegativeFloat = 0.1
+
+
+@dataclass
+class DualPromptSettings(KeyedPromptSettings):
+    """DualPrompt's settings (section ``dualprompt:``): G-prefix in blocks 0-1, task-keyed E-prefixes in 2-4."""
+
+    g_length: Count = 5
+    g_layers: list[Count] = field(default_factory=lambda: [0, 1])
+
+
+@dataclass
+class SPromptSettings(KeyedPromptSettings):
+    """S-Prompt++'s settings (section ``sprompt:``): task-keyed E-prefixes in blocks 0-4, no G-prompt."""
+
+    layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+
+class KeyedPromptMethod(QueryPromptMethod):
+    """Key–query prompt selection over a pool; each of the three methods is this with its own settings."""
+
+    def __init__(self, context: RunContext, settings: KeyedPromptSettings) -> None:
+        super().__init__(context, settings)
+        s = settings
         self.top_k = s.top_k
         self.pool_size = s.pool_size or self.num_tasks * s.top_k
         self.prefix_tuning = s.prompt_type == "prefix"
@@ -61,11 +116,11 @@ class KeyedPromptMethod(QueryPromptMethod):
         forced = None
         if train and self.settings.train_selection == "task" and (slots := self.task_slots(task)) is not None:
             forced = torch.tensor([list(slots)], device=query.device)
-        selection = self.prompts["key"].select(query, self.top_k, forced, batchwise=self.config.eval.batchwise_prompt)
+        selection = self.prompts["key"].select(query, self.top_k, forced, batchwise=self.settings.batchwise_prompt)
         prefixes: dict[int, Prefix] = {}
         tokens: dict[int, Tensor] = {}
         if self.prefix_tuning:
-            gathered = self.prompts["e"].gather_top_k(selection.indices, self.config.prompt.prefix_layout)
+            gathered = self.prompts["e"].gather_top_k(selection.indices, self.settings.prefix_layout)
             prefixes = {layer: Prefix(k, v, self.gate_of(layer)) for layer, (k, v) in zip(self.e_layers, gathered)}
         else:
             tokens = dict(zip(self.e_layers, self.prompts["e"].gather_top_k(selection.indices)))
@@ -75,6 +130,39 @@ class KeyedPromptMethod(QueryPromptMethod):
         logits = self.model(images, prefixes=prefixes, prompt_tokens=tokens).logits
         tasks = selection.indices[:, 0] // self.top_k if self.settings.train_selection == "task" else None
         return PromptedPass(logits, -self.settings.pull_weight * selection.per_sample_pull, tasks=tasks)
+
+    @property
+    def infers_tasks(self) -> bool:
+        """Task-keyed slots (DualPrompt, S-Prompt++) say which task a sample's prompt belongs to; L2P's do not."""
+        return self.settings.train_selection == "task"
+
+    def data_parallel_refusal(self) -> str | None:
+        s = self.settings
+        if s.batchwise_prompt and s.train_selection == "similarity":
+            return (f"{self.name}.batchwise_prompt: the batch-wise prompt vote while training couples the whole "
+                    f"batch and is not split across processes: run it in one process or set "
+                    f"{self.name}.batchwise_prompt=false")
+        if s.prefix_layout == "official" and s.prompt_type == "prefix":
+            return (f"{self.name}.prefix_layout=official mixes the samples of a training batch, which a distributed "
+                    f"run splits across processes: run it in one process or use {self.name}.prefix_layout=correct")
+        return None
+
+    def compat(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"batchwise_prompt": self.settings.batchwise_prompt}
+        if self.prefix_tuning:
+            record["prefix_layout"] = self.settings.prefix_layout
+        return record
+
+    def run_record(self) -> dict[str, Any]:
+        return {"gate": self.settings.gate or "none"} if self.prefix_tuning or self.g_layers else {}
+
+    @classmethod
+    def summary(cls, settings: KeyedPromptSettings) -> str:
+        g = f", G-prefix {settings.g_length} in {settings.g_layers}" if settings.g_length else ""
+        gate = f", gate {settings.gate}" if settings.gate else ""
+        return (f"{settings.prompt_type} Lp {settings.length} in blocks {settings.layers}, pool "
+                f"{settings.pool_size or 'top_k x tasks'} top-{settings.top_k}{g}{gate}, epochs {settings.train.epochs} "
+                f"(lr {settings.train.lr:g})")
 
 
 def _joined(first: Prefix | None, second: Prefix) -> Prefix:
@@ -87,25 +175,25 @@ def _joined(first: Prefix | None, second: Prefix) -> Prefix:
     return Prefix(key, value, first.gate)
 
 
-@register_method("l2p")
+@register_method
 class L2P(KeyedPromptMethod):
     """L2P (Wang et al., CVPR 2022) as the official repository runs it: prompt tuning at block 0, pool 30, top-5."""
 
     name = "l2p"
-    section = "l2p"
+    Settings = L2PSettings
 
 
-@register_method("dualprompt")
+@register_method
 class DualPrompt(KeyedPromptMethod):
     """DualPrompt (Wang et al., ECCV 2022): G-prefix in blocks 0-1, task-keyed E-prefixes in blocks 2-4."""
 
     name = "dualprompt"
-    section = "dualprompt"
+    Settings = DualPromptSettings
 
 
-@register_method("sprompt")
+@register_method
 class SPromptPlusPlus(KeyedPromptMethod):
     """S-Prompt++ (the repository's ``sprompt_5e``): task-keyed E-prefixes in blocks 0-4, no G-prompt."""
 
     name = "sprompt"
-    section = "sprompt"
+    Settings = SPromptSettings

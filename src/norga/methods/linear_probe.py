@@ -5,35 +5,46 @@ every seen class. No prompts, no replay, no task-identity inference."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from norga.config import OptimConfig
 from norga.engine.context import RunContext
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, register_method
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.registry import register_method
 from norga.methods.training import PhaseTraining, masked_logits
 
 
-@register_method("linear_probe")
+@dataclass
+class LinearProbeSettings:
+    """Settings of the lower bound ``linear_probe`` (section ``linear_probe:``)."""
+
+    augment: bool = False  # True: freshly augmented views through the frozen backbone each epoch; False: cached
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=10, lr=0.01, batch_size=64))
+
+
+@register_method
 class LinearProbe(PhaseTraining, ContinualMethod):
-    """``linear_probe.train`` sets the optimisation; ``linear_probe.augment`` trains on fresh augmented views."""
+    """Lower bound: a linear head over all classes on frozen features, trained task after task."""
 
     name = "linear_probe"
+    Settings = LinearProbeSettings
 
-    def __init__(self, context: RunContext) -> None:
-        self.ctx = context
-        self.config = context.config.linear_probe
+    def __init__(self, context: RunContext, settings: LinearProbeSettings) -> None:
+        super().__init__(context, settings)
         self.head = nn.Linear(context.model.backbone.num_features, context.num_classes).to(context.device)
 
     def phases(self, task: int) -> list[Phase]:
-        return [Phase("train_head", self.config.train.epochs)]
+        return [Phase("train_head", self.settings.train.epochs)]
 
     def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
-        cfg = self.config.train
+        cfg = self.settings.train
 
         def batches(epoch: int):
-            return self.ctx.frozen_training_batches(task, epoch, cfg.batch_size, self.config.augment, "linear_probe")
+            return self.ctx.frozen_training_batches(task, epoch, cfg.batch_size, self.settings.augment, "linear_probe")
 
         self._fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
 
@@ -43,8 +54,9 @@ class LinearProbe(PhaseTraining, ContinualMethod):
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         logits = self.head(frozen_features.to(self.ctx.device))
-        seen = self.ctx.class_mask_until(seen_tasks - 1)
-        return Prediction(masked_logits(logits, seen).argmax(dim=1).cpu())
+        if self.ctx.config.eval.mask_final_logits:
+            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
+        return Prediction(logits.argmax(dim=1).cpu())
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self._optimizer_state()}
@@ -52,3 +64,7 @@ class LinearProbe(PhaseTraining, ContinualMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head.load_state_dict(state["head"])
         self._saved_optimizer = state["optimizer"]
+
+    @classmethod
+    def summary(cls, settings: LinearProbeSettings) -> str:
+        return f"epochs {settings.train.epochs} (lr {settings.train.lr:g}), augment {settings.augment}"

@@ -4,17 +4,26 @@ means of its classes are added, and a test image takes the seen class whose mean
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from norga.engine.context import RunContext
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, register_method
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.registry import register_method
 from norga.methods.training import masked_logits
 
 METRICS = ("cosine", "euclidean")
+
+
+@dataclass
+class NCMSettings:
+    """Settings of the lower bound ``ncm`` (section ``ncm:``)."""
+
+    metric: Literal["cosine", "euclidean"] = "cosine"  # cosine: means of L2-normalised features
 
 
 def class_mean(features: Tensor, metric: str) -> Tensor:
@@ -31,15 +40,17 @@ def nearness(features: Tensor, means: Tensor, metric: str) -> Tensor:
     return -torch.cdist(features, means).square()
 
 
-@register_method("ncm")
+@register_method
 class NearestClassMean(ContinualMethod):
-    """``ncm.metric``: cosine (default) or euclidean."""
+    """Lower bound: nearest class mean of frozen features (only seen classes have means, so the final
+    argmax is always over the seen classes)."""
 
     name = "ncm"
+    Settings = NCMSettings
 
-    def __init__(self, context: RunContext) -> None:
-        self.ctx = context
-        self.metric = context.config.ncm.metric
+    def __init__(self, context: RunContext, settings: NCMSettings) -> None:
+        super().__init__(context, settings)
+        self.metric = settings.metric
         dim = context.model.backbone.num_features
         self.means = torch.zeros(context.num_classes, dim)
         self.known = torch.zeros(context.num_classes, dtype=torch.bool)
@@ -71,3 +82,7 @@ class NearestClassMean(ContinualMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.means.copy_(state["means"])
         self.known.copy_(state["known"])
+
+    @classmethod
+    def summary(cls, settings: NCMSettings) -> str:
+        return f"metric {settings.metric}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,27 +51,19 @@ def fitting_layers(layers: Sequence[int], depth: int, key: str) -> list[int]:
 class QueryPromptMethod(PhaseTraining, ContinualMethod):
     """Shared loop of the query-conditioned prompt methods; subclasses build prompts (`prompted`)."""
 
-    #: The config section holding the method's settings (e.g. ``"dualprompt"``).
-    section: ClassVar[str]
-    uses_prompt_slots = False  # its prompts are its own modules
-
-    def __init__(self, context: RunContext) -> None:
-        self.ctx = context
-        self.config = context.config
-        self.settings = getattr(self.config, self.section)
+    def __init__(self, context: RunContext, settings: Any) -> None:
+        super().__init__(context, settings)
         self.model = context.model
-        attention = self.model.backbone.blocks[0].attn
-        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
-        self.embed_dim = self.model.backbone.num_features
+        self.num_heads, self.head_dim, self.embed_dim = self.model.num_heads, self.model.head_dim, self.model.embed_dim
         self.num_tasks = len(context.tasks)
         self.optimizer = None
         self._saved_optimizer = None
 
     def _layers(self, layers: Sequence[int], name: str) -> list[int]:
-        kept = fitting_layers(layers, self.model.depth, f"{self.section}.{name}")
+        kept = fitting_layers(layers, self.model.depth, f"{self.name}.{name}")
         if layers and not kept:
-            raise ValueError(f"{self.section}.{name} = {list(layers)} names no block of this {self.model.depth}-block "
-                             f"backbone: set --set {self.section}.{name}=[...] to blocks below {self.model.depth}")
+            raise ValueError(f"{self.name}.{name} = {list(layers)} names no block of this {self.model.depth}-block "
+                             f"backbone: set --set {self.name}.{name}=[...] to blocks below {self.model.depth}")
         return kept
 
     def _gates(self, layers: Sequence[int]) -> nn.ModuleDict:
@@ -104,7 +96,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         if start_epoch == 0:
             self.begin_task(task)
         apply_gate_schedule(self.prompts["gates"].values(), self.settings.gate_train_tasks, task)
-        params = [p for p in [*self.model.parameter_groups()["head"], *self.prompts.parameters()] if p.requires_grad]
+        params = [p for p in [*self.model.head_parameters(), *self.prompts.parameters()] if p.requires_grad]
         self._phase_optimizer([{"params": params}], cfg, start_epoch)
         allowed = self.ctx.class_mask(task)
         self.model.train()
@@ -137,7 +129,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         with self.ctx.autocast():
             out = self.prompted(images.to(self.ctx.device), query, seen_tasks - 1, train=False)
         logits = out.logits.float()
-        if self.config.eval.mask_final_logits:
+        if self.ctx.config.eval.mask_final_logits:
             logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
         tasks = out.tasks.cpu() if out.tasks is not None else None
         return Prediction(logits.argmax(dim=1).cpu(), tasks)

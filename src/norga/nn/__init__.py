@@ -1,15 +1,27 @@
-"""Neural-network parts: score gates, prefix attention, prefix pools and the prompted ViT."""
+"""Neural-network parts: score gates, prefix attention, prompt pools, the prompt host ViT and HiDe's task prompts."""
 
-from norga.nn.gates import ACTIVATIONS, GateSchedule, IdentityGate, NoRGaGate, ScoreGate, apply_gate_schedule, make_gate
+from norga.nn.gates import (
+    ACTIVATIONS,
+    GATE_KINDS,
+    GateSchedule,
+    IdentityGate,
+    NoRGaGate,
+    ScoreGate,
+    apply_gate_schedule,
+    gate_kinds,
+    make_gate,
+    register_gate,
+)
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_attention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
-from norga.nn.prompted_vit import DEFAULT_PROMPT_LAYERS, Prefix, PromptedOutput, PromptedViT
+from norga.nn.prompted_vit import Prefix, PromptedOutput, PromptedViT
+from norga.nn.task_prompts import TaskPrompts
 
 __all__ = [
     "ACTIVATIONS",
     "ATTENTION_IMPLS",
-    "DEFAULT_PROMPT_LAYERS",
+    "GATE_KINDS",
     "PREFIX_LAYOUTS",
     "GateSchedule",
     "IdentityGate",
@@ -20,8 +32,11 @@ __all__ = [
     "PromptedOutput",
     "PromptedViT",
     "ScoreGate",
+    "TaskPrompts",
     "apply_gate_schedule",
     "fused_prefix_attention",
+    "gate_kinds",
     "make_gate",
     "reference_prefix_attention",
+    "register_gate",
 ]

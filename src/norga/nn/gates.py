@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from norga.config import OneOf
 
 #: Activations σ the NoRGa gate supports (the official code's ``--gate_act`` choices).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -80,11 +83,48 @@ class NoRGaGate(ScoreGate):
         return f"activation={self.activation!r}"
 
 
+#: Gate kinds by config name: a factory per name. A new kind of gate is one `ScoreGate` subclass plus
+#: ``register_gate(name, factory)``; every ``gate`` setting then accepts its name.
+GATE_KINDS: dict[str, Callable[[], ScoreGate]] = {}
+
+
+def register_gate(name: str, factory: Callable[[], ScoreGate]) -> None:
+    """Make `factory` available to ``gate`` settings as `name` (a name can be registered once)."""
+    if name in GATE_KINDS:
+        raise ValueError(f"gate kind {name!r} is already registered")
+    GATE_KINDS[name] = factory
+
+
+register_gate("none", IdentityGate)
+for _activation in ACTIVATIONS:
+    register_gate(_activation, lambda activation=_activation: NoRGaGate(activation))
+
+
+def gate_kinds() -> list[str]:
+    """Every registered gate name (the values a ``gate`` setting takes)."""
+    return list(GATE_KINDS)
+
+
+def score_gate_kinds() -> list[str]:
+    """The registered gates other than ``none`` (what a gated method such as NoRGa may use)."""
+    return [kind for kind in GATE_KINDS if kind != "none"]
+
+
+#: The type of a ``gate`` setting: a registered gate kind.
+GateKind = Annotated[str, OneOf(gate_kinds)]
+#: The type of a gated method's ``gate`` setting: a registered gate other than ``none``.
+ScoreGateKind = Annotated[str, OneOf(score_gate_kinds)]
+#: The type of a ``gate_train_tasks`` setting (`GateSchedule`).
+GateTrainTasks = Literal["first", "all", "none"]
+
+
 def make_gate(kind: str | None) -> ScoreGate:
-    """A gate from a config value: ``None``/``"none"`` -> identity, else a NoRGa activation name."""
-    if kind is None or kind == "none":
-        return IdentityGate()
-    return NoRGaGate(kind)
+    """A gate from a config value: ``None``/``"none"`` -> identity, else a registered gate kind."""
+    if kind is None:
+        kind = "none"
+    if kind not in GATE_KINDS:
+        raise ValueError(f"unknown gate {kind!r}; choose one of {sorted(GATE_KINDS)}")
+    return GATE_KINDS[kind]()
 
 
 class GateSchedule(str, enum.Enum):

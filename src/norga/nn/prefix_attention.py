@@ -57,18 +57,22 @@ class PrefixAttention(nn.Module):
 
     @contextmanager
     def bound(self, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate) -> Iterator[None]:
-        """Use these prefixes, each (B or 1, heads, Lp, head_dim), and this score gate inside the block."""
+        """Use these prefixes, each (B or 1, heads, Lp, head_dim), and this score gate inside the block.
+
+        Scoped and re-entrant: leaving the context restores whatever was bound before it (nothing, or an
+        outer binding), also when the forward inside raises.
+        """
         expected = (self.num_heads, self.head_dim)
         for name, prefix in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if prefix.dim() != 4 or (prefix.shape[1], prefix.shape[3]) != expected:
                 raise ValueError(
                     f"{name} must be shaped (batch, {expected[0]}, length, {expected[1]}), got {tuple(prefix.shape)}"
                 )
-        self._prefix = (prefix_k, prefix_v, gate)
+        outer, self._prefix = self._prefix, (prefix_k, prefix_v, gate)
         try:
             yield
         finally:
-            self._prefix = None
+            self._prefix = outer
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:

@@ -19,10 +19,12 @@ class PrefixPool(nn.Module):
     frozen (`set_trainable_slot`) and no optimizer (weight decay, stale moments) can move it.
     """
 
-    def __init__(self, num_layers: int, num_slots: int, length: int, num_heads: int, head_dim: int) -> None:
+    def __init__(self, num_layers: int, num_slots: int, length: int, num_heads: int, head_dim: int,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         shape = (num_layers, 2, length, num_heads, head_dim)
-        self.slots = nn.ParameterList(nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0)) for _ in range(num_slots))
+        self.slots = nn.ParameterList(nn.Parameter(torch.empty(shape).uniform_(-1.0, 1.0, generator=generator))
+                                      for _ in range(num_slots))
 
     @property
     def prompts(self) -> Tensor:

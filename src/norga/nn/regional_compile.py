@@ -1,9 +1,11 @@
 """Regional ``torch.compile`` of a ViT's blocks that leaves the prefix attention eager.
 
-A block with `PrefixAttention` reads its prefixes from a context-bound attribute and, on CPU, runs a
-custom autograd Function whose backward calls ``torch.autograd.grad``: compiling it graph-breaks and
-recompiles. So only the parts around it are compiled: a plain block whole, a prefix block's norms and
-MLP. `nn.Module.compile` compiles in place, so state-dict keys stay unchanged (no ``_orig_mod.``).
+A block with `PrefixAttention` reads its prefixes from a scoped binding and, on CPU, runs a custom
+autograd Function whose backward calls ``torch.autograd.grad``: compiling it graph-breaks and recompiles.
+So every block is compiled by region (norms, MLP, and the attention while it is timm's own), never whole:
+a block whose attention later becomes a prefix attention keeps its compiled norms and MLP, and the new
+attention stays eager. `nn.Module.compile` compiles in place, so state-dict keys stay unchanged (no
+``_orig_mod.``), and nothing here touches private torch or timm attributes.
 """
 
 from __future__ import annotations
@@ -13,32 +15,34 @@ from torch import nn
 
 from norga.nn.prefix_attention import PrefixAttention
 
-#: The sub-modules of a timm `Block` compiled when its attention is a prefix attention.
-PREFIX_BLOCK_REGIONS = ("norm1", "norm2", "mlp")
+#: The sub-modules of a timm `Block` compiled in place (``attn`` only while it is not a prefix attention).
+BLOCK_REGIONS = ("norm1", "attn", "norm2", "mlp")
 #: Graphs kept per compiled forward. A run needs up to ~8 (training, no_grad, inference_mode, bf16 autocast,
 #: each static then batch-dynamic); past torch's default limit (8) the extra variants would run eager.
 RECOMPILE_LIMIT = 16
+_COMPILED_MARK = "norga_compiled"
 
 
 def compile_block(block: nn.Module, dynamic: bool | None = None, **options) -> list[str]:
-    """Compile `block` in place (whole, or around a prefix attention); returns the compiled regions' names.
+    """Compile `block`'s regions in place; returns the compiled regions' names.
 
     ``dynamic=None`` (torch's automatic dynamic shapes): the first graph is static; a second batch size
     (an epoch's last, smaller batch; evaluation) compiles one batch-dynamic graph instead of one per size.
-    Calling it again after the block's attention became a prefix attention re-splits it into regions.
     """
     options["dynamic"] = dynamic
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)  # process-wide
-    if not isinstance(block.attn, PrefixAttention):
-        block.compile(**options)
-        return [""]
-    block._compiled_call_impl = None  # undo a whole-block compile: the prefix attention stays eager
-    regions = [name for name in PREFIX_BLOCK_REGIONS if not isinstance(getattr(block, name, None), (nn.Identity, type(None)))]
-    for name in regions:
-        getattr(block, name).compile(**options)
+    regions = []
+    for name in BLOCK_REGIONS:
+        region = getattr(block, name, None)
+        if region is None or isinstance(region, (nn.Identity, PrefixAttention)):
+            continue
+        if not is_compiled(region):
+            region.compile(**options)
+            object.__setattr__(region, _COMPILED_MARK, True)
+        regions.append(name)
     return regions
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """True when `module` itself was compiled in place by `nn.Module.compile`."""
-    return getattr(module, "_compiled_call_impl", None) is not None
+    """True when `compile_block` compiled `module` itself in place."""
+    return bool(getattr(module, _COMPILED_MARK, False))
