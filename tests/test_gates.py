@@ -20,9 +20,51 @@ HAND_ACTIVATIONS = {
 
 
 def test_every_supported_activation_has_a_hand_reference_and_a_config_name():
-    from norga.config import GATE_ACTIVATIONS
+    from norga.config_io import load_config
+    from norga.nn import gate_kinds
 
-    assert set(ACTIVATIONS) == set(HAND_ACTIVATIONS) == set(GATE_ACTIVATIONS)
+    assert set(ACTIVATIONS) == set(HAND_ACTIVATIONS) == set(gate_kinds()) - {"none"}
+    for activation in ACTIVATIONS:
+        assert load_config(None, [f"norga.gate={activation}"]).settings.gate == activation
+    with pytest.raises(ValueError, match="norga.gate must be one of .* \\(did you mean 'tanh'\\?\\)"):
+        load_config(None, ["norga.gate=tahn"])
+
+
+def test_a_new_kind_of_gate_is_one_class_and_its_registration():
+    """A gate that is not a NoRGa activation: register it, and configs, TaskPrompts and the attention use it."""
+    import timm
+
+    from norga.config_io import load_config
+    from norga.nn import GATE_KINDS, PromptedViT, ScoreGate, TaskPrompts, register_gate
+
+    class ScaledGate(ScoreGate):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(3.0))
+
+        def gate_parameters(self):
+            return (self.scale,)
+
+        def gate(self, scores, *params):
+            return scores * params[0]
+
+    register_gate("scaled", ScaledGate)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_gate("scaled", ScaledGate)
+        assert load_config(None, ["norga.gate=scaled"]).settings.gate == "scaled"
+        host = PromptedViT(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2))
+        prompts = TaskPrompts(host, 2, 3, (0,), gate="scaled")
+        x = torch.randn(2, 3, 32, 32)
+        scaled = host(x, prefixes=prompts.prefixes(0, 2)).logits
+        torch.nn.init.ones_(prompts.gates[0].scale)  # a scale of 1 is plain prefix tuning
+        plain = TaskPrompts(host, 2, 3, (0,), gate="none")
+        plain.load_state_dict({k: v for k, v in prompts.state_dict().items() if "gates" not in k})
+        torch.testing.assert_close(host(x, prefixes=prompts.prefixes(0, 2)).logits,
+                                   host(x, prefixes=plain.prefixes(0, 2)).logits)
+        assert (scaled - host(x, prefixes=plain.prefixes(0, 2)).logits).abs().max() > 1e-4  # the gate acts
+    finally:
+        del GATE_KINDS["scaled"]
 
 
 @pytest.mark.parametrize("activation", sorted(HAND_ACTIVATIONS))
@@ -74,6 +116,8 @@ def test_make_gate_and_unknown_activation():
     assert make_gate("gelu").activation == "gelu"
     with pytest.raises(ValueError, match="unknown NoRGa gate activation 'swish'.*tanh"):
         NoRGaGate("swish")
+    with pytest.raises(ValueError, match="unknown gate 'swish'"):
+        make_gate("swish")
 
 
 @pytest.mark.parametrize(
