@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config  # noqa: E402
+from engine_fixtures import build, tiny_config  # noqa: E402
 
 from norga.engine.distributed import SINGLE_PROCESS, Distributed, init_distributed  # noqa: E402
 from norga.engine.loop import Position, open_run  # noqa: E402
@@ -27,14 +27,10 @@ class InjectedCrash(RuntimeError):
 def ddp_config(method: str):
     """Odd batch sizes, so global batches split unevenly and a last training batch of one image leaves a
     process with nothing; augmented task-identity training goes through the sharded image loader."""
-    config = tiny_config(**{"method": method, "tii.augment": True, "tii.train.batch_size": 5,
-                            "wtp.train.batch_size": 5, "eval.batch_size": 3})
-    for section in ("coda", "l2p"):
-        getattr(config, section).train = config.wtp.train
-        getattr(config, section).layers = [0, 1]
-    config.coda.pool_size, config.coda.length, config.coda.ortho_weight = 6, 2, 0.1
-    config.l2p.pool_size, config.l2p.top_k, config.l2p.length = 6, 2, 2
-    return config
+    odd = {"norga": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5},
+           "hide": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5}}
+    baseline = {"train.epochs": 2, "train.batch_size": 5, "train.schedule": "step"}
+    return tiny_config(method, **{"eval.batch_size": 3, **odd.get(method, baseline)})
 
 
 def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_at: Position | None = None) -> None:
@@ -45,8 +41,9 @@ def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_a
         if crash_at is not None and position == crash_at:
             raise InjectedCrash(f"injected crash at {position}")
 
-    engine = open_run(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK, out / "run",
-                      resume=resume, after_epoch=after_epoch, dist=dist)
+    built = build(config)
+    engine = open_run(config, built.model, built.tasks, built.num_classes, out / "run", resume=resume,
+                      after_epoch=after_epoch, dist=dist, init_generator=built.init_generator)
     matrices = engine.run()
     torch.save({"matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
                 "method": engine.method.state_dict(), "heavy": engine.method.heavy_state_dict(),

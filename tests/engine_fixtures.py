@@ -44,6 +44,15 @@ def make_model(config: RunConfig):
     return build(config).model
 
 
+def run_fixture(config: RunConfig, directory: Path, tasks: list[TaskDatasets] | None = None, **kwargs):
+    """`run_experiment` as `norga run` calls it, on the generated tasks (or `tasks`)."""
+    from norga.engine.loop import run_experiment
+
+    built = build(config, tasks)
+    return run_experiment(config, built.model, built.tasks, built.num_classes, directory,
+                          init_generator=built.init_generator, **kwargs)
+
+
 def make_engine(config: RunConfig, directory: Path | RunDirectory, tasks: list[TaskDatasets] | None = None,
                 **kwargs) -> Engine:
     """A new run's engine on the generated tasks (a `RunDirectory` is used as it is)."""

@@ -13,7 +13,8 @@ from engine_fixtures import (
     NUM_TASKS,
     TRAIN_PER_CLASS,
     FailingDataset,
-    make_model,
+    make_engine,
+    run_fixture,
     make_tasks,
     tiny_config,
 )
@@ -36,7 +37,7 @@ SETTINGS = {  # the methods' structure at the fixture's scale (a 2-block ViT of 
 
 def baseline_config(method, epochs=1, **changes):
     config = tiny_config(method=method, **changes)
-    section = getattr(config, method)
+    section = config.settings
     section.train.epochs, section.train.lr, section.train.batch_size = epochs, 0.01, 4
     for key, value in SETTINGS[method].items():
         setattr(section, key, value)
@@ -44,8 +45,7 @@ def baseline_config(method, epochs=1, **changes):
 
 
 def engine(tmp_path, config, name="run", tasks=None):
-    return Engine(config, make_model(config), tasks or make_tasks(), NUM_CLASSES, RunDirectory(tmp_path / name),
-                  torch.device("cpu"))
+    return make_engine(config, tmp_path / name, tasks)
 
 
 def prompt_state(method):
@@ -90,12 +90,12 @@ def test_task_mask_trains_only_the_tasks_slot_and_key_which_start_from_the_previ
 def test_batchwise_vote_only_when_switched_on(tmp_path):
     images = torch.cat([make_tasks()[t].test.tensors[0][:2] for t in range(NUM_TASKS)])
     for batchwise in (False, True):
-        config = baseline_config("dualprompt", **{"eval.batchwise_prompt": batchwise})
+        config = baseline_config("dualprompt", **{"batchwise_prompt": batchwise})
         run = engine(tmp_path, config, f"vote{batchwise}")
         keys = run.method.prompts["key"]
-        with torch.no_grad():
-            keys.keys.copy_(torch.randn_like(keys.keys))
         frozen = run.context.frozen_encode(images)
+        with torch.no_grad():  # key t is a task-t image's own query: that image picks it, surely
+            keys.keys.copy_(frozen[::2][: len(keys.keys)])
         own = keys.similarity(frozen).argmax(dim=1)
         assert len(set(own.tolist())) > 1, "the test needs a batch whose samples pick different keys"
         tasks = run.method.predict(images, NUM_TASKS, frozen).tasks
@@ -104,30 +104,30 @@ def test_batchwise_vote_only_when_switched_on(tmp_path):
 
 
 def test_gate_and_layers_come_from_the_section(tmp_path, caplog):
-    config = baseline_config("sprompt", **{"sprompt.gate": "sigmoid"})
-    config.sprompt.layers = [0, 1, 2, 3, 4]
+    config = baseline_config("sprompt", **{"gate": "sigmoid"})
+    config.settings.layers = [0, 1, 2, 3, 4]
     with caplog.at_level(logging.WARNING, logger="norga"):
         run = engine(tmp_path, config)
     assert run.method.e_layers == [0, 1] and "this backbone has 2 blocks" in caplog.text
     gates = run.method.prompts["gates"]
     assert sorted(gates) == ["0", "1"] and all(isinstance(g, NoRGaGate) for g in gates.values())
     with pytest.raises(ValueError, match="dualprompt.layers = \\[2, 3, 4\\] names no block .* --set dualprompt.layers"):
-        engine(tmp_path, tiny_config(method="dualprompt", **{"dualprompt.g_layers": [0]}), "deep")
+        engine(tmp_path, tiny_config(method="dualprompt", **{"g_layers": [0], "layers": [2, 3, 4]}), "deep")
 
 
 @pytest.mark.parametrize("method", ["dualprompt", "coda"])
 def test_resume_after_a_crash_mid_epoch_gives_identical_results(tmp_path, method):
     config = baseline_config(method, epochs=2)
-    straight = run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / "straight")
+    straight = run_fixture(config, tmp_path / "straight")
     tasks = make_tasks()
     per_epoch = CLASSES_PER_TASK * TRAIN_PER_CLASS
     tasks[1] = TaskDatasets(tasks[1].classes, FailingDataset(tasks[1].train, per_epoch + per_epoch // 2),
                             tasks[1].train_eval, tasks[1].test)  # crash inside task 1's second epoch
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_experiment(config, make_model(config), tasks, NUM_CLASSES, tmp_path / "crashed")
+        run_fixture(config, tmp_path / "crashed", tasks)
     state, _ = RunDirectory(tmp_path / "crashed", create=False).load_state()
     assert (state["position"]["task"], state["position"]["epoch"]) == (1, 1)
-    resumed = run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / "crashed", resume=True)
+    resumed = run_fixture(config, tmp_path / "crashed", resume=True)
     for name in straight:
         assert torch.equal(torch.as_tensor(straight[name].accuracies()), torch.as_tensor(resumed[name].accuracies()))
     final = [torch.load(tmp_path / run / "checkpoints" / "task3.pt", weights_only=True)["method"]["prompts"]
@@ -149,7 +149,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
 def test_official_prefix_layout_pairs_halves_as_the_official_reshape_while_training(tmp_path):
     """A training batch on one slot: its first half uses the key half as keys and values, its second the value half."""
     images = make_tasks()[0].train.tensors[0][:4]
-    official = engine(tmp_path, baseline_config("sprompt", **{"prompt.prefix_layout": "official"}), "official")
+    official = engine(tmp_path, baseline_config("sprompt", **{"prefix_layout": "official"}), "official")
     correct = engine(tmp_path, baseline_config("sprompt"), "correct")
     query = official.context.frozen_encode(images)
     with torch.no_grad():

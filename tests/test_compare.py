@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, FailingDataset, make_model, make_tasks, tiny_config
+from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, FailingDataset, make_tasks, tiny_config
+from engine_fixtures import build as fixture_build
 
 from norga.cli import main
 from norga.commands.compare import entries_of, split_overrides
@@ -29,11 +30,11 @@ def norga(*args):
     return subprocess.run([sys.executable, "-m", "norga", *args], capture_output=True, text=True, check=False)
 
 
-def test_method_names_imply_their_settings_and_per_method_overrides_win():
-    hide = method_config("tiny_smoke", "hide", ["prompt.gate=tanh"])
-    assert hide.method == "hide" and hide.prompt.gate is None  # the name means "no gate", whatever is shared
-    norga_config = method_config("tiny_smoke", "norga", ["prompt.gate=tanh"], ["prompt.length=7"])
-    assert norga_config.prompt.gate == "tanh" and norga_config.prompt.length == 7
+def test_each_method_reads_its_own_section_and_per_method_overrides_win():
+    hide = method_config("tiny_smoke", "hide", ["norga.gate=tanh"])
+    assert hide.method == "hide" and not hasattr(hide.settings, "gate")  # HiDe-Prompt has no gate to take
+    norga_config = method_config("tiny_smoke", "norga", ["norga.gate=tanh"], ["norga.prompt.length=7"])
+    assert norga_config.settings.gate == "tanh" and norga_config.settings.prompt.length == 7
     assert method_config("tiny_smoke", "ncm", joint=True).data.joint
     with pytest.raises(ConfigError, match="did you mean 'linear_probe'"):
         method_config("tiny_smoke", "linear_prob")
@@ -72,7 +73,7 @@ def test_resume_needs_a_comparison_directory(tmp_path, capsys):
 def fake_build(tasks_for):
     """build_run on the tiny generated benchmark instead of real data (tasks_for(config) gives the tasks)."""
     def build(config):
-        return BuiltRun(make_model(config), tasks_for(config), NUM_TASKS * CLASSES_PER_TASK, torch.device("cpu"), {})
+        return fixture_build(config, tasks_for(config))
     return build
 
 
@@ -85,7 +86,7 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
 
     def runs(directory):
         configs = {"ncm": tiny_config(method="ncm"), "linear_probe": tiny_config(method="linear_probe")}
-        configs["linear_probe"].linear_probe.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
+        configs["linear_probe"].settings.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
         return [MethodRun(label, config, directory.path / label) for label, config in configs.items()]
 
     straight = ComparisonDirectory(tmp_path / "straight", {"request": 1})
@@ -108,7 +109,7 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
     assert (resumed[1].matrix.correct == expected.matrix.correct).all()  # as if never interrupted
 
     changed = runs(again)[0]
-    changed.config.ncm.metric = "euclidean"
+    changed.config.settings.metric = "euclidean"
     with pytest.raises(ConfigError, match="ncm.metric: 'cosine' -> 'euclidean'"):
         run_method(changed)
     with pytest.raises(ConfigError, match="another request"):

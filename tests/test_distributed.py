@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import ddp_config, run
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config
+from engine_fixtures import make_engine, tiny_config
 
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
-from norga.engine.loop import Engine
-from norga.engine.run_dir import RunDirectory
 from norga.methods import METHODS
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -71,7 +69,7 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-@pytest.mark.parametrize("method", ["norga", "coda", "l2p"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_match_one_process(tmp_path, method):
     expected = single_process(tmp_path / "single", method)
     result = torchrun(str(WORKER), str(tmp_path / "ddp"), method)
@@ -126,25 +124,22 @@ FAKE_TWO = Distributed(rank=0, world_size=2)  # no process group: these fail bef
 
 
 def test_the_official_prefix_layout_is_refused_across_processes(tmp_path):
-    config = tiny_config(**{"prompt.prefix_layout": "official"})
-    with pytest.raises(ValueError, match="prefix_layout=correct"):
-        Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
-               RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
+    for method in ("norga", "hide", "dualprompt"):
+        config = tiny_config(method, prefix_layout="official")
+        with pytest.raises(ValueError, match=f"{method}.prefix_layout=official mixes .* {method}.prefix_layout=correct"):
+            make_engine(config, tmp_path / method, dist=FAKE_TWO)
 
 
 def test_l2p_batchwise_vote_while_training_is_refused_across_processes(tmp_path):
     config = ddp_config("l2p")
-    config.eval.batchwise_prompt = True
-    with pytest.raises(ValueError, match="batchwise_prompt=false"):
-        Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
-               RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
-    assert METHODS["l2p"].uses_prompt_slots is False
+    config.settings.batchwise_prompt = True
+    with pytest.raises(ValueError, match="l2p.batchwise_prompt=false"):
+        make_engine(config, tmp_path / "r", dist=FAKE_TWO)
 
 
 def test_a_batch_smaller_than_the_number_of_processes_is_refused(tmp_path):
     config = tiny_config(**{"wtp.train.batch_size": 1})
-    engine = Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
-                    RunDirectory(tmp_path / "r"), torch.device("cpu"), dist=FAKE_TWO)
+    engine = make_engine(config, tmp_path / "r", dist=FAKE_TWO)
     with pytest.raises(ValueError, match="batches of 1 images cannot be split over 2 processes"):
         next(engine.context.train_loader(0, 0, 1))
 

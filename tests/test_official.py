@@ -7,19 +7,34 @@ import pytest
 import timm
 import torch
 
-from norga.nn import PromptedViT
+from norga.nn import PromptedViT, TaskPrompts
 from norga.official import OfficialCheckpointError, load_official_checkpoint, read_official_checkpoint
 
 LAYERS, SLOTS, LP, CLASSES = 2, 3, 4, 5
 ARCH = dict(img_size=32, patch_size=8, depth=3)
 
 
-def make_model(gate="sigmoid", seed=0, **kwargs):
+class Prompted:
+    """A host and the HiDe/NoRGa task prompts that own what the official checkpoints hold."""
+
+    def __init__(self, host: PromptedViT, prompts: TaskPrompts) -> None:
+        self.host, self.prompts = host, prompts
+        self.backbone, self.pool, self.gates = host.backbone, prompts.pool, prompts.gates
+
+    def __call__(self, x, slots):
+        return self.host(x, prefixes=self.prompts.prefixes(slots, len(x)))
+
+
+def make_model(gate="sigmoid", seed=0, num_slots=SLOTS, num_classes=CLASSES):
     with torch.random.fork_rng():  # same backbone for a seed; everything else stays freshly random
         torch.manual_seed(seed)
         backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH)
-    options = dict(num_slots=SLOTS, prompt_length=LP, prompt_layers=range(LAYERS), gate=gate, num_classes=CLASSES)
-    return PromptedViT(backbone, **(options | kwargs)).eval()
+    host = PromptedViT(backbone, num_classes=num_classes).eval()
+    return Prompted(host, TaskPrompts(host, num_slots, LP, range(LAYERS), gate=gate or "none"))
+
+
+def load(model: Prompted, path, **kwargs):
+    return load_official_checkpoint(model.host, model.prompts, path, **kwargs)
 
 
 def write_official(path, *, gate_act="sigmoid", with_gate=True, extra=None, drop=(), backbone_seed=0, prompts_shape=None):
@@ -44,7 +59,7 @@ def test_loads_prompts_gates_and_head(tmp_path):
     path = tmp_path / "task2_checkpoint.pth"
     state = write_official(path, extra={"e_prompt.prompt_key": torch.randn(SLOTS, 192)})
     model = make_model()
-    report = load_official_checkpoint(model, path)
+    report = load(model, path)
     assert torch.equal(model.pool.prompts, state["e_prompt.prompt"])
     for layer, gate in enumerate(model.gates):
         assert gate.tau.item() == state["e_prompt.act_scale"][layer, 0].item()
@@ -67,23 +82,23 @@ def test_hide_prompt_checkpoint(tmp_path):
     path = tmp_path / "hide.pth"
     state = write_official(path, with_gate=False, gate_act=None)
     model = make_model(gate=None)
-    load_official_checkpoint(model, path)
+    load(model, path)
     assert torch.equal(model.pool.prompts, state["e_prompt.prompt"])
-    with pytest.raises(OfficialCheckpointError, match="HiDe-Prompt checkpoint.*gate=None"):
-        load_official_checkpoint(make_model(gate="sigmoid"), path)
+    with pytest.raises(OfficialCheckpointError, match="HiDe-Prompt checkpoint.*gate='none'"):
+        load(make_model(gate="sigmoid"), path)
 
 
 def test_norga_checkpoint_into_models_that_do_not_fit(tmp_path):
     path = tmp_path / "norga.pth"
     write_official(path, gate_act="sigmoid")
     with pytest.raises(OfficialCheckpointError, match="no NoRGa gate: build it with gate='sigmoid'"):
-        load_official_checkpoint(make_model(gate=None), path)
+        load(make_model(gate=None), path)
     with pytest.raises(OfficialCheckpointError, match="trained with gate activation 'sigmoid' but the model uses 'tanh'"):
-        load_official_checkpoint(make_model(gate="tanh"), path)
-    with pytest.raises(OfficialCheckpointError, match="build the model with num_slots=3, prompt_length=4"):
-        load_official_checkpoint(make_model(num_slots=5), path)
+        load(make_model(gate="tanh"), path)
+    with pytest.raises(OfficialCheckpointError, match="build them with num_slots=3, length=4"):
+        load(make_model(num_slots=5), path)
     with pytest.raises(OfficialCheckpointError, match="'head.weight' is shaped \\(5, 192\\).*number of classes"):
-        load_official_checkpoint(make_model(num_classes=7), path)
+        load(make_model(num_classes=7), path)
 
 
 def test_different_backbone_is_refused_unless_asked(tmp_path):
@@ -91,8 +106,8 @@ def test_different_backbone_is_refused_unless_asked(tmp_path):
     state = write_official(path, backbone_seed=1)
     model = make_model(seed=0)
     with pytest.raises(OfficialCheckpointError, match="backbone weight '.*' differs.*check_backbone=False"):
-        load_official_checkpoint(model, path)
-    load_official_checkpoint(model, path, check_backbone=False)
+        load(model, path)
+    load(model, path, check_backbone=False)
     assert torch.equal(model.pool.prompts, state["e_prompt.prompt"])
 
 
@@ -100,7 +115,7 @@ def test_unknown_keys_and_bad_files(tmp_path):
     path = tmp_path / "extra.pth"
     write_official(path, extra={"g_prompt.prompt": torch.randn(2, 5)})
     with pytest.raises(OfficialCheckpointError, match="no place for: \\['g_prompt.prompt'\\]"):
-        load_official_checkpoint(make_model(), path)
+        load(make_model(), path)
 
     tii = tmp_path / "tii.pth"
     torch.save({"model": {"head.weight": torch.randn(2, 2)}}, tii)

@@ -4,7 +4,7 @@ when the slot's parameters change."""
 from __future__ import annotations
 
 import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config
+from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_engine, make_tasks, tiny_config
 
 from norga.engine.features import PromptedFeatureMemo
 from norga.engine.loop import Engine
@@ -56,8 +56,7 @@ def test_a_changed_slot_is_recomputed_and_the_others_are_not():
 
 def run_engine(tmp_path, memoise: bool) -> Engine:
     config = tiny_config(cache_prompted_features=memoise)
-    engine = Engine(config, make_model(config), make_tasks(), NUM_TASKS * CLASSES_PER_TASK,
-                    RunDirectory(tmp_path / f"memo{memoise}"), torch.device("cpu"))
+    engine = make_engine(config, RunDirectory(tmp_path / f"memo{memoise}"))
     engine.run()
     return engine
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from norga.io_utils import sha256_file
 from norga.nn.gates import NoRGaGate
 from norga.nn.prompted_vit import PromptedViT
+from norga.nn.task_prompts import TaskPrompts
 
 PROMPT_KEY = "e_prompt.prompt"
 GATE_KEY = "e_prompt.act_scale"
@@ -70,14 +71,14 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]
 
 
 def load_official_checkpoint(
-    model: PromptedViT, path: str | Path, *, check_backbone: bool = True
+    model: PromptedViT, prompts: TaskPrompts, path: str | Path, *, check_backbone: bool = True
 ) -> OfficialCheckpointReport:
-    """Copy prompts, gate scalars and head from an official checkpoint into `model`, strictly."""
+    """Copy prompts and gate scalars into `prompts` and the head into `model` from an official checkpoint, strictly."""
     state, args = read_official_checkpoint(path)
     report = OfficialCheckpointReport(str(path), sha256_file(path), official_gate_activation=args.get("gate_act"))
-    _load_prompts(model, state[PROMPT_KEY])
+    _load_prompts(prompts, state[PROMPT_KEY])
     report.loaded.append(PROMPT_KEY)
-    _load_gates(model, state.get(GATE_KEY), report.official_gate_activation)
+    _load_gates(prompts, state.get(GATE_KEY), report.official_gate_activation)
     if GATE_KEY in state:
         report.loaded.append(GATE_KEY)
 
@@ -105,23 +106,23 @@ def load_official_checkpoint(
     return report
 
 
-def _load_prompts(model: PromptedViT, prompts: Tensor) -> None:
-    target = model.pool.prompts
-    if prompts.shape != target.shape:
+def _load_prompts(prompts: TaskPrompts, official: Tensor) -> None:
+    target = prompts.pool.prompts
+    if official.shape != target.shape:
         raise OfficialCheckpointError(
-            f"'{PROMPT_KEY}' is shaped {tuple(prompts.shape)} (layers, 2, slots, length, heads, head_dim) but the "
-            f"model's pool is {tuple(target.shape)}: build the model with num_slots={prompts.shape[2]}, "
-            f"prompt_length={prompts.shape[3]} and {prompts.shape[0]} prompt layers"
+            f"'{PROMPT_KEY}' is shaped {tuple(official.shape)} (layers, 2, slots, length, heads, head_dim) but the "
+            f"task prompts' pool is {tuple(target.shape)}: build them with num_slots={official.shape[2]}, "
+            f"length={official.shape[3]} and {official.shape[0]} prompt layers"
         )
-    model.pool.load_prompts(prompts)
+    prompts.pool.load_prompts(official)
 
 
-def _load_gates(model: PromptedViT, act_scale: Tensor | None, official_activation: str | None) -> None:
-    norga_gates = [gate for gate in model.gates if isinstance(gate, NoRGaGate)]
+def _load_gates(prompts: TaskPrompts, act_scale: Tensor | None, official_activation: str | None) -> None:
+    norga_gates = [gate for gate in prompts.gates if isinstance(gate, NoRGaGate)]
     if act_scale is None:
         if norga_gates:
             raise OfficialCheckpointError(
-                f"the checkpoint has no '{GATE_KEY}' (a HiDe-Prompt checkpoint): build the model with gate=None"
+                f"the checkpoint has no '{GATE_KEY}' (a HiDe-Prompt checkpoint): build the task prompts with gate='none'"
             )
         return
     if not norga_gates:
