@@ -39,15 +39,13 @@ def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str |
 
 
 def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100):
-    """A randomly initialised prompted ViT of `model_kind` (NoRGa tanh gate) and its input image size."""
-    from norga.nn import PromptedViT
+    """A randomly initialised prompt host of `model_kind` with NoRGa task prompts (tanh gate, blocks 0-4) and its
+    input image size."""
+    from norga.nn import PromptedViT, TaskPromptedViT, TaskPrompts
 
     name, kwargs, _, size, length = MODEL_KINDS[model_kind]
-    model = PromptedViT.from_timm(
-        name, timm_kwargs=kwargs, num_slots=num_slots, prompt_length=length, num_classes=num_classes,
-        gate="tanh", attention_impl=impl,
-    )
-    return model, size
+    host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=num_classes, attention_impl=impl)
+    return TaskPromptedViT(host, TaskPrompts(host, num_slots, length, range(min(5, host.depth)), gate="tanh")), size
 
 
 def autocast(amp: bool) -> contextlib.AbstractContextManager:
@@ -63,11 +61,8 @@ def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool =
     model, size = prompted_model(impl, model_kind)
     model.train()
     batch = batch or MODEL_KINDS[model_kind][2]
-    model.pool.set_trainable_slot(1)
-    groups = model.parameter_groups()
-    optimizer = torch.optim.Adam(
-        [{"params": groups["prompts"] + groups["gates"]}, {"params": groups["head"], "lr": 1e-4}], lr=1e-3
-    )
+    prompts = model.prompts.train_slot(1, "all")
+    optimizer = torch.optim.Adam([{"params": prompts}, {"params": model.host.head_parameters(), "lr": 1e-4}], lr=1e-3)
     forward = compile_model(model) if compile else model
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 100, (batch,))
@@ -85,7 +80,7 @@ def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool =
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """The project's regional compile (``PromptedViT.compile_blocks``: prefix attention stays eager)."""
-    model.compile_blocks()
+    model.host.compile_blocks()
     return model
 
 

@@ -25,12 +25,13 @@ from norga.synthetic import synthetic_tasks
 
 def config_for(epochs: int, cache: bool, augment: bool) -> RunConfig:
     config = RunConfig(method="norga", seed=1, cache_frozen_features=cache)
-    config.prompt.gate = "sigmoid"
-    config.tii.augment = augment
-    config.tii.train = OptimConfig(epochs=epochs, lr=1e-3, batch_size=32)
-    config.tii.tap = TAPConfig(epochs=epochs, lr=0.01, samples_per_class=32)
-    config.wtp.train = OptimConfig(epochs=epochs, lr=0.01, batch_size=32)
-    config.wtp.tap = TAPConfig(epochs=epochs, lr=0.01, samples_per_class=64)
+    s = config.settings
+    s.gate = "sigmoid"
+    s.tii.augment = augment
+    s.tii.train = OptimConfig(epochs=epochs, lr=1e-3, batch_size=32)
+    s.tii.tap = TAPConfig(epochs=epochs, lr=0.01, samples_per_class=32)
+    s.wtp.train = OptimConfig(epochs=epochs, lr=0.01, batch_size=32)
+    s.wtp.tap = TAPConfig(epochs=epochs, lr=0.01, samples_per_class=64)
     config.eval.batch_size = 64
     return config
 
@@ -39,9 +40,8 @@ def timed_run(config: RunConfig, tasks, workdir: Path) -> tuple[float, int, floa
     """Wall seconds, frozen images encoded and final average accuracy of one run (model built from `config`)."""
     torch.manual_seed(0)
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4)
-    model = PromptedViT(backbone, num_slots=len(tasks), prompt_length=config.prompt.length, gate=config.prompt.gate,
-                        num_classes=sum(len(task.classes) for task in tasks),
-                        attention_impl=config.prompt.attention_impl)
+    model = PromptedViT(backbone, num_classes=sum(len(task.classes) for task in tasks),
+                        attention_impl=config.attention_impl)
     if config.compile:
         model.compile_blocks()
     engine = Engine(config, model, tasks, model.backbone.num_classes, RunDirectory(workdir), torch.device("cpu"))

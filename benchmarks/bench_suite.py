@@ -53,14 +53,14 @@ def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, co
 
     model, size = prompted_model(impl, model_kind)
     model.eval()
-    tii = TaskIdentityModel(model.backbone.num_features, 100).eval()
+    tii = TaskIdentityModel(model.host.embed_dim, 100).eval()
     class_to_task = torch.arange(100) // 10
     forward = compile_model(model) if compile else model
     images = torch.randn(batch, 3, size, size)
 
     def step():
         with torch.inference_mode(), autocast(amp):
-            tasks = class_to_task[tii(forward.forward_features(images).float()).argmax(dim=1)]
+            tasks = class_to_task[tii(forward.host.forward_features(images).float()).argmax(dim=1)]
             return forward(images, tasks).logits.float().argmax(dim=1)
 
     return step, batch
@@ -112,12 +112,13 @@ def pipeline_config(fast: bool, amp: bool, compile: bool, quick: bool):
 
     config = load_config("quickstart")
     config.seed = 1
+    s = config.settings
     if quick:
-        config.tii.train.epochs, config.tii.tap.epochs, config.wtp.train.epochs, config.wtp.tap.epochs = 1, 1, 1, 1
-    config.prompt.attention_impl = "fused" if fast else "reference"
+        s.tii.train.epochs, s.tii.tap.epochs, s.wtp.train.epochs, s.wtp.tap.epochs = 1, 1, 1, 1
+    config.attention_impl = "fused" if fast else "reference"
     config.cache_frozen_features = fast
     config.amp = "bf16" if fast and amp else "none"
-    config.cache_prompted_features = fast
+    s.cache_prompted_features = fast
     config.compile = fast and compile
     return config
 

@@ -2,18 +2,16 @@
 
 import torch
 
-from norga.nn import PromptedViT
+from norga.nn import PromptedViT, TaskPrompts
 
-model = PromptedViT.from_timm(
-    "vit_tiny_patch16_224",           # any timm ViT; pretrained=True takes timm's weights when online
-    num_slots=10, prompt_length=5,    # one prefix slot per task, 5 key/value vectors per prompted layer
-    gate="sigmoid", num_classes=100,  # NoRGa gate s + α·σ(τ·s) on prompt scores; gate=None is HiDe-Prompt
-)
-model.pool.set_trainable_slot(0)      # training task 0: only slot 0 (plus gates and head) learns
+host = PromptedViT.from_timm("vit_tiny_patch16_224", num_classes=100)  # any timm ViT; pretrained=True when online
+prompts = TaskPrompts(host, num_slots=10, length=5, layers=[0, 1, 2, 3, 4],  # one prefix slot per task
+                      gate="sigmoid")  # NoRGa gate s + α·σ(τ·s) on prompt scores; gate="none" is HiDe-Prompt
+trainable = prompts.train_slot(0, "first") + host.head_parameters()  # task 0: slot 0, the gates and the head
 images = torch.randn(4, 3, 224, 224)
-out = model(images, slots=0)          # every sample uses slot 0
+out = host(images, prefixes=prompts.prefixes(0, len(images)))  # every sample uses slot 0
 torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 2, 3, 4])).backward()
-per_sample = model(images, slots=torch.tensor([0, 3, 1, 0]))  # inference: a slot per sample
-frozen = model(images)                # the plain frozen backbone, same module, no prompts
+per_sample = host(images, prefixes=prompts.prefixes(torch.tensor([0, 3, 1, 0]), len(images)))  # a slot per sample
+frozen = host(images)  # the plain frozen backbone: same module, no prompts
 print("features", tuple(out.features.shape), "logits", tuple(per_sample.logits.shape),
-      "trainable", sum(p.numel() for p in model.parameters() if p.requires_grad))
+      "trainable", sum(p.numel() for p in trainable))

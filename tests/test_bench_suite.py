@@ -20,17 +20,16 @@ def speed_result(ref_ms: float, fast_ms: float, batch: int = 8, gflop: float = 5
 
 def test_reference_config_turns_every_speed_setting_off():
     config = bench_suite.pipeline_config(fast=False, amp=True, compile=True, quick=True)
-    assert (config.prompt.attention_impl, config.cache_frozen_features, config.amp) == ("reference", False, "none")
-    for key in ("cache_prompted_features", "compile"):
-        assert getattr(config, key, False) is False
+    assert (config.attention_impl, config.cache_frozen_features, config.amp) == ("reference", False, "none")
+    assert config.settings.cache_prompted_features is False and config.compile is False
 
 
 def test_fast_config_uses_fused_attention_caching_and_amp_only_when_asked():
     assert bench_suite.pipeline_config(fast=True, amp=False, compile=False, quick=False).amp == "none"
     config = bench_suite.pipeline_config(fast=True, amp=True, compile=False, quick=False)
-    assert (config.prompt.attention_impl, config.cache_frozen_features, config.amp) == ("fused", True, "bf16")
-    assert getattr(config, "cache_prompted_features", True) is True
-    assert config.method == "norga" and config.prompt.gate == "sigmoid"  # the quickstart preset's shape
+    assert (config.attention_impl, config.cache_frozen_features, config.amp) == ("fused", True, "bf16")
+    assert config.settings.cache_prompted_features is True
+    assert config.method == "norga" and config.settings.gate == "sigmoid"  # the quickstart preset's shape
 
 
 def test_speed_row_passes_at_the_target_ratio():

@@ -11,35 +11,36 @@ from torch._dynamo.utils import counters
 from norga.config_io import ConfigError, load_config
 from norga.engine import precision
 from norga.engine.build import resolve_precision
-from norga.nn import PromptedViT
+from norga.nn import PromptedViT, TaskPrompts
+from prompted_fixture import Prompted
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled
 
 SIZE, PATCH, CLASSES = 16, 4, 5
 
 
-def tiny_model(seed: int = 0) -> PromptedViT:
+def tiny_model(seed: int = 0) -> Prompted:
     """Depth 3 with prompts in blocks 0-1: both a prefix block (compiled around its attention) and a plain one."""
     torch.manual_seed(seed)
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=3,
                                  embed_dim=32, num_heads=2)
-    model = PromptedViT(backbone, num_slots=3, prompt_length=4, prompt_layers=[0, 1], gate="tanh",
-                        num_classes=CLASSES).train()
-    model.pool.set_trainable_slot(1)
+    host = PromptedViT(backbone, num_classes=CLASSES)
+    model = Prompted(host, TaskPrompts(host, 3, 4, [0, 1], gate="tanh")).train()
+    model.prompts.train_slot(1, "all")
     with torch.no_grad():  # gates away from their init so their gradients are generic
-        for gate in model.gates:
+        for gate in model.prompts.gates:
             for param in gate.parameters():
                 param.uniform_(0.5, 1.5)
     return model
 
 
-def step(model: PromptedViT, images: torch.Tensor, labels: torch.Tensor, autocast: bool = False):
+def step(model: Prompted, images: torch.Tensor, labels: torch.Tensor, autocast: bool = False):
     """Features, logits and the gradients of the trainable parameters (by name) of one cross-entropy step."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(images, 1, momentum=0.1)
     torch.nn.functional.cross_entropy(out.logits.float(), labels).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    assert {"pool.slots.1", "gates.0.alpha", "backbone.head.weight"} <= set(grads)
+    assert {"prompts.pool.slots.1", "prompts.gates.0.alpha", "host.backbone.head.weight"} <= set(grads)
     return out.features.detach().float(), out.logits.detach().float(), grads
 
 
@@ -56,11 +57,11 @@ def test_compiled_model_matches_eager_in_outputs_and_gradients_without_recompili
     eager = tiny_model()
     compiled = copy.deepcopy(eager)
     keys = list(compiled.state_dict())
-    regions = compiled.compile_blocks()
-    assert regions == {0: ["norm1", "norm2", "mlp"], 1: ["norm1", "norm2", "mlp"], 2: [""]}
+    regions = compiled.host.compile_blocks()
+    assert regions == {0: ["norm1", "norm2", "mlp"], 1: ["norm1", "norm2", "mlp"], 2: ["norm1", "attn", "norm2", "mlp"]}
     assert list(compiled.state_dict()) == keys  # no `_orig_mod.`: checkpoints load both ways
-    blocks = compiled.backbone.blocks
-    assert is_compiled(blocks[2]) and is_compiled(blocks[0].mlp) and not is_compiled(blocks[0])
+    blocks = compiled.host.backbone.blocks
+    assert is_compiled(blocks[2].attn) and is_compiled(blocks[0].mlp) and not is_compiled(blocks[0].attn)
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT  # train/eval/autocast variants stay compiled
     counters.clear()
     for seed in (1, 2, 3):
@@ -81,12 +82,12 @@ def test_compiled_model_matches_eager_in_outputs_and_gradients_without_recompili
     compiled.load_state_dict(eager.state_dict())  # strict: same keys
 
 
-def test_a_block_given_prefix_attention_after_compiling_is_recompiled_around_it():
+def test_a_block_given_prefix_attention_after_compiling_keeps_its_regions_and_an_eager_attention():
     model = tiny_model()
-    model.compile_blocks()
-    model.install_prefix_layers([2])
-    block = model.backbone.blocks[2]
-    assert not is_compiled(block) and is_compiled(block.mlp) and is_compiled(block.norm1)
+    model.host.compile_blocks()
+    model.host.install_prefix_layers([2])
+    block = model.host.backbone.blocks[2]
+    assert not is_compiled(block.attn) and is_compiled(block.mlp) and is_compiled(block.norm1)
 
 
 def test_bf16_autocast_is_close_to_fp32():
@@ -102,7 +103,7 @@ def test_bf16_autocast_is_close_to_fp32():
     assert relative_error(bf_logits, logits) < 0.02
     for name in grads:
         assert relative_error(bf_grads[name], grads[name]) < 0.04, name
-    assert bf_features.dtype == torch.float32 and bf_grads["pool.slots.1"].dtype == torch.float32  # fp32 master copies
+    assert bf_features.dtype == torch.float32 and bf_grads["prompts.pool.slots.1"].dtype == torch.float32  # fp32 master copies
 
 
 # ---------------------------------------------------------------------------------- amp resolution

@@ -8,21 +8,11 @@ import timm
 import torch
 
 from norga.nn import PromptedViT, TaskPrompts
+from prompted_fixture import Prompted
 from norga.official import OfficialCheckpointError, load_official_checkpoint, read_official_checkpoint
 
 LAYERS, SLOTS, LP, CLASSES = 2, 3, 4, 5
 ARCH = dict(img_size=32, patch_size=8, depth=3)
-
-
-class Prompted:
-    """A host and the HiDe/NoRGa task prompts that own what the official checkpoints hold."""
-
-    def __init__(self, host: PromptedViT, prompts: TaskPrompts) -> None:
-        self.host, self.prompts = host, prompts
-        self.backbone, self.pool, self.gates = host.backbone, prompts.pool, prompts.gates
-
-    def __call__(self, x, slots):
-        return self.host(x, prefixes=self.prompts.prefixes(slots, len(x)))
 
 
 def make_model(gate="sigmoid", seed=0, num_slots=SLOTS, num_classes=CLASSES):
@@ -30,10 +20,12 @@ def make_model(gate="sigmoid", seed=0, num_slots=SLOTS, num_classes=CLASSES):
         torch.manual_seed(seed)
         backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH)
     host = PromptedViT(backbone, num_classes=num_classes).eval()
-    return Prompted(host, TaskPrompts(host, num_slots, LP, range(LAYERS), gate=gate or "none"))
+    model = Prompted(host, TaskPrompts(host, num_slots, LP, range(LAYERS), gate=gate or "none"))
+    model.backbone, model.pool, model.gates = host.backbone, model.prompts.pool, model.prompts.gates
+    return model
 
 
-def load(model: Prompted, path, **kwargs):
+def load(model, path, **kwargs):
     return load_official_checkpoint(model.host, model.prompts, path, **kwargs)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from norga.nn import PrefixAttention, PromptedViT, TaskPrompts
+from prompted_fixture import Prompted
 
 SMALL_VITS = {
     "vit_tiny_32px": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3)),
@@ -17,19 +18,6 @@ SMALL_VITS = {
     "vit_base_qknorm": ("vit_base_patch16_224", dict(img_size=32, patch_size=16, depth=2, embed_dim=64, num_heads=4, qk_norm=True)),
 }
 NUM_CLASSES = 6
-
-
-class Prompted(torch.nn.Module):
-    """A host and the task prompts a HiDe/NoRGa method would own, called as the method calls them."""
-
-    def __init__(self, host, prompts):
-        super().__init__()
-        self.host, self.prompts = host, prompts
-
-    def forward(self, x, slots=None, momentum=0.0, **kwargs):
-        if slots is not None:
-            kwargs["prefixes"] = self.prompts.prefixes(slots, len(x), momentum)
-        return self.host(x, **kwargs)
 
 
 def build(key, num_slots=3, prompt_length=4, prompt_layers=(0, 1), gate="tanh", prefix_layout="correct", **host):

@@ -16,7 +16,7 @@ from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_attention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
 from norga.nn.prompted_vit import Prefix, PromptedOutput, PromptedViT
-from norga.nn.task_prompts import TaskPrompts
+from norga.nn.task_prompts import TaskPromptedViT, TaskPrompts
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,6 +32,7 @@ __all__ = [
     "PromptedOutput",
     "PromptedViT",
     "ScoreGate",
+    "TaskPromptedViT",
     "TaskPrompts",
     "apply_gate_schedule",
     "fused_prefix_attention",

@@ -57,3 +57,21 @@ class TaskPrompts(nn.Module):
     def freeze(self) -> None:
         """Nothing trainable (between training phases)."""
         self.requires_grad_(False)
+
+
+class TaskPromptedViT(nn.Module):
+    """A host and one `TaskPrompts`, called as HiDe-Prompt calls them: ``model(x, slots, momentum)``.
+
+    A convenience for library use (and the README's example): the parts stay separate modules, ``host`` owning
+    the backbone and head, ``prompts`` the slots and gates. Methods use the two directly.
+    """
+
+    def __init__(self, host: PromptedViT, prompts: TaskPrompts) -> None:
+        super().__init__()
+        self.host, self.prompts = host, prompts
+
+    def forward(self, x: Tensor, slots: Tensor | int | None = None, momentum: float = 0.0, **prompts):
+        """`slots` None: the plain frozen backbone (or the host with the other prompts given)."""
+        if slots is not None:
+            prompts["prefixes"] = self.prompts.prefixes(slots, len(x), momentum)
+        return self.host(x, **prompts)
