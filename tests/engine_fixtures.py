@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from norga.config import SHARED_KEYS, RunConfig
-from norga.config_io import load_config
+from norga.config_io import load_config, read_source
 from norga.engine.build import BuiltRun, build_run
 from norga.engine.context import TaskDatasets
 from norga.engine.loop import Engine
@@ -27,12 +27,36 @@ def make_tasks(seed: int = 0) -> list[TaskDatasets]:
 
 def tiny_config(method: str = "norga", **changes) -> RunConfig:
     """tests/tiny.yaml for `method`, through `load_config` as a user's run; `changes` are ``--set`` keys, those
-    not of the shared schema relative to the method's section (``wtp.train.lr`` -> ``norga.wtp.train.lr``)."""
+    not of the shared schema relative to the method's section (``wtp.train.lr`` -> ``norga.wtp.train.lr``).
+
+    A method without a section there runs with its defaults shrunk to the fixture's scale (`shrunk`)."""
     overrides = [f"method={method}"]
+    if method not in read_source(TINY):
+        overrides += [f"{method}.{key}={json.dumps(value)}" for key, value in shrunk(method).items()]
     for key, value in changes.items():
         dotted = key if key.split(".")[0] in SHARED_KEYS else f"{method}.{key}"
         overrides.append(f"{dotted}={json.dumps(value)}")
     return load_config(TINY, overrides)
+
+
+#: Setting names (last part of the dotted key) and their values at the fixture's scale.
+SMALL = {"epochs": 1, "batch_size": 4, "samples_per_class": 4, "length": 2, "g_length": 2, "pool_size": 6, "top_k": 2,
+         "mlp_hidden": [1]}
+
+
+def shrunk(method: str) -> dict:
+    """The method's defaults at the fixture's scale: epochs, batch sizes, lengths and pools small, layers in [0, 1]."""
+    from norga.config_io import flat_settings
+    from norga.methods import settings_class
+
+    small = {}
+    for key, value in flat_settings(settings_class(method)()).items():
+        name = key.rsplit(".", 1)[-1]
+        if name in SMALL and value not in (None, 0, []):
+            small[key] = SMALL[name]
+        elif name.endswith("layers") and isinstance(value, list) and value:
+            small[key] = [0, 1][: len(value)]
+    return small
 
 
 def build(config: RunConfig, tasks: list[TaskDatasets] | None = None) -> BuiltRun:

@@ -51,7 +51,9 @@ def test_overrides_split_into_shared_per_method_and_per_joint_label():
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["tiny_smoke", "--methods", "ncm,linear_prob"], "did you mean 'linear_probe'"),
-    (["tiny_smoke", "--methods", "ncm", "--set", "hide:prompt.length=3"], "'hide' is not one of --methods"),
+    (["tiny_smoke", "--methods", "ncm", "--set", "hide:hide.prompt.length=3"], "'hide' is not one of --methods"),
+    (["tiny_smoke", "--methods", "ncm", "--set", "l2p.top_k=3"], "--set l2p.top_k=3 reaches no method of this"),
+    (["tiny_smoke", "--methods", "ncm,hide", "--set", "hide.gate=tanh"], "unknown config key 'hide.gate'"),
     (["tiny_smoke", "--methods", "ncm", "--set", "ncm:ncm.metric=cosin"], "did you mean 'cosine'"),
     (["tiny_smoke", "--methods", "ncm", "--set", "ncm-joint:ncm.metric=cosine"], "'ncm-joint' is not one of"),
     (["tiny_smoke", "--methods", "ncm", "--joint-upper-bound", "norga"], "not in --methods"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ import yaml
 
 from engine_fixtures import make_tasks, run_fixture, tiny_config
 from norga.commands.methods import setting_rows
+from norga.config import NonNegativeFloat  # noqa: F401 - the test method's settings are annotated with it
 from norga.config_io import dump_config, load_config
 from norga.engine.loop import Position
 from norga.engine.run_dir import RunDirectory
-from norga.methods import METHODS
+from norga.methods import METHODS, ContinualMethod, Phase, Prediction, register_method
 
 ALL = sorted(METHODS)
 
@@ -105,3 +107,53 @@ def test_bf16_and_regional_compile_run_every_method(tmp_path, method):
     accuracy = matrices["accuracy"].accuracies()
     assert ((accuracy >= 0) & (accuracy <= 100)).all() and matrices["accuracy"].total[:, -1].sum() == sum(
         len(task.test) for task in make_tasks())
+
+
+def test_a_method_defined_outside_the_package_is_one_class_and_its_registration(tmp_path):
+    """No file of norga changes: the class registers, configs address its section, the engine runs it, the
+    run record holds its settings."""
+    @dataclass
+    class MajoritySettings:
+        smoothing: NonNegativeFloat = 0.0
+
+    @register_method
+    class Majority(ContinualMethod):
+        """Predicts the seen class with the most training images."""
+
+        name = "majority"
+        Settings = MajoritySettings
+
+        def __init__(self, context, settings):
+            super().__init__(context, settings)
+            self.counts = torch.full((context.num_classes,), settings.smoothing)
+
+        def phases(self, task):
+            return [Phase("count")]
+
+        def run_phase(self, task, phase, start_epoch, on_epoch_end):
+            for label in self.ctx.frozen_train_features(task).labels:
+                self.counts[label] += 1
+
+        def predict(self, images, seen_tasks, frozen_features=None, image_ids=None):
+            seen = self.ctx.class_mask_until(seen_tasks - 1).cpu()
+            best = int(torch.where(seen, self.counts, -1.0).argmax())
+            return Prediction(torch.full((len(images),), best))
+
+        def state_dict(self):
+            return {"counts": self.counts.clone()}
+
+        def load_state_dict(self, state):
+            self.counts.copy_(state["counts"])
+
+    try:
+        config = load_config(None, ["method=majority", "majority.smoothing=0.5"])
+        assert config.settings == MajoritySettings(0.5)
+        with pytest.raises(Exception, match="majority.smoothing must be a finite number >= 0"):
+            load_config(None, ["method=majority", "majority.smoothing=-1"])
+        config = tiny_config("majority", smoothing=0.5)
+        matrices = run_fixture(config, tmp_path / "run")
+        assert set(matrices) == {"accuracy"} and matrices["accuracy"].final_average_accuracy() > 0
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert results["method"] == "majority" and results["settings"] == {"smoothing": 0.5}
+    finally:
+        del METHODS["majority"]

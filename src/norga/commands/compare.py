@@ -81,6 +81,17 @@ def request_from(args: argparse.Namespace) -> dict:
     return {"config": args.config, "methods": methods, "joint_upper_bound": joint, "overrides": list(args.overrides)}
 
 
+def refuse_unreached_sections(overrides: list[str], methods: list[str]) -> None:
+    """A shared ``--set METHOD.KEY=...`` must reach one of the compared methods (else it would change nothing)."""
+    from norga.methods import method_names
+
+    for override in overrides:
+        section = override.partition("=")[0].strip().split(".")[0]
+        if section in method_names() and section not in methods:
+            raise ConfigError(f"--set {override} reaches no method of this comparison ({', '.join(dict.fromkeys(methods))}):"
+                              f" add {section} to --methods or drop it")
+
+
 def handle(args: argparse.Namespace) -> int:
     from norga.commands import refuse_under_torchrun
     from norga.comparison import ComparisonDirectory, MethodRun, method_config
@@ -98,8 +109,9 @@ def handle(args: argparse.Namespace) -> int:
     shared, per_target = split_overrides(request["overrides"], list(dict.fromkeys(t for e in entries for t in e[:2])))
     if directory is None:
         name = Path(request["config"]).stem if Path(request["config"]).suffix else request["config"]
-        output_dir = load_config(request["config"], shared).output_dir
+        output_dir = load_config(request["config"], shared, other_sections=True).output_dir
         directory = Path(output_dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    refuse_unreached_sections(shared, [method for _, method, _ in entries])
     runs = []
     for label, method, joint in entries:  # every config is resolved (and checked) before anything is written
         own = per_target[method] + (per_target[label] if joint else [])  # METHOD: applies to its joint run too

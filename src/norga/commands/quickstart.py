@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 PRESET = "quickstart"
-METHODS = {"NoRGa": "norga", "HiDe-Prompt": "hide"}  # label -> registered method (hide implies no gate)
+METHODS = {"NoRGa": "norga", "HiDe-Prompt": "hide"}  # label -> registered method (each reads its own section)
 
 
 def add_parser(subparsers) -> None:
