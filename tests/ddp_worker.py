@@ -30,7 +30,8 @@ def ddp_config(method: str):
     odd = {"norga": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5},
            "hide": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5}}
     baseline = {"train.epochs": 2, "train.batch_size": 5, "train.schedule": "step"}
-    return tiny_config(method, **{"eval.batch_size": 3, **odd.get(method, baseline)})
+    trains = hasattr(tiny_config(method).settings, "train")  # ncm has no training phase
+    return tiny_config(method, **{"eval.batch_size": 3, **odd.get(method, baseline if trains else {})})
 
 
 def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_at: Position | None = None) -> None:

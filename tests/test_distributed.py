@@ -107,7 +107,7 @@ def test_a_distributed_run_resumes_after_a_crash_to_the_same_results(tmp_path):
 @pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
                     reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
 def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_results(tmp_path):
-    overrides = ["--set", "wtp.train.batch_size=15", "--set", "tii.train.batch_size=15", "--quiet"]
+    overrides = ["--set", "norga.wtp.train.batch_size=15", "--set", "norga.tii.train.batch_size=15", "--quiet"]
     single = subprocess.run([sys.executable, "-m", "norga", "run", "tiny_smoke", "--run-dir", str(tmp_path / "one"),
                              *overrides], capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
