@@ -1,0 +1,174 @@
+"""Trials as Ray tasks: one per free slot of `--cpus-per-trial` / `--gpus-per-trial`, on a local Ray instance or
+an existing cluster (`--address`); a trial whose worker dies is retried by Ray (`max_retries`) and resumes its
+run directory from the last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from norga.config import RunConfig
+from norga.config_io import ConfigError
+from norga.engine.progress import Progress
+from norga.sweep.directory import COMPLETE, FAILED, PENDING, RUNNING, SweepDirectory
+
+INSTALL_HINT = "pip install 'norga[sweep]'"
+#: Test hook, ``TRIAL_ID:MARKER_FILE``: the worker of that trial SIGKILLs itself once (the marker file records
+#: that it did), right after its first task is checkpointed.
+KILL_HOOK = "NORGA_SWEEP_TEST_KILL"
+POLL_SECONDS = 1.0
+
+
+def require_ray():
+    """The `ray` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"norga sweep runs its trials on Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass
+class Resources:
+    """What each trial asks of Ray, and where Ray is."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None  # None: a local Ray instance sized to this machine
+    max_retries: int = 2  # re-runs of a trial whose worker or node died (Python errors are not retried)
+
+    def check(self) -> None:
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_retries < 0:
+            raise ConfigError("--cpus-per-trial must be > 0, --gpus-per-trial and --max-retries >= 0")
+        if self.gpus_per_trial > 1:
+            raise ConfigError("--gpus-per-trial above 1 is not supported yet: give each trial one GPU, or run one "
+                              "multi-GPU experiment with `torchrun --nproc_per_node=N -m norga run`")
+        machine = len(os.sched_getaffinity(0))
+        if self.address is None and self.cpus_per_trial > machine:
+            raise ConfigError(f"--cpus-per-trial {self.cpus_per_trial:g} exceeds this machine's {machine} CPUs: "
+                              "lower it, or join a cluster with bigger nodes via --address")
+
+    @property
+    def threads(self) -> int:
+        """torch threads per trial: its CPU share, at least one."""
+        return max(1, int(self.cpus_per_trial))
+
+
+def start_ray(resources: Resources):
+    """Join the cluster at `resources.address`, or start a local instance with this machine's CPUs."""
+    import logging
+
+    ray = require_ray()
+    if resources.address:
+        ray.init(address=resources.address, logging_level=logging.WARNING)
+        available = ray.cluster_resources()
+        if resources.cpus_per_trial > available.get("CPU", 0) or resources.gpus_per_trial > available.get("GPU", 0):
+            print(f"warning: the cluster has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs "
+                  "now; trials wait until a node with their share joins", file=sys.stderr)
+    else:
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.WARNING)
+    return ray
+
+
+def run_trials(directory: SweepDirectory, configs: dict[str, RunConfig], resources: Resources) -> None:
+    """Run the trials named by `configs` (id -> resolved config) as Ray tasks and record each outcome in the
+    manifest as it arrives; returns when every one has finished or failed."""
+    from ray.util.queue import Queue
+
+    ray = start_ray(resources)
+    events = Queue(actor_options={"num_cpus": 0})  # workers say "started" here: attempts and pids
+    task = ray.remote(_run_trial).options(num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial,
+                                          max_retries=resources.max_retries, retry_exceptions=False)
+    pending = {task.remote(trial_id, config, str(directory.run_dir(directory.trial(trial_id))), resources.threads,
+                           events): trial_id for trial_id, config in configs.items()}
+    print(f"{len(pending)} trials submitted to Ray ({resources.cpus_per_trial:g} CPUs, "
+          f"{resources.gpus_per_trial:g} GPUs each; {ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)",
+          file=sys.stderr, flush=True)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            _record_starts(directory, events)
+            for ref in done:
+                _record_outcome(directory, pending.pop(ref), ref, ray)
+    finally:
+        for trial_id in pending.values():  # interrupted (Ctrl-C): the next --resume runs them again
+            if directory.trial(trial_id)["status"] == RUNNING:
+                directory.update(trial_id, status=PENDING, error="the sweep stopped before this trial finished")
+        ray.shutdown()
+
+
+def _record_starts(directory: SweepDirectory, events) -> None:
+    while not events.empty():
+        trial_id, pid, node = events.get_nowait()
+        entry = directory.trial(trial_id)
+        attempt = entry["attempts"] + 1
+        directory.update(trial_id, status=RUNNING, attempts=attempt, worker={"pid": pid, "node": node})
+        print(f"started  {trial_id} (attempt {attempt}, pid {pid} on {node})", file=sys.stderr, flush=True)
+
+
+def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
+    entry = directory.trial(trial_id)
+    try:
+        outcome = ray.get(ref)
+    except ray.exceptions.RayTaskError as error:  # a Python error in the trial: not retried
+        cause = error.cause if getattr(error, "cause", None) is not None else error
+        message = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+        directory.update(trial_id, status=FAILED, error=message)
+    except ray.exceptions.RayError as error:  # worker or node died, retries used up
+        lines = str(error).strip().splitlines()
+        directory.update(trial_id, status=FAILED,
+                         error=f"{type(error).__name__} after {entry['attempts']} attempts: {lines[0] if lines else ''}")
+    else:
+        if directory.run_is_complete(entry):
+            seconds = outcome["wall_seconds"] if outcome["wall_seconds"] is not None else entry.get("wall_seconds")
+            directory.update(trial_id, status=COMPLETE, error=None, wall_seconds=seconds)
+        else:
+            directory.update(trial_id, status=FAILED, error=(
+                f"the trial returned but {directory.run_dir(entry) / 'results.json'} is not complete here: the sweep "
+                "directory must be on a file system every node mounts at the same path"))
+    entry = directory.trial(trial_id)
+    detail = f"in {entry['wall_seconds']:.1f} s" if entry["status"] == COMPLETE and entry["wall_seconds"] else \
+        (entry["error"] or "")
+    print(f"{entry['status']:8s} {trial_id} {detail}", file=sys.stderr, flush=True)
+
+
+def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int, events) -> dict[str, Any]:
+    """Inside a Ray worker: one trial through `norga compare`'s code path (resumes from its checkpoint)."""
+    import ray
+    import torch
+
+    from norga.comparison import MethodRun, run_method
+
+    torch.set_num_threads(threads)
+    events.put((trial_id, os.getpid(), ray.util.get_node_ip_address()))
+    start = time.perf_counter()
+    result = run_method(MethodRun(trial_id, config, Path(run_dir)), progress=_progress(trial_id))
+    return {"status": result.status, "wall_seconds": result.wall_seconds if result.status != "finished earlier"
+            else None, "worker_seconds": time.perf_counter() - start}
+
+
+def _progress(trial_id: str) -> Progress:
+    hook = os.environ.get(KILL_HOOK, "")
+    target, _, marker = hook.partition(":")
+    return KillOnceAfterFirstTask(marker) if hook and target == trial_id else Progress(enabled=False)
+
+
+class KillOnceAfterFirstTask(Progress):
+    """`KILL_HOOK`'s progress: the engine calls `write` after each task's checkpoint; the first call with no
+    marker file yet creates it and SIGKILLs this process (a worker dying mid-trial, for tests)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(enabled=False)
+        self.marker = marker
+
+    def write(self, line: str) -> None:
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
