@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ from norga.engine.progress import Progress
 from norga.sweep.directory import COMPLETE, FAILED, PENDING, RUNNING, SweepDirectory
 
 INSTALL_HINT = "pip install 'norga[sweep]'"
-#: Test hook, ``TRIAL_ID:MARKER_FILE``: the worker of that trial SIGKILLs itself once (the marker file records
-#: that it did), right after its first task is checkpointed.
+#: Test hook, ``TRIAL_ID:MARKER[:TIMES]``: the worker of that trial SIGKILLs itself right after a task is
+#: checkpointed, at most TIMES times (default 1) over all attempts; files MARKER.1, MARKER.2 ... record each kill.
 KILL_HOOK = "NORGA_SWEEP_TEST_KILL"
 POLL_SECONDS = 1.0
 
@@ -126,7 +125,7 @@ def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
     else:
         if directory.run_is_complete(entry):
             seconds = outcome["wall_seconds"] if outcome["wall_seconds"] is not None else entry.get("wall_seconds")
-            directory.update(trial_id, status=COMPLETE, error=None, wall_seconds=seconds)
+            directory.update(trial_id, status=COMPLETE, error=None, wall_seconds=seconds, run_status=outcome["status"])
         else:
             directory.update(trial_id, status=FAILED, error=(
                 f"the trial returned but {directory.run_dir(entry) / 'results.json'} is not complete here: the sweep "
@@ -146,29 +145,28 @@ def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int, eve
 
     torch.set_num_threads(threads)
     events.put((trial_id, os.getpid(), ray.util.get_node_ip_address()))
-    start = time.perf_counter()
     result = run_method(MethodRun(trial_id, config, Path(run_dir)), progress=_progress(trial_id))
-    return {"status": result.status, "wall_seconds": result.wall_seconds if result.status != "finished earlier"
-            else None, "worker_seconds": time.perf_counter() - start}
+    return {"status": result.status, "wall_seconds": result.wall_seconds if result.status != "finished earlier" else None}
 
 
 def _progress(trial_id: str) -> Progress:
-    hook = os.environ.get(KILL_HOOK, "")
-    target, _, marker = hook.partition(":")
-    return KillOnceAfterFirstTask(marker) if hook and target == trial_id else Progress(enabled=False)
+    target, _, rest = os.environ.get(KILL_HOOK, "").partition(":")
+    marker, _, times = rest.partition(":")
+    return KillAfterTask(marker, int(times or 1)) if target == trial_id and marker else Progress(enabled=False)
 
 
-class KillOnceAfterFirstTask(Progress):
-    """`KILL_HOOK`'s progress: the engine calls `write` after each task's checkpoint; the first call with no
-    marker file yet creates it and SIGKILLs this process (a worker dying mid-trial, for tests)."""
+class KillAfterTask(Progress):
+    """`KILL_HOOK`'s progress: the engine calls `write` after each task's checkpoint; while fewer than `times`
+    marker files exist, the call creates the next one and SIGKILLs this process (a worker dying mid-trial)."""
 
-    def __init__(self, marker: str) -> None:
+    def __init__(self, marker: str, times: int) -> None:
         super().__init__(enabled=False)
-        self.marker = marker
+        self.marker, self.times = marker, times
 
     def write(self, line: str) -> None:
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
+        for kill in range(1, self.times + 1):
+            try:
+                os.close(os.open(f"{self.marker}.{kill}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.kill(os.getpid(), signal.SIGKILL)
