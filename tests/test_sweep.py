@@ -46,8 +46,8 @@ def test_trial_names_are_unique_file_names_even_when_values_look_alike():
 
 
 def test_axis_values_and_shared_overrides_reach_each_trial_config():
-    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": {"method": ["norga", "hide"], "seed": [3],
-                                                                 "prompt.length": [4]}, "set": {"data.test_per_class": 7}})
+    axes = {"method": ["norga", "hide"], "seed": [3], "prompt.length": [4]}
+    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": axes, "set": {"data.test_per_class": 7}})
     norga, hide = (trial_config(sweep, trial) for trial in expand(sweep))
     assert (norga.method, norga.seed, norga.prompt.length, norga.data.test_per_class) == ("norga", 3, 4, 7)
     assert norga.prompt.gate == "sigmoid" and hide.method == "hide" and hide.prompt.gate is None  # hide: no gate
@@ -62,7 +62,8 @@ def test_a_spec_file_and_the_grid_options_give_the_same_request(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("base: tiny_smoke\naxes:\n  method: [norga, hide]\n  seed: [0, 1]\nset: [wtp.train.epochs=2]\n")
     from_file = load_spec(path, ["eval.batch_size=8"])
-    from_grid = spec_from_grid("tiny_smoke", ["method=norga,hide", "seed=0,1"], ["wtp.train.epochs=2", "eval.batch_size=8"])
+    from_grid = spec_from_grid("tiny_smoke", ["method=norga,hide", "seed=0,1"],
+                               ["wtp.train.epochs=2", "eval.batch_size=8"])
     assert from_file == from_grid and from_grid.axes["seed"] == [0, 1]  # values parsed as YAML: integers
 
 
@@ -175,7 +176,8 @@ def test_paired_interval_over_three_seeds(tmp_path):
     fa = next(p for p in aggregate.paired_differences(aggregate.trial_rows(directory))
               if p["metric"] == "final_average_accuracy")
     # differences 2, 1, 4: mean 7/3, squared deviations (1 + 16 + 25) / 9 = 14/3 over 2: variance 7/3
-    assert fa["n"] == 3 and fa["mean_difference"] == pytest.approx(7 / 3) and fa["sd"] == pytest.approx(math.sqrt(7 / 3))
+    assert fa["n"] == 3 and fa["mean_difference"] == pytest.approx(7 / 3)
+    assert fa["sd"] == pytest.approx(math.sqrt(7 / 3))
     half = T_975_DF2 * math.sqrt(7 / 3) / math.sqrt(3)
     assert fa["ci_low"] == pytest.approx(7 / 3 - half) and fa["ci_high"] == pytest.approx(7 / 3 + half)
 
@@ -197,7 +199,8 @@ def test_report_rewrites_tables_and_plot_without_ray_and_shows_a_dash_for_unreco
         assert [r["status"] for r in csv.DictReader(handle)] == ["complete", "complete", "failed"] * 2
     with open(directory.path / "summary.csv") as handle:
         summary = list(csv.DictReader(handle))
-    assert [r["method"] for r in summary] == ["norga", "hide"] and float(summary[1]["final_average_accuracy_mean"]) == 59.5
+    assert [r["method"] for r in summary] == ["norga", "hide"]
+    assert float(summary[1]["final_average_accuracy_mean"]) == 59.5
     assert summary[0]["task_incremental_accuracy_mean"] == ""
     assert json.loads((directory.path / "paired.json").read_text())["pairs"][0]["n"] == 2
     assert (directory.path / "sweep.png").stat().st_size > 10_000
@@ -207,7 +210,8 @@ def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
     sweep = spec(seed=[0])
     trials = expand(sweep)
     first = SweepDirectory.create(tmp_path / "s", sweep, trials, ["norga"], [0])
-    assert (first.path / SWEEP_YAML).is_file() and json.loads((first.path / MANIFEST).read_text())["trials"][0]["status"] == "pending"
+    assert (first.path / SWEEP_YAML).is_file()
+    assert json.loads((first.path / MANIFEST).read_text())["trials"][0]["status"] == "pending"
     with pytest.raises(FileExistsError, match="--resume"):
         SweepDirectory.create(tmp_path / "s", sweep, trials, ["norga"], [0])
     assert SweepDirectory.free_name(tmp_path, "s") == tmp_path / "s-2"

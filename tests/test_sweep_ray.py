@@ -55,7 +55,8 @@ def grid(tmp_path_factory) -> Path:
 
 def test_a_two_by_two_grid_runs_on_ray_into_four_run_directories_and_aggregates_them(grid):
     trials = manifest(grid)
-    assert list(trials) == ["method=norga__seed=0", "method=norga__seed=1", "method=hide__seed=0", "method=hide__seed=1"]
+    assert list(trials) == ["method=norga__seed=0", "method=norga__seed=1", "method=hide__seed=0",
+                            "method=hide__seed=1"]
     assert all(t["status"] == "complete" and t["attempts"] == 1 and t["run_status"] == "ran" for t in trials.values())
     runs = {trial_id: results(grid / entry["run_dir"]) for trial_id, entry in trials.items()}
     assert all(r["complete"] for r in runs.values())
@@ -68,13 +69,24 @@ def test_a_two_by_two_grid_runs_on_ray_into_four_run_directories_and_aggregates_
         values = [runs[f"method={method}__seed={seed}"]["metrics"]["final_average_accuracy"] for seed in (0, 1)]
         assert summary[method]["n"] == "2"
         assert float(summary[method]["final_average_accuracy_mean"]) == pytest.approx((values[0] + values[1]) / 2)
-        assert float(summary[method]["final_average_accuracy_sd"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        sd = abs(values[0] - values[1]) / 2 ** 0.5
+        assert float(summary[method]["final_average_accuracy_sd"]) == pytest.approx(sd)
     with open(grid / "paired.csv") as handle:
         fa = next(row for row in csv.DictReader(handle) if row["metric"] == "final_average_accuracy")
     differences = [runs[f"method=norga__seed={s}"]["metrics"]["final_average_accuracy"]
                    - runs[f"method=hide__seed={s}"]["metrics"]["final_average_accuracy"] for s in (0, 1)]
     assert float(fa["mean_difference"]) == pytest.approx(statistics.fmean(differences)) and fa["n"] == "2"
     assert (grid / "sweep.png").stat().st_size > 10_000
+    assert max_concurrent(grid) == 2  # one trial per CPU of the local instance (num_cpus=2), never more
+
+
+def max_concurrent(directory: Path) -> int:
+    """Most trials running at once: each from its attempt record's time stamp to its results.json's last write."""
+    spans = []
+    for attempt in (directory / ".attempts").glob("*/*"):
+        start = int(attempt.name.split("-")[0]) / 1e9
+        spans.append((start, (directory / attempt.parent.name / "results.json").stat().st_mtime))
+    return max(sum(s <= start < e for s, e in spans) for start, _ in spans)
 
     before = (grid / "sweep.json").read_text()
     report = sweep("--report", str(grid))  # re-prints and re-plots, runs nothing
@@ -88,7 +100,8 @@ def same_results(run_dir: Path, reference: Path) -> None:
     assert got["matrices"] == expected["matrices"]  # accuracy, before-TAP and task-identity matrices, count for count
 
 
-def test_a_killed_worker_is_retried_by_ray_then_fails_alone_and_resume_finishes_it_with_the_same_results(grid, tmp_path):
+def test_a_killed_worker_is_retried_by_ray_then_fails_alone_and_resume_finishes_it_with_the_same_results(grid,
+                                                                                                       tmp_path):
     directory, marker = tmp_path / "sweep", tmp_path / "killed"
     # killed after its first task, retried by Ray from the checkpoint, killed again after its second task
     first = sweep(*GRID, "--grid", "method=norga", "--grid", "seed=0,1", "--dir", str(directory), "--max-retries", "1",

@@ -103,20 +103,19 @@ def run(directory, configs, resources) -> int:
 
 def report(directory) -> int:
     """Tables and plot from the trials' results.json files; prints the summary and the paired differences."""
-    from norga.sweep.aggregate import format_paired, format_summary, paired_differences, summarize, trial_rows, \
-        write_tables
+    from norga.sweep import aggregate
     from norga.sweep.plot import SWEEP_PLOT, plot_sweep
 
-    rows = trial_rows(directory)
-    summary, pairs = summarize(rows), paired_differences(rows)
-    write_tables(directory.path, rows, summary, pairs)
+    rows = aggregate.trial_rows(directory)
+    summary, pairs = aggregate.summarize(rows), aggregate.paired_differences(rows)
+    aggregate.write_tables(directory.path, rows, summary, pairs)
     plot_sweep(summary, rows, directory.path / SWEEP_PLOT)
     complete = sum(row["status"] == "complete" for row in rows)
     print(f"{complete} of {len(rows)} trials complete; mean ± sd over seeds:")
-    print(format_summary(summary))
+    print(aggregate.format_summary(summary))
     if pairs:
         print("\npaired differences on shared seeds:")
-        print(format_paired(pairs))
+        print(aggregate.format_paired(pairs))
     print(f"\ntables: {directory.path}/{{sweep,summary,paired}}.csv  plot: {directory.path / SWEEP_PLOT}")
     return 0
 
@@ -125,7 +124,8 @@ def report(directory) -> int:
 def _refuse_with(args: argparse.Namespace, option: str, others: tuple[str, ...]) -> None:
     given = [name for name in others if getattr(args, name)]
     if given:
-        flags = ", ".join("SPEC/BASE" if name == "spec" else "--" + {"overrides": "set"}.get(name, name) for name in given)
+        flags = ", ".join("SPEC/BASE" if name == "spec" else "--" + {"overrides": "set"}.get(name, name)
+                          for name in given)
         raise ConfigError(f"{option} takes the sweep directory's stored request: drop {flags}")
 
 

@@ -59,7 +59,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["status"] == "complete":
             groups.setdefault(tuple(row[key] for key in GROUP_KEYS), []).append(row)
-    return [{**dict(zip(GROUP_KEYS, key)), "n": len(members), "seeds": [r["seed"] for r in members],
+    return [{**dict(zip(GROUP_KEYS, key, strict=True)), "n": len(members), "seeds": [r["seed"] for r in members],
              **{metric: describe([r[metric] for r in members]) for metric in METRICS}}
             for key, members in groups.items()]
 
@@ -156,5 +156,5 @@ def format_paired(pairs: Sequence[dict[str, Any]]) -> str:
 
 def _table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in [header, *body])

@@ -42,7 +42,7 @@ class SweepDirectory:
         entries = [{"id": trial.id, "assignment": trial.assignment, "method": method, "seed": seed,
                     "benchmark": trial.source(spec), "setting": trial.setting, "run_dir": trial.id,
                     "status": PENDING, "attempts": 0, "error": None, "wall_seconds": None}
-                   for trial, method, seed in zip(trials, methods, seeds)]
+                   for trial, method, seed in zip(trials, methods, seeds, strict=True)]
         directory = cls(path, spec, {"version": 1, "trials": entries})
         try:
             write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False), path / SWEEP_YAML)
@@ -102,7 +102,8 @@ class SweepDirectory:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(f"another norga sweep is running in {self.path}: wait for it, or stop it first") from None
+                raise ConfigError(f"another norga sweep is running in {self.path}: wait for it, or stop it "
+                                  "first") from None
             handle.write(f"{os.getpid()}\n")
             handle.flush()
             try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ INSTALL_HINT = "pip install 'norga[sweep]'"
 #: checkpointed, at most TIMES times (default 1) over all attempts; files MARKER.1, MARKER.2 ... record each kill.
 KILL_HOOK = "NORGA_SWEEP_TEST_KILL"
 POLL_SECONDS = 1.0
+#: Each attempt of a trial leaves a file ATTEMPTS/<trial id>/<time>-<pid> (content: the node's address) in the
+#: sweep directory before it starts; the driver counts them. (Not a Ray actor: a task blocked on a call to one
+#: hands its CPUs back to Ray, which then starts one trial too many.)
+ATTEMPTS = ".attempts"
 
 
 def require_ray():
@@ -77,21 +82,18 @@ def start_ray(resources: Resources):
 def run_trials(directory: SweepDirectory, configs: dict[str, RunConfig], resources: Resources) -> None:
     """Run the trials named by `configs` (id -> resolved config) as Ray tasks and record each outcome in the
     manifest as it arrives; returns when every one has finished or failed."""
-    from ray.util.queue import Queue
-
     ray = start_ray(resources)
-    events = Queue(actor_options={"num_cpus": 0})  # workers say "started" here: attempts and pids
     task = ray.remote(_run_trial).options(num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial,
                                           max_retries=resources.max_retries, retry_exceptions=False)
-    pending = {task.remote(trial_id, config, str(directory.run_dir(directory.trial(trial_id))), resources.threads,
-                           events): trial_id for trial_id, config in configs.items()}
+    pending = {task.remote(trial_id, config, str(directory.run_dir(directory.trial(trial_id))), resources.threads):
+               trial_id for trial_id, config in configs.items()}
     print(f"{len(pending)} trials submitted to Ray ({resources.cpus_per_trial:g} CPUs, "
           f"{resources.gpus_per_trial:g} GPUs each; {ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)",
           file=sys.stderr, flush=True)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-            _record_starts(directory, events)
+            _record_starts(directory, pending.values())  # before the outcomes: their attempts are counted
             for ref in done:
                 _record_outcome(directory, pending.pop(ref), ref, ray)
     finally:
@@ -101,13 +103,16 @@ def run_trials(directory: SweepDirectory, configs: dict[str, RunConfig], resourc
         ray.shutdown()
 
 
-def _record_starts(directory: SweepDirectory, events) -> None:
-    while not events.empty():
-        trial_id, pid, node = events.get_nowait()
-        entry = directory.trial(trial_id)
-        attempt = entry["attempts"] + 1
-        directory.update(trial_id, status=RUNNING, attempts=attempt, worker={"pid": pid, "node": node})
-        print(f"started  {trial_id} (attempt {attempt}, pid {pid} on {node})", file=sys.stderr, flush=True)
+def _record_starts(directory: SweepDirectory, trial_ids) -> None:
+    """Trials with attempt files the manifest has not counted yet are running (again)."""
+    for trial_id in trial_ids:
+        folder = directory.path / ATTEMPTS / trial_id
+        attempts = sorted(folder.iterdir()) if folder.is_dir() else []
+        if len(attempts) <= directory.trial(trial_id)["attempts"]:
+            continue
+        pid, node = int(attempts[-1].name.split("-")[1]), attempts[-1].read_text()
+        directory.update(trial_id, status=RUNNING, attempts=len(attempts), worker={"pid": pid, "node": node})
+        print(f"started  {trial_id} (attempt {len(attempts)}, pid {pid} on {node})", file=sys.stderr, flush=True)
 
 
 def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
@@ -119,9 +124,9 @@ def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
         message = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
         directory.update(trial_id, status=FAILED, error=message)
     except ray.exceptions.RayError as error:  # worker or node died, retries used up
-        lines = str(error).strip().splitlines()
+        first_line = (str(error).strip().splitlines() or [""])[0]
         directory.update(trial_id, status=FAILED,
-                         error=f"{type(error).__name__} after {entry['attempts']} attempts: {lines[0] if lines else ''}")
+                         error=f"{type(error).__name__} after {entry['attempts']} attempts: {first_line}")
     else:
         if directory.run_is_complete(entry):
             seconds = outcome["wall_seconds"] if outcome["wall_seconds"] is not None else entry.get("wall_seconds")
@@ -136,17 +141,20 @@ def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
     print(f"{entry['status']:8s} {trial_id} {detail}", file=sys.stderr, flush=True)
 
 
-def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int, events) -> dict[str, Any]:
+def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int) -> dict[str, Any]:
     """Inside a Ray worker: one trial through `norga compare`'s code path (resumes from its checkpoint)."""
     import ray
     import torch
 
     from norga.comparison import MethodRun, run_method
+    from norga.engine.checkpoint import write_text
 
     torch.set_num_threads(threads)
-    events.put((trial_id, os.getpid(), ray.util.get_node_ip_address()))
+    attempt = Path(run_dir).parent / ATTEMPTS / trial_id / f"{time.time_ns():020d}-{os.getpid()}"
+    write_text(ray.util.get_node_ip_address(), attempt)
     result = run_method(MethodRun(trial_id, config, Path(run_dir)), progress=_progress(trial_id))
-    return {"status": result.status, "wall_seconds": result.wall_seconds if result.status != "finished earlier" else None}
+    finished_earlier = result.status == "finished earlier"
+    return {"status": result.status, "wall_seconds": None if finished_earlier else result.wall_seconds}
 
 
 def _progress(trial_id: str) -> Progress:

@@ -23,13 +23,13 @@ def plot_sweep(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
     metrics = [m for m in METRICS if any(g[m]["mean"] is not None for g in summary)]
     varying = [key for key in GROUP_KEYS if len({g[key] for g in summary}) > 1] or ["method"]
     labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
-    figure, axes = plt.subplots(1, max(1, len(metrics)), figsize=(1.6 + 0.9 * max(1, len(summary)) * max(1, len(metrics)),
-                                                                   3.8), squeeze=False)
+    panels = max(1, len(metrics))
+    figure, axes = plt.subplots(1, panels, figsize=(1.6 + 0.9 * max(1, len(summary)) * panels, 3.8), squeeze=False)
     if not metrics:
         axes[0][0].text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
         axes[0][0].set_axis_off()
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, metric in zip(axes[0], metrics):
+    for axis, metric in zip(axes[0], metrics, strict=False):
         for x, group in enumerate(summary):
             stats = group[metric]
             if stats["mean"] is None:

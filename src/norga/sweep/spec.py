@@ -58,7 +58,8 @@ class SweepSpec:
         for override in self.overrides:
             key = override.partition("=")[0].strip()
             if key == METHOD:
-                raise ConfigError(f"{where}: `set` cannot choose the method: make it an axis (method: [{override.partition('=')[2]}])")
+                value = override.partition("=")[2]
+                raise ConfigError(f"{where}: `set` cannot choose the method: make it an axis (method: [{value}])")
             if key in self.axes:
                 raise ConfigError(f"{where}: {key} is both an axis and in `set`: keep one")
         for entry in self.exclude:
@@ -137,11 +138,11 @@ def spec_from_grid(base: str, grid: Sequence[str], overrides: Sequence[str]) -> 
 def expand(spec: SweepSpec) -> list[Trial]:
     """Every assignment of the axes (first axis slowest) that no exclusion matches, each with a unique name."""
     keys = list(spec.axes)
-    assignments = [dict(zip(keys, values)) for values in itertools.product(*spec.axes.values())]
+    assignments = [dict(zip(keys, values, strict=True)) for values in itertools.product(*spec.axes.values())]
     kept = [a for a in assignments if not any(all(a[k] == v for k, v in entry.items()) for entry in spec.exclude)]
     if not kept:
         raise ConfigError("the exclusions leave no trial to run: remove some `exclude` entries")
-    return [Trial(name, assignment) for name, assignment in zip(trial_names(kept), kept)]
+    return [Trial(name, assignment) for name, assignment in zip(trial_names(kept), kept, strict=True)]
 
 
 def trial_names(assignments: Sequence[dict[str, Any]]) -> list[str]:
@@ -149,7 +150,8 @@ def trial_names(assignments: Sequence[dict[str, Any]]) -> list[str]:
     the exact assignment, so two trials never share a directory."""
     readable = [_shorten("__".join(f"{key}={_slug(value)}" for key, value in a.items()), a) for a in assignments]
     folded = [name.lower() for name in readable]  # case-insensitive file systems too
-    return [f"{name}-{_digest(a)}" if folded.count(name.lower()) > 1 else name for name, a in zip(readable, assignments)]
+    return [f"{name}-{_digest(a)}" if folded.count(name.lower()) > 1 else name
+            for name, a in zip(readable, assignments, strict=True)]
 
 
 def trial_config(spec: SweepSpec, trial: Trial) -> RunConfig:
