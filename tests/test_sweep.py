@@ -225,3 +225,20 @@ def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
         pass
     with pytest.raises(FileNotFoundError, match="not a sweep directory"):
         SweepDirectory.open(tmp_path)
+
+
+def test_the_documented_specs_expand_as_they_say(tmp_path):
+    from pathlib import Path
+    from textwrap import dedent
+
+    from norga.commands.sweep import EPILOG
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep_quickstart.yaml"
+    assert [t.id for t in expand(load_spec(example))] == [f"method={m}__seed={s}" for m in ("norga", "hide")
+                                                          for s in (0, 1, 2)]
+    text = EPILOG.split("A spec file (YAML):\n")[1].split("\n\n")[0]
+    (tmp_path / "spec.yaml").write_text(dedent(text))
+    trials = expand(load_spec(tmp_path / "spec.yaml"))
+    assert len(trials) == 2 * 3 * 2 - 3  # hide with 5 epochs excluded for each seed
+    config = trial_config(load_spec(tmp_path / "spec.yaml"), trials[-1])
+    assert (config.method, config.seed, config.data.train_per_class) == ("hide", 2, 100)

@@ -123,3 +123,13 @@ def test_a_killed_worker_is_retried_by_ray_then_fails_alone_and_resume_finishes_
     assert trials["method=norga__seed=1"]["attempts"] == 1  # finished trials are not run again
     same_results(directory / KILLED, grid / KILLED)
     same_results(directory / "method=norga__seed=1", grid / "method=norga__seed=1")
+
+
+def test_a_python_error_in_a_trial_fails_it_with_its_message_and_is_not_retried(tmp_path):
+    directory = tmp_path / "sweep"
+    result = sweep("tiny_smoke", "--grid", "seed=0", "--set", f"data.root={tmp_path / 'nowhere'}", "--dir",
+                   str(directory), "--max-retries", "2")
+    assert result.returncode == 1 and "--resume" in result.stderr
+    trial = manifest(directory)["seed=0"]
+    assert trial["status"] == "failed" and trial["attempts"] == 1  # deterministic errors are not retried
+    assert trial["error"].startswith("DataError") and "nowhere" in trial["error"]

@@ -123,6 +123,7 @@ def _record_outcome(directory: SweepDirectory, trial_id: str, ref, ray) -> None:
         cause = error.cause if getattr(error, "cause", None) is not None else error
         message = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
         directory.update(trial_id, status=FAILED, error=message)
+        print(f"{trial_id}: {error}", file=sys.stderr)  # the worker's traceback
     except ray.exceptions.RayError as error:  # worker or node died, retries used up
         first_line = (str(error).strip().splitlines() or [""])[0]
         directory.update(trial_id, status=FAILED,
