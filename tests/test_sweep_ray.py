@@ -127,9 +127,10 @@ def test_a_killed_worker_is_retried_by_ray_then_fails_alone_and_resume_finishes_
 
 def test_a_python_error_in_a_trial_fails_it_with_its_message_and_is_not_retried(tmp_path):
     directory = tmp_path / "sweep"
-    result = sweep("tiny_smoke", "--grid", "seed=0", "--set", f"data.root={tmp_path / 'nowhere'}", "--dir",
+    weights = tmp_path / "nowhere.safetensors"  # the config is valid; the worker finds no such file
+    result = sweep("tiny_smoke", "--grid", "seed=0", "--set", f"backbone.weights={weights}", "--dir",
                    str(directory), "--max-retries", "2")
     assert result.returncode == 1 and "--resume" in result.stderr
     trial = manifest(directory)["seed=0"]
     assert trial["status"] == "failed" and trial["attempts"] == 1  # deterministic errors are not retried
-    assert trial["error"].startswith("DataError") and "nowhere" in trial["error"]
+    assert trial["error"] == f"BackboneLoadError: backbone file {weights} does not exist"

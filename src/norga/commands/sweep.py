@@ -43,9 +43,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dir", type=Path, help="the sweep directory (default: OUTPUT_DIR/sweep-NAME-TIMESTAMP)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="run a sweep's unfinished trials")
     parser.add_argument("--report", type=Path, metavar="DIR", help="re-print and re-plot a sweep; runs nothing")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="CPUs (and torch threads) per trial")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N", help="GPUs per trial (0, a fraction, or 1)")
-    parser.add_argument("--address", metavar="HOST:PORT", help="join this Ray cluster (host:port of `ray start --head`)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N",
+                        help="CPUs (and torch threads) per trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N",
+                        help="GPUs per trial: 0 (default), a fraction, or 1")
+    parser.add_argument("--address", metavar="HOST:PORT",
+                        help="join this Ray cluster (host:port of `ray start --head`)")
     parser.add_argument("--max-retries", type=int, default=2, metavar="N",
                         help="re-runs of a trial whose worker or node dies, each from its checkpoint (default 2)")
     parser.set_defaults(handler=handle)
