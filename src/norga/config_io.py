@@ -126,6 +126,16 @@ def parse_override(override: str) -> tuple[str, Any]:
         raise ConfigError(f"cannot parse the value of {override!r}: {error}") from error
 
 
+def in_method_section(override: str, method: str) -> str:
+    """``key=value`` with a key that is neither shared nor a method's section read relative to `method`'s
+    section (``wtp.train.lr=...`` -> ``norga.wtp.train.lr=...``); other overrides unchanged."""
+    key = override.partition("=")[0].strip()
+    first = key.split(".")[0]
+    if first in SHARED_KEYS or first in _method_names() or "=" not in override:
+        return override
+    return f"{method}.{override.strip()}"
+
+
 def apply_override(config: RunConfig, override: str) -> None:
     """Set one ``dotted.key=value`` on `config` in place (validated like a file)."""
     data = config.to_dict()

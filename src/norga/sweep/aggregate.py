@@ -1,0 +1,160 @@
+"""From finished trials to tables: one row per trial, mean ± sd per (method, setting, benchmark) over seeds, and
+paired differences between methods on the seeds they share, with a 95 % t confidence interval."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from norga.engine.checkpoint import atomic_write, load_json, write_json
+
+#: results.json key -> short label. Keys are read from `metrics`, else from the top level (task identity);
+#: a key a run does not record (task-incremental accuracy, until the engine records it) stays None, shown "—".
+METRICS = {"final_average_accuracy": "FA", "cumulative_average_accuracy": "CA", "forgetting": "FFM",
+           "task_identity_accuracy": "task-id", "task_incremental_accuracy": "task-IL"}
+GROUP_KEYS = ("method", "setting", "benchmark")
+CONFIDENCE = 0.95
+SWEEP_CSV, SWEEP_JSON = "sweep.csv", "sweep.json"
+SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
+PAIRED_CSV, PAIRED_JSON = "paired.csv", "paired.json"
+
+
+def read_metrics(results: dict[str, Any]) -> dict[str, float | None]:
+    """The aggregated metrics of one results.json."""
+    inner = results.get("metrics", {})
+    return {key: inner[key] if key in inner else results.get(key) for key in METRICS}
+
+
+def trial_rows(directory) -> list[dict[str, Any]]:
+    """One row per trial of a `SweepDirectory`; metrics only where the run's results.json says complete."""
+    rows = []
+    for entry in directory.trials:
+        path = directory.run_dir(entry) / "results.json"
+        results = load_json(path) if path.is_file() else {}
+        complete = bool(results.get("complete"))
+        metrics = read_metrics(results) if complete else dict.fromkeys(METRICS)
+        status = "complete" if complete else entry["status"]
+        rows.append({"trial": entry["id"], "method": entry["method"], "setting": entry["setting"],
+                     "benchmark": entry["benchmark"], "seed": entry["seed"], "status": status,
+                     "attempts": entry["attempts"], **metrics, "wall_seconds": entry.get("wall_seconds"),
+                     "run_dir": entry["run_dir"], "error": None if complete else entry.get("error")})
+    return rows
+
+
+def describe(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """n, mean and sample sd (n − 1) of the defined values; sd None below two values, mean None with none."""
+    defined = [v for v in values if v is not None]
+    return {"n": len(defined), "mean": statistics.fmean(defined) if defined else None,
+            "sd": statistics.stdev(defined) if len(defined) > 1 else None}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd over seeds of every metric, per (method, setting, benchmark), in the trials' order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "complete":
+            groups.setdefault(tuple(row[key] for key in GROUP_KEYS), []).append(row)
+    return [{**dict(zip(GROUP_KEYS, key, strict=True)), "n": len(members), "seeds": [r["seed"] for r in members],
+             **{metric: describe([r[metric] for r in members]) for metric in METRICS}}
+            for key, members in groups.items()]
+
+
+def paired_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each two methods within a (setting, benchmark), per metric: method_a − method_b on the seeds both
+    finished, its mean, sd, n and 95 % t interval (None below two seeds)."""
+    from scipy.stats import t as student_t
+
+    complete = [r for r in rows if r["status"] == "complete"]
+    pairs = []
+    for setting, benchmark in dict.fromkeys((r["setting"], r["benchmark"]) for r in complete):
+        cell = [r for r in complete if (r["setting"], r["benchmark"]) == (setting, benchmark)]
+        by_method: dict[str, dict] = {}
+        for r in cell:
+            by_method.setdefault(r["method"], {})[r["seed"]] = r
+        for a, b in itertools.combinations(by_method, 2):
+            for metric in METRICS:
+                seeds = [s for s in by_method[a] if s in by_method[b]
+                         and by_method[a][s][metric] is not None and by_method[b][s][metric] is not None]
+                if not seeds:
+                    continue
+                differences = [by_method[a][s][metric] - by_method[b][s][metric] for s in seeds]
+                stats = describe(differences)
+                half = (student_t.ppf((1 + CONFIDENCE) / 2, stats["n"] - 1) * stats["sd"] / math.sqrt(stats["n"])
+                        if stats["sd"] is not None else None)
+                pairs.append({"setting": setting, "benchmark": benchmark, "method_a": a, "method_b": b,
+                              "metric": metric, "n": stats["n"], "seeds": seeds, "mean_difference": stats["mean"],
+                              "sd": stats["sd"], "ci_low": None if half is None else stats["mean"] - half,
+                              "ci_high": None if half is None else stats["mean"] + half})
+    return pairs
+
+
+def write_tables(path: Path, rows, summary, pairs) -> None:
+    """sweep, summary and paired tables as JSON and CSV in the sweep directory (atomic writes)."""
+    path = Path(path)
+    write_json({"trials": list(rows)}, path / SWEEP_JSON)
+    write_json({"groups": list(summary), "confidence": CONFIDENCE}, path / SUMMARY_JSON)
+    write_json({"pairs": list(pairs), "confidence": CONFIDENCE}, path / PAIRED_JSON)
+    _write_csv(path / SWEEP_CSV, rows)
+    _write_csv(path / SUMMARY_CSV, [_flat_group(g) for g in summary])
+    _write_csv(path / PAIRED_CSV, [{**p, "seeds": " ".join(map(str, p["seeds"]))} for p in pairs])
+
+
+def _flat_group(group: dict[str, Any]) -> dict[str, Any]:
+    flat = {key: group[key] for key in (*GROUP_KEYS, "n")}
+    flat["seeds"] = " ".join(map(str, group["seeds"]))
+    for metric in METRICS:
+        flat[f"{metric}_mean"], flat[f"{metric}_sd"] = group[metric]["mean"], group[metric]["sd"]
+    return flat
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            if rows:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- text
+def _cell(stats: dict[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "—"
+    return f"{stats['mean']:.2f}" + ("" if stats["sd"] is None else f" ± {stats['sd']:.2f}")
+
+
+def setting_label(setting: str) -> str:
+    return setting or "base"
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a text table: mean ± sd over seeds (— where no trial recorded the metric)."""
+    header = ["method", "setting", "benchmark", "n", *METRICS.values()]
+    body = [[g["method"], setting_label(g["setting"]), g["benchmark"], str(g["n"]),
+             *(_cell(g[metric]) for metric in METRICS)] for g in summary]
+    return _table(header, body)
+
+
+def format_paired(pairs: Sequence[dict[str, Any]]) -> str:
+    """Paired differences as a text table: mean, sd and 95 % interval of method_a − method_b."""
+    header = ["benchmark", "setting", "difference", "metric", "n", "mean", "sd", f"{CONFIDENCE:.0%} CI"]
+
+    def number(value):
+        return "—" if value is None else f"{value:+.2f}"
+
+    body = [[p["benchmark"], setting_label(p["setting"]), f"{p['method_a']} − {p['method_b']}", METRICS[p["metric"]],
+             str(p["n"]), number(p["mean_difference"]), "—" if p["sd"] is None else f"{p['sd']:.2f}",
+             "—" if p["ci_low"] is None else f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"] for p in pairs]
+    return _table(header, body)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in [header, *body])

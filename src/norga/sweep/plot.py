@@ -1,0 +1,49 @@
+"""sweep.png: per metric, the mean over seeds of each (method, setting, benchmark) with ± sd error bars and the
+seeds' own values as dots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from norga.engine.checkpoint import atomic_write  # noqa: E402
+from norga.sweep.aggregate import GROUP_KEYS, METRICS, setting_label  # noqa: E402
+
+SWEEP_PLOT = "sweep.png"
+
+
+def plot_sweep(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """One panel per metric that any trial recorded; nothing to draw gives a figure saying so."""
+    metrics = [m for m in METRICS if any(g[m]["mean"] is not None for g in summary)]
+    varying = [key for key in GROUP_KEYS if len({g[key] for g in summary}) > 1] or ["method"]
+    labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
+    panels = max(1, len(metrics))
+    figure, axes = plt.subplots(1, panels, figsize=(1.6 + 0.9 * max(1, len(summary)) * panels, 3.8), squeeze=False)
+    if not metrics:
+        axes[0][0].text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, metric in zip(axes[0], metrics, strict=False):
+        for x, group in enumerate(summary):
+            stats = group[metric]
+            if stats["mean"] is None:
+                continue
+            color = palette[x % len(palette)]
+            axis.bar(x, stats["mean"], yerr=stats["sd"] or 0.0, capsize=4, color=color, alpha=0.7)
+            seeds = [r[metric] for r in rows if r["status"] == "complete" and r[metric] is not None
+                     and all(r[key] == group[key] for key in GROUP_KEYS)]
+            axis.plot([x] * len(seeds), seeds, "k.", markersize=4)
+        axis.set_xticks(range(len(summary)), labels, fontsize=8)
+        axis.set_title(f"{METRICS[metric]} (%)")
+        axis.grid(axis="y", alpha=0.3)
+    n = sorted({g["n"] for g in summary})
+    figure.suptitle(f"mean ± sd over seeds (n = {', '.join(map(str, n)) or 0}); dots: single seeds", fontsize=9)
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)

@@ -1,0 +1,245 @@
+"""`norga sweep` without Ray: spec expansion, exclusions and trial names, the sweep directory, aggregation
+against hand-computed means, sds and paired intervals, `--report`, and the message when Ray is missing."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+
+from norga.cli import main
+from norga.config_io import ConfigError
+from norga.sweep import aggregate
+from norga.sweep.directory import COMPLETE, FAILED, MANIFEST, SWEEP_YAML, SweepDirectory
+from norga.sweep.spec import MAX_NAME, SweepSpec, Trial, expand, load_spec, spec_from_grid, trial_config, trial_names
+
+# t quantile 0.975 with 2 degrees of freedom, from a printed table of Student's t (4.3027)
+T_975_DF2 = 4.302652729911275
+
+
+def spec(**axes) -> SweepSpec:
+    return SweepSpec.from_dict({"base": "tiny_smoke", "axes": axes})
+
+
+def test_the_grid_expands_first_axis_slowest_and_exclusions_drop_exactly_the_matching_trials():
+    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": {"method": ["norga", "hide"], "seed": [0, 1, 2]},
+                                 "exclude": [{"method": "hide", "seed": 2}, {"seed": 0}]})
+    trials = expand(sweep)
+    assert [t.assignment for t in trials] == [{"method": "norga", "seed": 1}, {"method": "norga", "seed": 2},
+                                              {"method": "hide", "seed": 1}]
+    assert [t.id for t in trials] == ["method=norga__seed=1", "method=norga__seed=2", "method=hide__seed=1"]
+    assert expand(sweep) == trials  # stable: the same request names its trials the same way
+    with pytest.raises(ConfigError, match="leave no trial"):
+        expand(SweepSpec.from_dict({"base": "tiny_smoke", "axes": {"seed": [0]}, "exclude": [{"seed": 0}]}))
+
+
+def test_trial_names_are_unique_file_names_even_when_values_look_alike():
+    names = trial_names([{"preset": "a/x.yaml"}, {"preset": "b/x.yaml"}, {"tag": "A"}, {"tag": "a"},
+                         {"prompt.layers": [0, 1]}, {"data.root": "/some where/"}])
+    assert len(set(name.lower() for name in names)) == len(names)
+    assert names[0].startswith("preset=x-") and names[1].startswith("preset=x-")  # same stem: told apart by a hash
+    assert names[4] == "prompt.layers=0_1" and names[5] == "data.root=some_where"
+    assert all("/" not in name and " " not in name for name in names)
+    long = trial_names([{"key": "v" * 300}])[0]
+    assert len(long) <= MAX_NAME and long != trial_names([{"key": "v" * 301}])[0]
+
+
+def test_axis_values_and_shared_overrides_reach_each_trial_config():
+    axes = {"method": ["norga", "hide"], "seed": [3], "prompt.length": [4]}
+    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": axes, "set": {"data.test_per_class": 7}})
+    norga, hide = (trial_config(sweep, trial) for trial in expand(sweep))
+    assert (norga.method, norga.seed, norga.settings.prompt.length, norga.data.test_per_class) == ("norga", 3, 4, 7)
+    assert hide.settings.prompt.length == 4  # a key of no section is each trial's method's own
+    assert norga.settings.gate == "sigmoid" and hide.method == "hide" and not hasattr(hide.settings, "gate")
+    assert Trial("x", {"method": "hide", "seed": 3, "prompt.length": 4}).setting == "prompt.length=4"
+    presets = SweepSpec.from_dict({"axes": {"preset": ["tiny_smoke", "quickstart"]}})
+    configs = [trial_config(presets, trial) for trial in expand(presets)]
+    assert [c.backbone.name for c in configs] == ["vit_tiny_patch16_224", "norga-vit-tiny-c10"]
+    assert all(c.method == "norga" for c in configs)  # no method axis: the preset's own method
+
+
+def test_a_spec_file_and_the_grid_options_give_the_same_request(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("base: tiny_smoke\naxes:\n  method: [norga, hide]\n  seed: [0, 1]\nset: [wtp.train.epochs=2]\n")
+    from_file = load_spec(path, ["eval.batch_size=8"])
+    from_grid = spec_from_grid("tiny_smoke", ["method=norga,hide", "seed=0,1"],
+                               ["wtp.train.epochs=2", "eval.batch_size=8"])
+    assert from_file == from_grid and from_grid.axes["seed"] == [0, 1]  # values parsed as YAML: integers
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"base": "tiny_smoke", "axes": {"seed": [0]}, "exclude": [{"method": "hide"}]}, "'method', which is not an axis"),
+    ({"base": "tiny_smoke", "axes": {"seed": [0, 1]}, "exclude": [{"seed": 5}]}, "5 is not a value of axis seed"),
+    ({"base": "tiny_smoke", "axes": {"preset": ["quickstart"]}}, "not both"),
+    ({"axes": {"seed": [0]}}, "not neither"),
+    ({"base": "tiny_smoke", "axes": {"seed": [0]}, "set": ["method=hide"]}, "make it an axis"),
+    ({"base": "tiny_smoke", "axes": {"seed": [0]}, "set": {"seed": 1}}, "both an axis and in `set`"),
+    ({"base": "tiny_smoke", "axes": {"seed": [0, 0]}}, "lists a value twice"),
+    ({"base": "tiny_smoke", "axes": {}}, "`axes` must map"),
+    ({"base": "tiny_smoke", "axes": {"seed": 0}}, "non-empty list"),
+    ({"base": "tiny_smoke", "axes": {"seed": [0]}, "grid": 1}, "unknown key 'grid'"),
+])
+def test_bad_specs_are_refused_with_the_reason(data, message):
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec.from_dict(data)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["tiny_smoke", "--grid", "method=norga,hid"], "did you mean 'hide'"),
+    (["tiny_smoke", "--grid", "prompt.lenght=2,3"], "unknown config key 'norga.prompt.lenght' (did you mean 'length'?)"),
+    (["tiny_smoke", "--grid", "seed"], "must look like KEY=V1,V2"),
+    (["tiny_smoke", "--grid", "seed=0", "--grid", "seed=1"], "given twice"),
+    (["tiny_smoke"], "give a sweep spec"),
+    (["tiny_smoke", "--grid", "seed=0", "--cpus-per-trial", "999"], "exceeds this machine's"),
+    (["tiny_smoke", "--grid", "seed=0", "--gpus-per-trial", "2"], "not supported yet"),
+    (["--resume", "x", "--grid", "seed=0"], "drop --grid"),
+])
+def test_bad_requests_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, arguments, message):
+    assert main(["sweep", *arguments, *([] if "--resume" in arguments else ["--dir", str(tmp_path / "s")])]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "s").exists()
+
+
+def test_without_ray_the_sweep_says_how_to_install_it_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert main(["sweep", "tiny_smoke", "--grid", "seed=0,1", "--dir", str(tmp_path / "s")]) == 2
+    error = capsys.readouterr().err
+    assert "pip install 'norga[sweep]'" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def made_up_sweep(tmp_path, results: dict[str, dict | None]) -> SweepDirectory:
+    """A sweep directory whose trials' results.json hold the given made-up metrics (None: the run never finished)."""
+    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": {"method": ["norga", "hide"], "seed": [0, 1, 2]}})
+    trials = expand(sweep)
+    directory = SweepDirectory.create(tmp_path / "sweep", sweep, trials, [t.assignment["method"] for t in trials],
+                                      [t.assignment["seed"] for t in trials])
+    for trial in trials:
+        metrics = results[trial.id]
+        run_dir = directory.path / trial.id
+        run_dir.mkdir()
+        record = {"complete": metrics is not None, "metrics": {}, "task_identity_accuracy": None}
+        if metrics is not None:
+            record["task_identity_accuracy"] = metrics.pop("tii")
+            record["metrics"] = metrics
+        (run_dir / "results.json").write_text(json.dumps(record))
+        directory.update(trial.id, status=COMPLETE if metrics is not None else FAILED)
+    return directory
+
+
+def metrics(fa, ca, ffm, tii, til=None):
+    values = {"final_average_accuracy": fa, "cumulative_average_accuracy": ca, "forgetting": ffm, "tii": tii}
+    return values if til is None else {**values, "task_incremental_accuracy": til}
+
+
+def test_summary_and_paired_differences_match_hand_computed_values(tmp_path):
+    directory = made_up_sweep(tmp_path, {
+        "method=norga__seed=0": metrics(60, 70, 10, 50), "method=norga__seed=1": metrics(62, 70, 12, 50),
+        "method=norga__seed=2": metrics(67, 70, 14, 50),
+        "method=hide__seed=0": metrics(58, 71, 9, 50, til=90), "method=hide__seed=1": metrics(61, 71, 9, 50, til=94),
+        "method=hide__seed=2": None,  # did not finish: counts nowhere
+    })
+    rows = aggregate.trial_rows(directory)
+    assert [r["status"] for r in rows] == ["complete"] * 5 + ["failed"]
+    assert rows[5]["final_average_accuracy"] is None
+    norga, hide = aggregate.summarize(rows)
+    # norga FA 60, 62, 67: mean 63, squared deviations 9 + 1 + 16 = 26 over n - 1 = 2
+    assert (norga["method"], norga["n"], norga["seeds"]) == ("norga", 3, [0, 1, 2])
+    assert norga["final_average_accuracy"]["mean"] == pytest.approx(63)
+    assert norga["final_average_accuracy"]["sd"] == pytest.approx(math.sqrt(13))
+    assert norga["cumulative_average_accuracy"] == {"n": 3, "mean": pytest.approx(70), "sd": pytest.approx(0)}
+    assert norga["task_incremental_accuracy"] == {"n": 0, "mean": None, "sd": None}  # not recorded: "—"
+    # hide FA 58, 61: mean 59.5, sd sqrt(4.5); task-IL 90, 94: mean 92, sd sqrt(8)
+    assert hide["n"] == 2 and hide["final_average_accuracy"]["mean"] == pytest.approx(59.5)
+    assert hide["final_average_accuracy"]["sd"] == pytest.approx(math.sqrt(4.5))
+    assert hide["task_incremental_accuracy"]["mean"] == pytest.approx(92)
+    assert hide["task_incremental_accuracy"]["sd"] == pytest.approx(math.sqrt(8))
+
+    pairs = {p["metric"]: p for p in aggregate.paired_differences(rows)}
+    assert set(pairs) == {"final_average_accuracy", "cumulative_average_accuracy", "forgetting",
+                          "task_identity_accuracy"}  # task-IL: no seed where both recorded it
+    fa = pairs["final_average_accuracy"]
+    # shared seeds 0, 1: differences 60 - 58 = 2 and 62 - 61 = 1: mean 1.5, sd sqrt(0.5), t(0.975, 1) = 12.7062
+    assert (fa["method_a"], fa["method_b"], fa["n"], fa["seeds"]) == ("norga", "hide", 2, [0, 1])
+    assert fa["mean_difference"] == pytest.approx(1.5) and fa["sd"] == pytest.approx(math.sqrt(0.5))
+    half = 12.706204736174707 * math.sqrt(0.5) / math.sqrt(2)
+    assert (fa["ci_low"], fa["ci_high"]) == (pytest.approx(1.5 - half), pytest.approx(1.5 + half))
+    assert pairs["forgetting"]["mean_difference"] == pytest.approx(2)  # (10 - 9 + 12 - 9) / 2
+
+
+def test_paired_interval_over_three_seeds(tmp_path):
+    directory = made_up_sweep(tmp_path, {
+        "method=norga__seed=0": metrics(60, 70, 10, 50), "method=norga__seed=1": metrics(62, 70, 12, 50),
+        "method=norga__seed=2": metrics(67, 70, 14, 50), "method=hide__seed=0": metrics(58, 70, 10, 50),
+        "method=hide__seed=1": metrics(61, 70, 12, 50), "method=hide__seed=2": metrics(63, 70, 14, 50)})
+    fa = next(p for p in aggregate.paired_differences(aggregate.trial_rows(directory))
+              if p["metric"] == "final_average_accuracy")
+    # differences 2, 1, 4: mean 7/3, squared deviations (1 + 16 + 25) / 9 = 14/3 over 2: variance 7/3
+    assert fa["n"] == 3 and fa["mean_difference"] == pytest.approx(7 / 3)
+    assert fa["sd"] == pytest.approx(math.sqrt(7 / 3))
+    half = T_975_DF2 * math.sqrt(7 / 3) / math.sqrt(3)
+    assert fa["ci_low"] == pytest.approx(7 / 3 - half) and fa["ci_high"] == pytest.approx(7 / 3 + half)
+
+
+def test_report_rewrites_tables_and_plot_without_ray_and_shows_a_dash_for_unrecorded_metrics(tmp_path, capsys,
+                                                                                              monkeypatch):
+    directory = made_up_sweep(tmp_path, {
+        "method=norga__seed=0": metrics(60, 70, 10, 50), "method=norga__seed=1": metrics(62, 70, 12, 50),
+        "method=norga__seed=2": None, "method=hide__seed=0": metrics(58, 71, 9, 50),
+        "method=hide__seed=1": metrics(61, 71, 9, 50), "method=hide__seed=2": None})
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["sweep", "--report", str(directory.path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 6 trials complete" in out
+    norga_line = next(line for line in out.splitlines() if line.startswith("norga "))
+    assert norga_line.split()[3:6] == ["2", "61.00", "±"] and norga_line.split()[-1] == "—"
+    assert "norga − hide" in out and "+1.50" in out
+    with open(directory.path / "sweep.csv") as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == ["complete", "complete", "failed"] * 2
+    with open(directory.path / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    assert [r["method"] for r in summary] == ["norga", "hide"]
+    assert float(summary[1]["final_average_accuracy_mean"]) == 59.5
+    assert summary[0]["task_incremental_accuracy_mean"] == ""
+    assert json.loads((directory.path / "paired.json").read_text())["pairs"][0]["n"] == 2
+    assert (directory.path / "sweep.png").stat().st_size > 10_000
+
+
+def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
+    sweep = spec(seed=[0])
+    trials = expand(sweep)
+    first = SweepDirectory.create(tmp_path / "s", sweep, trials, ["norga"], [0])
+    assert (first.path / SWEEP_YAML).is_file()
+    assert json.loads((first.path / MANIFEST).read_text())["trials"][0]["status"] == "pending"
+    with pytest.raises(FileExistsError, match="--resume"):
+        SweepDirectory.create(tmp_path / "s", sweep, trials, ["norga"], [0])
+    assert SweepDirectory.free_name(tmp_path, "s") == tmp_path / "s-2"
+    reopened = SweepDirectory.open(first.path)
+    assert reopened.spec == sweep and reopened.trials == first.trials
+    with first.lock():
+        with pytest.raises(ConfigError, match="another norga sweep is running"):
+            with reopened.lock():
+                pass
+    with reopened.lock():  # released
+        pass
+    with pytest.raises(FileNotFoundError, match="not a sweep directory"):
+        SweepDirectory.open(tmp_path)
+
+
+def test_the_documented_specs_expand_as_they_say(tmp_path):
+    from pathlib import Path
+    from textwrap import dedent
+
+    from norga.commands.sweep import EPILOG
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep_quickstart.yaml"
+    assert [t.id for t in expand(load_spec(example))] == [f"method={m}__seed={s}" for m in ("norga", "hide")
+                                                          for s in (0, 1, 2)]
+    text = EPILOG.split("A spec file (YAML):\n")[1].split("\n\n")[0]
+    (tmp_path / "spec.yaml").write_text(dedent(text))
+    trials = expand(load_spec(tmp_path / "spec.yaml"))
+    assert len(trials) == 2 * 3 * 2 - 3  # hide with 5 epochs excluded for each seed
+    config = trial_config(load_spec(tmp_path / "spec.yaml"), trials[-1])
+    assert (config.method, config.seed, config.data.train_per_class) == ("hide", 2, 100)
