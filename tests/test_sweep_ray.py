@@ -62,7 +62,8 @@ def test_a_two_by_two_grid_runs_on_ray_into_four_run_directories_and_aggregates_
     assert all(r["complete"] for r in runs.values())
     assert {r["method"] for r in runs.values()} == {"norga", "hide"}
     configs = {trial_id: (grid / trial_id / "config.yaml").read_text() for trial_id in trials}
-    assert "seed: 1" in configs["method=hide__seed=1"] and "gate: null" in configs["method=hide__seed=1"]
+    assert "seed: 1" in configs["method=hide__seed=1"] and "gate" not in configs["method=hide__seed=1"]
+    assert "gate: sigmoid" in configs["method=norga__seed=1"]
     with open(grid / "summary.csv") as handle:
         summary = {row["method"]: row for row in csv.DictReader(handle)}
     for method in ("norga", "hide"):
