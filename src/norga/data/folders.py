@@ -11,7 +11,7 @@ from pathlib import Path
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.decode import DEFAULT_READ, ReadOptions, decode_all, estimated_bytes, stack_if_uniform
 from norga.data.errors import DataLayoutError
-from norga.data.manifest import (
+from norga.data.split_manifest import (
     make_split_manifest,
     manifest_sha256,
     read_manifest,

@@ -10,7 +10,7 @@ from torch import nn
 
 from norga.backbones import create_backbone
 from norga.config import RunConfig
-from norga.data import build_benchmark
+from norga.data import build_benchmark, check_benchmark_data
 from norga.engine.context import TaskDatasets
 from norga.engine.precision import native_bf16, resolve_amp
 from norga.engine.seeding import seed_everything
@@ -46,10 +46,13 @@ def build_run(config: RunConfig) -> BuiltRun:
     Seeded first, so random initialisations (a randomly initialised backbone, the head, the prompt pool) are a
     function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
     ``config.amp`` is resolved in place (``auto`` -> ``bf16`` or ``none`` for the device; the engine only
-    knows those two), so the run directory's config.yaml records what ran; ``config.compile`` compiles the
-    model's blocks.
+    knows those two) and ``config.data.root`` to the absolute root the data was found under, so the run
+    directory's config.yaml records what ran; ``config.compile`` compiles the model's blocks.
     """
     seed_everything(config.seed)
+    config.data.root = check_benchmark_data(  # before any weights are fetched; the root found is recorded
+        config.data.benchmark, data_root=config.data.root, download=config.data.download,
+        split_manifest=config.data.split_manifest, fiveds_transform_carryover=config.data.fiveds_transform_carryover)
     backbone, record = create_backbone(
         config.backbone.name, weights=config.backbone.weights, **config.backbone.timm_kwargs
     )
@@ -86,7 +89,8 @@ def build_run(config: RunConfig) -> BuiltRun:
     tasks = [TaskDatasets(list(task.classes), task.train, task.train_eval, task.test) for task in benchmark.tasks]
     device = resolve_device(config.device)
     return BuiltRun(model, tasks, benchmark.num_classes, device,
-                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "device": str(device),
+                    {"backbone": record.to_dict(), "benchmark": benchmark.record(), "data_root": config.data.root,
+                     "device": str(device),
                      "precision": resolve_precision(config, device)})
 
 
