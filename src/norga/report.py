@@ -41,20 +41,28 @@ def comparison_title(configs: Sequence[RunConfig]) -> str:
 
 
 def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int, title: str | None = None) -> None:
-    """Write accuracy_matrix.png (heatmap of every cell; never-evaluated ones hatched grey, no number) and
-    accuracy_curve.png (average accuracy on the seen tasks after each task), both titled `title`."""
+    """Write accuracy_matrix.png and accuracy_curve.png of a run, both titled `title` (and the directory's name)."""
     subtitle = Path(directory).name
+    _save(matrix_figure(matrix, title, subtitle), directory / "accuracy_matrix.png")
+    _save(curve_figure(matrix, upto, title, subtitle), directory / "accuracy_curve.png")
+
+
+def matrix_figure(matrix: AccuracyMatrix, title: str | None = None, subtitle: str | None = None):
+    """The heatmap of every cell of `matrix` (never-evaluated ones hatched grey, no number), with a colour bar."""
     figure, axis = plt.subplots(figsize=(2.2 + 0.65 * matrix.num_steps, 1.9 + 0.5 * matrix.num_tasks))
     draw_matrix(axis, matrix)
     figure.colorbar(axis.images[0], ax=axis, label="accuracy (%)")
     _title(axis, title, subtitle)
-    _save(figure, directory / "accuracy_matrix.png")
+    return figure
 
+
+def curve_figure(matrix: AccuracyMatrix, upto: int, title: str | None = None, subtitle: str | None = None):
+    """Average accuracy on the seen tasks after each task up to `upto`, on the axes `compare.png` uses."""
     figure, axis = plt.subplots(figsize=CURVE_SIZE)
     _plot_curve(axis, matrix, upto, label=None, color=_palette()[0])
     _label_curve_axes(axis, matrix.num_tasks)
     _title(axis, title, subtitle)
-    _save(figure, directory / "accuracy_curve.png")
+    return figure
 
 
 def draw_matrix(axis, matrix: AccuracyMatrix) -> None:

@@ -17,7 +17,7 @@ from norga.data.split_manifest import make_split_manifest, read_manifest, verify
 DESCRIPTION = "Versioned train/test split manifests for datasets without an official split (ImageNet-R)."
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m norga.data.manifest", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="draw the split of a folder of class folders and write it")
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("manifest", type=Path)
     verify.add_argument("folder", type=Path)
     verify.add_argument("--contents", action="store_true", help="also check every file's bytes (needs contents_sha256)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "make":
         manifest = make_split_manifest(args.folder, args.dataset, args.seed, args.train_fraction, args.hash_contents)
         write_manifest(manifest, args.out)

@@ -30,7 +30,8 @@ def timestamp() -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith('ch') else 's'}"
+    """``1 epoch``, ``2 epochs``, ``3 batches``."""
+    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith(('sh', 'tch')) else 's'}"
 
 
 def clock(seconds: float) -> str:
