@@ -16,7 +16,8 @@ from norga.data.manifest import build_parser as manifest_parser
 SOURCE = Path(norga.__file__).resolve().parent
 COMMANDS = ("run", "compare", "quickstart", "presets", "pretrain")
 #: A suggested command line: `norga SUB ...` up to a backtick, a comment, the end of a sentence or a bracket.
-COMMAND_LINE = re.compile(r"\bnorga (?:%s)\b(?!:)(?:(?!\. )[^`#\n()])*" % "|".join(COMMANDS))  # "norga run: ..." is a prefix
+#: ("norga run: ..." is an error's prefix, not a command line.)
+COMMAND_LINE = re.compile(r"\bnorga (?:%s)\b(?!:)(?:(?!\. )[^`#\n()])*" % "|".join(COMMANDS))
 FOREIGN = re.compile(r"torchrun [^`]*?-m |python -m norga\.data\.manifest [^`.]*")  # other programs' command lines
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 SET_VALUE = re.compile(r"--set[ =]([\w.:-]+)=(\S+?)(?=[\s,;)`'\"]|\.(?:\s|$)|$)")
@@ -30,7 +31,8 @@ def message_strings(path: Path) -> list[str]:
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
                   and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    parts_of_fstrings = {id(value) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for value in node.values}
+    parts_of_fstrings = {id(value) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
+                         for value in node.values}
     strings = []
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
@@ -128,7 +130,8 @@ def test_suggested_config_keys_exist(path):
 def test_the_scan_finds_what_it_looks_for(tmp_path):
     """The scanner itself: a message with a wrong flag and a wrong command is caught."""
     module = tmp_path / "bad.py"
-    module.write_text('raise ValueError(f"pass --data-root {x} or run `norga run --frobnicate {x}`; --set data.rot=1")\n')
+    module.write_text('raise ValueError(f"pass --data-root {x} or run `norga run --frobnicate {x}`; '
+                      '--set data.rot=1")\n')
     commands, flags, settings = suggestions(module)
     assert ["run", "--frobnicate", "PLACEHOLDER"] in commands and "--data-root" in flags
     assert ("data.rot", "1") in settings

@@ -40,7 +40,7 @@ def test_not_a_terminal_gets_one_timestamped_line_per_epoch_and_evaluation(tmp_p
     body = lines[banner_end:]
     epochs = [EPOCH_LINE.match(line) for line in body]
     evaluations = [EVALUATED.match(line) for line in body]
-    other = [line for line, e, v in zip(body, epochs, evaluations) if not e and not v]
+    other = [line for line, e, v in zip(body, epochs, evaluations, strict=True) if not e and not v]
     assert all(re.match(rf"^{STAMP} NoRGa · synthetic · task \d/{NUM_TASKS} evaluated before TAP: ", line)
                for line in other), other
     assert [int(v.group(1)) for v in evaluations if v] == list(range(1, NUM_TASKS + 1))
@@ -50,7 +50,7 @@ def test_not_a_terminal_gets_one_timestamped_line_per_epoch_and_evaluation(tmp_p
         assert {epoch for t, p, epoch, _ in seen if (t, p) == (task, phase)} == set(range(1, total + 1))
     assert {phase for _, phase, _, _ in seen} >= {"tii_train", "wtp_train", "tap"}
     batches = -(-CLASSES_PER_TASK * TRAIN_PER_CLASS // tiny_config().wtp.train.batch_size)
-    assert any(f"wtp_train epoch 1/2  loss" in line and f" {batches} batches in " in line for line in body)
+    assert any("wtp_train epoch 1/2  loss" in line and f" {batches} batches in " in line for line in body)
     log = (tmp_path / "run" / "log.txt").read_text()
     for line in body:  # log.txt reads the same
         assert line.split(" ", 2)[2] in log
@@ -93,11 +93,12 @@ def test_banner_names_run_directory_method_benchmark_backbone_precision_device()
     text = "\n".join(lines)
     for expected in ("run directory  /runs/quickstart-norga-1", "method         norga (shown as NoRGa)",
                      "fashion-mnist: 3 tasks × 2 classes, 48 training / 24 test images, from /data/synthetic",
-                     "norga-vit-tiny-c10 (timm vit_tiny_patch16_224, 32×32 input), weights "
-                     "/pkg/norga-vit-tiny-c10.safetensors (sha256 0123456789ab…)",
-                     "precision      fp32 (amp auto: no native bf16 here), compile off", "device         cpu, 2 threads"):
+                     "backbone       norga-vit-tiny-c10 (timm vit_tiny_patch16_224, 32×32 input)",
+                     "weights        /pkg/norga-vit-tiny-c10.safetensors (sha256 0123456789ab…)",
+                     "precision      fp32 (amp auto: no native bf16 here), compile off",
+                     "device         cpu, 2 threads"):
         assert expected in text, text
     resumed = format_banner({**facts, "steps": 3, "resumed_at": {"task": 1, "phase": 2, "epoch": 0}})
     assert resumed[0].endswith("resuming the run") and "  resuming at    task 2, phase 3, epoch 1" in resumed
-    assert format_banner({"backbone": {**facts["backbone"], "weights": "none"}})[1].endswith(
-        "random weights (backbone.weights=none)")
+    assert format_banner({"backbone": {**facts["backbone"], "weights": "none"}})[2] == (
+        "  weights   random (backbone.weights=none)")

@@ -101,10 +101,11 @@ def test_a_run_prints_its_banner_and_plain_lines_and_resumes_from_its_directory_
     data, run_dir = tmp_path / "data", tmp_path / "run"
     lines = err.splitlines()
     assert re.fullmatch(rf"{STAMP} norga · fashion-mnist: starting a run", lines[0])
-    banner = "\n".join(lines[1:8])
+    banner = "\n".join(lines[1:9])
     for expected in (f"run directory  {run_dir}", "method         norga",
                      f"fashion-mnist: 5 tasks × 2 classes, 40 training / 20 test images, from {data / 'fashion-mnist'}",
-                     "vit_tiny_patch16_224 (timm vit_tiny_patch16_224, 32×32 input), random weights",
+                     "vit_tiny_patch16_224 (timm vit_tiny_patch16_224, 32×32 input)",
+                     "weights        random (backbone.weights=none)",
                      "precision      fp32, compile off", f"device         cpu, {torch.get_num_threads()} thread"):
         assert expected in banner, banner
     body = [line for line in lines if not line.startswith("  ")][1:]

@@ -10,12 +10,12 @@ from typing import Any
 import timm
 from torch import nn
 
+from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.backbones.checkpoints import read_checkpoint
 from norga.backbones.errors import BackboneLoadError
 from norga.backbones.hub import cache_only, hub_endpoint, network_state
 from norga.backbones.matching import load_strict
 from norga.backbones.registry import Pretraining, resolve_pretraining
-from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.io_utils import sha256_file
 
 

@@ -146,7 +146,8 @@ SOURCES: dict[str, Source] = {
         10, 5, False, lambda r: [r / "svhn", r / "SVHN", r],
         lambda p: (p / "train_32x32.mat").is_file() and (p / "test_32x32.mat").is_file(), read_svhn_mat,
         "<root>/svhn/{train,test}_32x32.mat (the cropped-digits format; needs scipy)",
-        "copy train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ to <root>/svhn", _torchvision_download("SVHN", "svhn", split_arg=True),
+        "copy train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ to <root>/svhn",
+        _torchvision_download("SVHN", "svhn", split_arg=True),
     ),
     "notmnist": Source(
         10, 5, False, _notmnist_candidates, _notmnist_present, read_notmnist,

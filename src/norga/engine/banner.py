@@ -1,7 +1,8 @@
 """The start banner of a run, from a plain dict of facts the engine already holds (the run record).
 
 `facts` keys, all optional: ``run_dir``, ``method``, ``joint``, ``benchmark`` / ``backbone`` / ``precision`` (the
-records of environment.json), ``device``, ``threads``, ``processes``, ``steps`` (training steps), ``resumed_at`` (a position dict).
+records of environment.json), ``device``, ``threads``, ``processes``, ``steps`` (training steps), ``resumed_at``
+(a position dict).
 """
 
 from __future__ import annotations
@@ -34,17 +35,21 @@ def format_benchmark(record: dict, joint: bool = False) -> str:
 
 
 def format_backbone(record: dict) -> str:
-    """``name (timm ARCH, HxW input), weights ...`` with the file's checksum when there is one."""
+    """``name (timm ARCH, HxW input)``."""
     size = record.get("input_size")
     shape = f", {size[-2]}×{size[-1]} input" if size else ""
-    text = f"{record.get('name', '?')} (timm {record.get('arch', '?')}{shape})"
+    return f"{record.get('name', '?')} (timm {record.get('arch', '?')}{shape})"
+
+
+def format_weights(record: dict) -> str:
+    """Where the backbone's weights came from, with the file's checksum when there is one."""
     weights = str(record.get("weights", "?"))
     if weights == "none":
-        return text + ", random weights (backbone.weights=none)"
+        return "random (backbone.weights=none)"
     if weights.startswith("hub:"):
-        return text + f", weights from the hub ({weights[4:]})"
+        return f"from the hub ({weights[4:]})"
     digest = record.get("sha256")
-    return text + f", weights {weights}" + (f" (sha256 {digest[:12]}…)" if digest else "")
+    return weights + (f" (sha256 {digest[:12]}…)" if digest else "")
 
 
 def format_precision(record: dict) -> str:
@@ -61,11 +66,13 @@ def format_banner(facts: dict, label: str | None = None) -> list[str]:
     if facts.get("run_dir"):
         rows.append(("run directory", str(Path(facts["run_dir"]))))
     if facts.get("method"):
-        rows.append(("method", facts["method"] + (f" (shown as {label})" if label and label != facts["method"] else "")))
+        shown = f" (shown as {label})" if label and label != facts["method"] else ""
+        rows.append(("method", facts["method"] + shown))
     if facts.get("benchmark"):
         rows.append(("benchmark", format_benchmark(facts["benchmark"], bool(facts.get("joint")))))
     if facts.get("backbone"):
         rows.append(("backbone", format_backbone(facts["backbone"])))
+        rows.append(("weights", format_weights(facts["backbone"])))
     if facts.get("precision"):
         rows.append(("precision", format_precision(facts["precision"])))
     if facts.get("device"):

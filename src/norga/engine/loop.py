@@ -109,7 +109,8 @@ class Engine:
                 if phase.name == EVALUATE_BEFORE_TAP:
                     with self.progress.phase(task, self.num_tasks, "evaluate before TAP", summary=False):
                         self.evaluate(task, self.matrices["before_tap"])
-                    self.progress.result(evaluation_line(task, self.num_tasks, "before TAP", self.matrices["before_tap"]))
+                    self.progress.result(evaluation_line(task, self.num_tasks, "before TAP",
+                                                         self.matrices["before_tap"]))
                 else:
                     with self.progress.phase(task, self.num_tasks, phase.name, phase.epochs, first_epoch) as tracker:
 
