@@ -63,6 +63,7 @@ def test_a_terminal_gets_bars_over_batches_naming_method_benchmark_task_and_phas
                      r"\s*[\d.?]+\s*(?:batch/s|s/batch)")
     assert bar.search(text), text[:2000]
     assert re.search(r"phase ~\d+:\d\d left", text)  # the phase's ETA once an epoch has finished
+    assert re.search(r"NoRGa · synthetic · task 2/3 tap: +\d+%\|.*\| [12]/2 \[", text)  # TAP: a bar over epochs
     kept = [line for line in text.replace("\r", "\n").splitlines() if "wtp_train:" in line]
     assert len(kept) == NUM_TASKS and all("2 epochs in" in line for line in kept)  # a line per task and phase
 

@@ -56,6 +56,7 @@ class PhaseTracker:
         self.batches = self.epoch_batches = 0
         self.epoch_seconds: list[float] = []
         self.last_logs: dict = {}
+        self.epoch_bar: tqdm | None = None  # bars mode, phases whose batches the run context never sees
 
     @property
     def label(self) -> str:
@@ -84,6 +85,8 @@ class PhaseTracker:
         eta = f", phase done in ~{clock(left)}" if left is not None and epoch + 1 < self.epochs else ""
         self.progress._event(f"{self.description} epoch {epoch + 1}/{self.epochs}  {values}  "
                              f"{work}{seconds:.1f} s{rate}{eta}", bars=False)
+        if not self.epoch_batches:  # e.g. TAP on sampled features: no batch bar moved, so a bar over epochs does
+            self.progress._epoch_tick(self)
         self.epoch_batches = 0
 
     def finished(self) -> None:
@@ -91,6 +94,8 @@ class PhaseTracker:
         logs, or a step's batches and time (lines mode already has a line per epoch)."""
         seconds = time.perf_counter() - self.started
         ran = self.epoch - self.first_epoch
+        if self.epoch_bar is not None:
+            self.epoch_bar.close()
         if self.epochs and ran:
             values = "  ".join(f"{key} {float(value):.4f}" for key, value in self.last_logs.items())
             self.progress._event(f"{self.description}: {plural(ran, 'epoch')} in {seconds:.1f} s  {values}",
@@ -168,6 +173,19 @@ class Progress:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _epoch_tick(self, tracker: PhaseTracker) -> None:
+        """Move the bar over a phase's epochs (created at its first finished epoch)."""
+        if self.mode != "bars":
+            return
+        if tracker.epoch_bar is None:  # shown at once with the epochs done so far
+            tracker.epoch_bar = tqdm(total=tracker.epochs, initial=tracker.epoch, unit="epoch", leave=False,
+                                     desc=" · ".join(filter(None, [self.prefix, tracker.description])),
+                                     file=self.stream, dynamic_ncols=True, mininterval=0.5,
+                                     postfix=self._bar_postfix(tracker))
+            return
+        tracker.epoch_bar.set_postfix_str(self._bar_postfix(tracker), refresh=False)
+        tracker.epoch_bar.update(1)
 
     def _bar_label(self, tracker: PhaseTracker | None) -> str:
         parts = [self.prefix] if self.prefix else []
