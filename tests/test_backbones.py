@@ -2,17 +2,21 @@
 
 import argparse
 import hashlib
+import http.server
 import json
 import pathlib
+import threading
 
 import numpy as np
 import pytest
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from norga.backbones import PRETRAININGS, BackboneLoadError, create_backbone
+from norga.backbones.hub import hub_reachable, network_state
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8)
 ARCH = "vit_base_patch16_224"
@@ -326,9 +330,11 @@ def test_unknown_name_refused():
 
 
 def test_hub_offline_error_says_where_to_get_the_file():
-    with pytest.raises(BackboneLoadError, match=r"ibot21k.*no weights on the timm hub.*vitb_16_pt22k.*--backbone-file"):
+    with pytest.raises(BackboneLoadError,
+                       match=r"ibot21k.*no weights on the timm hub.*vitb_16_pt22k.*--set backbone\.weights=FILE"):
         create_backbone("ibot21k", **TINY)
-    with pytest.raises(BackboneLoadError, match=r"from the hub.*No network\?.*dino_vitbase16_pretrain\.pth.*weights=<file>"):
+    with pytest.raises(BackboneLoadError, match=r"from the hub: HF_HUB_OFFLINE is set and they are not in the local "
+                                                r"hub cache.*dino_vitbase16_pretrain\.pth.*--set backbone\.weights=FILE"):
         create_backbone("dino1k", weights="hub", **TINY)
 
 
@@ -339,3 +345,17 @@ def test_fp16_safetensors_loads_into_fp32_model(tmp_path):
     model, _ = create_backbone(ARCH, weights=tmp_path / "w16.safetensors", **TINY)
     for key, value in model.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, source.state_dict()[key].half().float()), key
+
+
+def test_the_hub_probe_tells_a_listening_endpoint_from_none(monkeypatch):
+    """Any HTTP answer (here 501 to HEAD) means network; a refused connection means none, at once."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    assert hub_reachable()
+    server.server_close()  # nothing listens on the port any more
+    assert not hub_reachable()
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    assert network_state() == "unreachable"
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert network_state() == "offline"

@@ -112,6 +112,10 @@ def _check_existing(run: MethodRun) -> bool:
         return False
     if (directory / "config.yaml").is_file():
         stored = load_config(directory / "config.yaml")
+        if run.config.data.root is None:  # the run recorded where it found its data: resuming needs no NORGA_DATA
+            run.config.data.root = stored.data.root
+        elif stored.data.root is not None:  # the same folder, given relative or absolute
+            run.config.data.root = str(Path(run.config.data.root).resolve())
         if stored != run.config:
             changed = _differences(stored.to_dict(), run.config.to_dict())
             raise ConfigError(f"{directory} was run with other settings ({', '.join(changed)}): "
@@ -166,14 +170,15 @@ class ComparisonDirectory:
     def previous_seconds(self, label: str) -> float | None:
         return self.previous.get(label, {}).get("wall_seconds")
 
-    def write(self, results: Sequence[MethodResult], complete: bool) -> None:
-        """compare.json, compare.csv and compare.png for the methods finished so far (atomic writes)."""
+    def write(self, results: Sequence[MethodResult], complete: bool, title: str | None = None) -> None:
+        """compare.json, compare.csv and compare.png (titled `title`) for the methods finished so far (atomic
+        writes)."""
         from norga.report import plot_comparison
 
         write_json({"request": self.request, "complete": complete, "results": [r.to_dict() for r in results]},
                    self.path / COMPARE_JSON)
         atomic_write(self.path / COMPARE_CSV, lambda tmp: _write_csv(results, tmp))
-        plot_comparison(results, self.path / COMPARE_PLOT)
+        plot_comparison(results, self.path / COMPARE_PLOT, title)
 
 
 CSV_METRICS = ("final_average_accuracy", "sample_weighted_final_accuracy", "cumulative_average_accuracy",

@@ -112,8 +112,13 @@ class AccuracyMatrix:
 
     # ------------------------------------------------------------ storage
     def to_dict(self) -> dict:
+        """Counts per cell, and accuracies (%) for reading, None (null) where a cell was never measured."""
+        accuracy = np.round(self.accuracies(), 6).tolist()
+        measured = self.total > 0
         return {"correct": self.correct.tolist(), "total": self.total.tolist(),
-                "accuracy": np.round(self.accuracies(), 6).tolist(), "joint": self.joint}
+                "accuracy": [[value if seen else None for value, seen in zip(row, seen_row)]
+                             for row, seen_row in zip(accuracy, measured.tolist())],
+                "joint": self.joint}
 
     @classmethod
     def from_dict(cls, data: dict) -> AccuracyMatrix:
@@ -123,7 +128,8 @@ class AccuracyMatrix:
         return matrix
 
     def to_csv(self, path: str | Path) -> None:
-        """Accuracies (%) with a header row of "after task" columns and the evaluated task in column 0."""
+        """Accuracies (%) with a header row of "after task" columns and the evaluated task in column 0; a cell
+        never measured is left empty (not 0)."""
         acc = self.accuracies()
         columns = ["after_joint_training"] if self.joint else [f"after_task_{t + 1}" for t in range(self.num_steps)]
 
@@ -132,6 +138,7 @@ class AccuracyMatrix:
                 writer = csv.writer(handle)
                 writer.writerow(["test_task", *columns])
                 for i in range(self.num_tasks):
-                    writer.writerow([i + 1] + [f"{acc[i, t]:.4f}" for t in range(self.num_steps)])
+                    writer.writerow([i + 1] + [f"{acc[i, t]:.4f}" if self.total[i, t] else ""
+                                               for t in range(self.num_steps)])
 
         atomic_write(path, write)

@@ -10,40 +10,111 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from norga.engine.checkpoint import atomic_write  # noqa: E402
 from norga.metrics import AccuracyMatrix  # noqa: E402
 
 if TYPE_CHECKING:
     from norga.comparison import MethodResult
+    from norga.config import RunConfig
 
 
-def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int) -> None:
-    """Write accuracy_matrix.png (heatmap) and accuracy_curve.png (average accuracy after each task)."""
-    rows, columns = matrix.tested(upto), upto + 1
-    values = matrix.accuracies()[:rows, :columns]
-    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * columns, 1.0 + 0.5 * rows))
-    image = axis.imshow(values, vmin=0, vmax=100, cmap="viridis")
+#: Figure size of every curve (a run's accuracy_curve.png and compare.png), so they read side by side.
+CURVE_SIZE = (6.4, 4.0)
+UNEVALUATED = {"facecolor": "#eeeeee", "edgecolor": "#9a9a9a", "hatch": "///"}  # cells never measured
+CMAP = "viridis"
+
+
+def plot_title(config: RunConfig, label: str | None = None) -> str:
+    """``METHOD · BENCHMARK · BACKBONE`` of a run (`label` replaces the method's registered name)."""
+    return f"{label or config.method} · {config.data.benchmark} · {config.backbone.name}"
+
+
+def comparison_title(configs: Sequence[RunConfig]) -> str:
+    """``BENCHMARK · BACKBONE`` shared by a comparison's runs (the methods are its legend)."""
+    benchmarks = dict.fromkeys(config.data.benchmark for config in configs)
+    backbones = dict.fromkeys(config.backbone.name for config in configs)
+    return f"{', '.join(benchmarks)} · {', '.join(backbones)}"
+
+
+def plot_run(matrix: AccuracyMatrix, directory: Path, upto: int, title: str | None = None) -> None:
+    """Write accuracy_matrix.png and accuracy_curve.png of a run, both titled `title` (and the directory's name)."""
+    subtitle = Path(directory).name
+    _save(matrix_figure(matrix, title, subtitle), directory / "accuracy_matrix.png")
+    _save(curve_figure(matrix, upto, title, subtitle), directory / "accuracy_curve.png")
+
+
+def matrix_figure(matrix: AccuracyMatrix, title: str | None = None, subtitle: str | None = None):
+    """The heatmap of every cell of `matrix` (never-evaluated ones hatched grey, no number), with a colour bar."""
+    figure, axis = plt.subplots(figsize=(2.2 + 0.65 * matrix.num_steps, 1.9 + 0.5 * matrix.num_tasks))
+    draw_matrix(axis, matrix)
+    figure.colorbar(axis.images[0], ax=axis, label="accuracy (%)")
+    _title(axis, title, subtitle)
+    return figure
+
+
+def curve_figure(matrix: AccuracyMatrix, upto: int, title: str | None = None, subtitle: str | None = None):
+    """Average accuracy on the seen tasks after each task up to `upto`, on the axes `compare.png` uses."""
+    figure, axis = plt.subplots(figsize=CURVE_SIZE)
+    _plot_curve(axis, matrix, upto, label=None, color=_palette()[0])
+    _label_curve_axes(axis, matrix.num_tasks)
+    _title(axis, title, subtitle)
+    return figure
+
+
+def draw_matrix(axis, matrix: AccuracyMatrix) -> None:
+    """The accuracy matrix as a heatmap: measured cells coloured with their value printed in a colour that reads
+    on the cell, never-measured cells hatched grey and left blank (a measured 0 % is a coloured cell)."""
+    measured = matrix.total > 0
+    values = np.ma.masked_array(matrix.accuracies(), mask=~measured)
+    cmap = plt.get_cmap(CMAP).with_extremes(bad=UNEVALUATED["facecolor"])
+    norm = Normalize(vmin=0, vmax=100)
+    axis.imshow(values, cmap=cmap, norm=norm)
+    rows, columns = measured.shape
     for i in range(rows):
         for t in range(columns):
-            if matrix.total[i, t]:
-                axis.text(t, i, f"{values[i, t]:.0f}", ha="center", va="center", color="white", fontsize=8)
+            if measured[i, t]:
+                colour = text_colour(cmap(norm(values[i, t])))
+                axis.text(t, i, f"{values[i, t]:.0f}", ha="center", va="center", color=colour, fontsize=8)
+            else:
+                axis.add_patch(Rectangle((t - 0.5, i - 0.5), 1, 1, fill=False, linewidth=0,
+                                         hatch=UNEVALUATED["hatch"], edgecolor=UNEVALUATED["edgecolor"]))
     axis.set_xlabel("after joint training" if matrix.joint else "after training task")
     axis.set_ylabel("test set of task")
-    axis.set_xticks(range(columns), [str(t + 1) for t in range(columns)])
+    axis.set_xticks(range(columns), ["all" if matrix.joint else str(t + 1) for t in range(columns)])
     axis.set_yticks(range(rows), [str(i + 1) for i in range(rows)])
-    figure.colorbar(image, ax=axis, label="accuracy (%)")
-    _save(figure, directory / "accuracy_matrix.png")
-
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    _plot_curve(axis, matrix, upto, label=None)
-    _label_curve_axes(axis)
-    _save(figure, directory / "accuracy_curve.png")
+    if not measured.all():
+        axis.legend(handles=[Patch(**UNEVALUATED, label="not evaluated")], loc="upper center",
+                    bbox_to_anchor=(0.5, -0.22 if rows < 4 else -0.14), frameon=False, fontsize=8)
 
 
-def _label_curve_axes(axis) -> None:
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of colour `rgba` (WCAG relative luminance)."""
+    def linear(channel: float) -> float:
+        return channel / 12.92 if channel <= 0.04045 else ((channel + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.179 else "white"
+
+
+def _title(axis, title: str | None, subtitle: str | None = None) -> None:
+    if title:
+        axis.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
+
+
+def _palette() -> list[str]:
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _label_curve_axes(axis, num_tasks: int) -> None:
+    """Integer task ticks 1..T and 0-100 % on every curve, so curves of different runs line up."""
     axis.set_xlabel("tasks learned")
     axis.set_ylabel("average accuracy on seen tasks (%)")
+    axis.set_xlim(0.5, num_tasks + 0.5)
+    axis.set_xticks(range(1, num_tasks + 1))
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
 
@@ -92,17 +163,17 @@ def format_comparison_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(results: Sequence[MethodResult], path: Path) -> None:
-    """Average accuracy on the seen tasks after each task, one line per method (joint runs: one star each)."""
-    figure, axis = plt.subplots(figsize=(6.4, 4))
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+def plot_comparison(results: Sequence[MethodResult], path: Path, title: str | None = None) -> None:
+    """Average accuracy on the seen tasks after each task, one line per method (joint runs: one star each); the
+    same axes and size as a run's accuracy_curve.png."""
+    figure, axis = plt.subplots(figsize=CURVE_SIZE)
+    palette = _palette()
     colors: dict[str, str] = {}  # a method's joint bound takes its continual line's colour
     for r in results:
         color = colors.setdefault(r.method, palette[len(colors) % len(palette)])
         _plot_curve(axis, r.matrix, r.matrix.num_steps - 1, label=r.label, color=color)
-    num_tasks = max((r.matrix.num_tasks for r in results), default=1)
-    axis.set_xticks(range(1, num_tasks + 1))
-    _label_curve_axes(axis)
+    _label_curve_axes(axis, max((r.matrix.num_tasks for r in results), default=1))
+    _title(axis, title, Path(path).parent.name)
     if results:
         axis.legend(fontsize=8)
     _save(figure, path)

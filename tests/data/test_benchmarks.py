@@ -152,7 +152,8 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypat
     monkeypatch.delenv("NORGA_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/cifar-100-python.*Expected layout.*download"):
         build_benchmark("cifar100", data_root=tmp_path)
-    with pytest.raises(DatasetNotFoundError, match="nowhere: pass data_root"):
+    with pytest.raises(DatasetNotFoundError, match="looked in: nowhere. No data root is set.*NORGA_DATA=DIR or "
+                                                   "--set data.root=DIR"):
         build_benchmark("cifar100")
     with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known: .*'5-datasets'.*'imagenet-r'"):
         build_benchmark("cifar1000", data_root=tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 import timm
 from torch import nn
 
+from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.backbones.checkpoints import read_checkpoint
 from norga.backbones.errors import BackboneLoadError
+from norga.backbones.hub import cache_only, hub_endpoint, network_state
 from norga.backbones.matching import load_strict
 from norga.backbones.registry import Pretraining, resolve_pretraining
-from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.io_utils import sha256_file
 
 
@@ -108,24 +110,34 @@ def _hub_name(model: nn.Module, spec: Pretraining) -> str:
     return cfg.get("hf_hub_id") or cfg.get("url") or spec.arch
 
 
+#: How a user gives norga a local weights file (CLI and Python).
+PASS_FILE = "pass it with --set backbone.weights=FILE (weights=FILE in Python)"
+
+
 def _create_from_hub(spec: Pretraining, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's model with its hub weights; without network, from the local hub cache only (fails in seconds)."""
     where = (
         f"download {spec.source_url} ({spec.file_name}) on a machine with internet"
         if spec.source_url
         else f"save the weights of timm '{spec.arch}' on a machine with internet (e.g. as .safetensors)"
     )
     if not spec.hub:
-        raise BackboneLoadError(
-            f"backbone '{spec.name}' has no weights on the timm hub: {where} and pass its path "
-            "(weights=<file>, CLI --backbone-file)"
-        )
+        raise BackboneLoadError(f"backbone '{spec.name}' has no weights on the timm hub: {where} and {PASS_FILE}")
+    state = network_state()
     try:
-        return timm.create_model(spec.arch, pretrained=True, num_classes=num_classes, **kwargs)
+        with cache_only() if state == "unreachable" else nullcontext():
+            return timm.create_model(spec.arch, pretrained=True, num_classes=num_classes, **kwargs)
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
+        why = {
+            "offline": "HF_HUB_OFFLINE is set and they are not in the local hub cache",
+            "unreachable": f"the hub {hub_endpoint()} is unreachable (no network?) and they are not in the local hub "
+                           "cache",
+        }.get(state, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise BackboneLoadError(
-            f"could not fetch pretrained weights of '{spec.name}' (timm '{spec.arch}') from the hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). No network? "
-            f"{where} and pass the local file (weights=<file>, CLI --backbone-file), or use weights='none'."
+            f"could not fetch pretrained weights of '{spec.name}' (timm '{spec.arch}') from the hub: {why}. "
+            f"{where[0].upper()}{where[1:]} and {PASS_FILE}, or use --set backbone.weights=none (random weights)"
+            + ("; once the weights are in the hub cache, HF_HUB_OFFLINE=1 skips the network check"
+               if state == "unreachable" else "")
         ) from err
 
 

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where the two run directories go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a quickstart config value for both methods")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="plain timestamped lines (one per epoch and evaluation) instead of progress bars")
     parser.set_defaults(handler=handle)
 
 
@@ -38,7 +39,7 @@ def handle(args: argparse.Namespace) -> int:
     for label, method in METHODS.items():
         run = MethodRun(label, method_config(PRESET, method, overrides),
                         args.output_dir / f"quickstart-{label.lower()}-{stamp}")
-        result = run_method(run, Progress(enabled=not args.quiet))
+        result = run_method(run, Progress.for_command(args.quiet, label))
         results.append(result)
         print(f"\n{label}: accuracy matrix (rows: test task, columns: after training task)")
         print(format_matrix(result.matrix, result.matrix.num_steps - 1))

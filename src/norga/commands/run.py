@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
                         help="override a config value, e.g. --set prompt.gate=tanh (repeatable)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--run-dir", type=Path, help="where to write the run (default: OUTPUT_DIR/NAME-TIMESTAMP)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="plain timestamped lines (one per epoch and evaluation) instead of progress bars")
     parser.set_defaults(handler=handle)
 
 
@@ -51,7 +52,7 @@ def handle(args: argparse.Namespace) -> int:
             device = torch_device_of_rank(dist.local_rank)
         matrices = run_experiment(
             config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume), device=device,
-            progress=Progress(enabled=not args.quiet and dist.is_main), records=built.records, dist=dist,
+            progress=Progress.for_command(args.quiet, enabled=dist.is_main), records=built.records, dist=dist,
             init_generator=built.init_generator,
         )
     finally:

@@ -6,6 +6,7 @@ from norga.data.benchmark import (
     ContinualBenchmark,
     Task,
     build_benchmark,
+    check_benchmark_data,
     known_benchmarks,
     locate,
     subsample_per_class,
@@ -20,7 +21,7 @@ from norga.data.errors import (
 )
 from norga.data.fivedatasets import dataset_order
 from norga.data.loader import make_loader
-from norga.data.manifest import (
+from norga.data.split_manifest import (
     make_split_manifest,
     read_manifest,
     verify_manifest,
@@ -32,7 +33,7 @@ from norga.data.transforms import backbone_input, build_transforms
 __all__ = [
     "BENCHMARKS", "SOURCES", "BenchmarkOptionError", "ContinualBenchmark", "DataError", "DataLayoutError",
     "DatasetNotFoundError", "ImageDataset", "SourceData", "Task", "UnreadableImageError",
-    "backbone_input", "build_benchmark", "build_transforms", "class_order", "dataset_order", "known_benchmarks",
+    "backbone_input", "build_benchmark", "build_transforms", "check_benchmark_data", "class_order", "dataset_order", "known_benchmarks",
     "locate", "make_loader", "make_split_manifest", "read_manifest", "split_into_tasks", "subsample_per_class",
     "verify_manifest", "write_manifest",
 ]

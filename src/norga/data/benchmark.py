@@ -17,13 +17,14 @@ from norga.data.datasets import ImageDataset, SourceData
 from norga.data.decode import ReadOptions
 from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
 from norga.data.fivedatasets import SOURCE_OF, cifar_style_flags, dataset_order
-from norga.data.registry import SOURCES, locate, search_roots
+from norga.data.registry import SET_ROOT, SOURCES, locate, search_roots
 from norga.data.splits import class_order, split_into_tasks
 from norga.data.torchvision_source import PREFIX as TORCHVISION_PREFIX
 from norga.data.torchvision_source import read_torchvision
 from norga.data.transforms import build_transforms
 
-__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DatasetNotFoundError", "Task", "build_benchmark", "locate"]
+__all__ = ["BENCHMARKS", "SOURCES", "ContinualBenchmark", "DatasetNotFoundError", "Task", "build_benchmark",
+           "check_benchmark_data", "locate"]
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _read(name: str, data_root, opts: _Options) -> tuple[SourceData, str]:
     if name.startswith(TORCHVISION_PREFIX):
         roots = search_roots(data_root)
         if not roots:
-            raise DatasetNotFoundError(f"{name}: no data root to look in: pass data_root / --data-root or set $NORGA_DATA")
+            raise DatasetNotFoundError(f"{name}: no data root to look in: {SET_ROOT}")
         return read_torchvision(name[len(TORCHVISION_PREFIX):], roots[0], opts.download), str(roots[0])
     path = locate(name, data_root, opts.download)
     data = SOURCES[name].read(path, opts.reading)
@@ -213,6 +214,44 @@ def known_benchmarks() -> list[str]:
     return [*sorted(BENCHMARKS), f"{TORCHVISION_PREFIX}<DatasetClass>"]
 
 
+def _builder(name: str, split_manifest, fiveds_transform_carryover: bool) -> Callable[..., ContinualBenchmark]:
+    """The builder of benchmark `name`, after checking the options given fit it."""
+    if name.startswith(TORCHVISION_PREFIX):
+        builder = _split_benchmark
+    elif name in BENCHMARKS:
+        builder = BENCHMARKS[name]
+    else:
+        raise BenchmarkOptionError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
+    if split_manifest is not None and name != "imagenet-r":
+        raise BenchmarkOptionError(f"split_manifest only applies to imagenet-r (the one without an official split), "
+                                   f"not {name!r}")
+    if fiveds_transform_carryover and builder is not _five_datasets:
+        raise BenchmarkOptionError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
+    return builder
+
+
+def check_benchmark_data(name: str, *, data_root: str | Path | None = None, download: bool = False,
+                         split_manifest: str | Path | None = None, fiveds_transform_carryover: bool = False) -> str | None:
+    """The cheap checks of `build_benchmark`, before anything slow (a backbone download) is started: the name and
+    options fit, and every dataset the benchmark reads is where it is looked for (downloaded when `download`).
+
+    Returns the data root to record, absolute: the search root (`data_root`, else $NORGA_DATA) the data was found
+    under, so a run resumes without the environment; `data_root` itself when it was found elsewhere.
+    """
+    builder = _builder(name, split_manifest, fiveds_transform_carryover)
+    roots = search_roots(data_root)
+    if name.startswith(TORCHVISION_PREFIX):
+        if not roots:
+            raise DatasetNotFoundError(f"{name}: no data root to look in: {SET_ROOT}")
+        return str(roots[0].resolve())
+    found = [locate(source, data_root, download) for source in
+             (SOURCE_OF.values() if builder is _five_datasets else [name])]
+    for root in roots:
+        if any(path.resolve().is_relative_to(root.resolve()) for path in found):
+            return str(root.resolve())
+    return str(Path(data_root).resolve()) if data_root else None
+
+
 def build_benchmark(
     name: str, *, data_root: str | Path | None = None, seed: int = 42, num_tasks: int | None = None,
     image_size: int = 224, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
@@ -230,17 +269,7 @@ def build_benchmark(
     are decoded once and held in memory (0: decode on access); ``split_manifest``: an ImageNet-R split manifest file;
     ``fiveds_transform_carryover``: reproduce the official 5-datasets transform bug (P6).
     """
-    if name.startswith(TORCHVISION_PREFIX):
-        builder = _split_benchmark
-    elif name in BENCHMARKS:
-        builder = BENCHMARKS[name]
-    else:
-        raise BenchmarkOptionError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
-    if split_manifest is not None and name != "imagenet-r":
-        raise BenchmarkOptionError(f"split_manifest only applies to imagenet-r (the one without an official split), "
-                                   f"not {name!r}")
-    if fiveds_transform_carryover and builder is not _five_datasets:
-        raise BenchmarkOptionError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
+    builder = _builder(name, split_manifest, fiveds_transform_carryover)
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
                     test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
                     train_transform, test_transform)

@@ -11,13 +11,13 @@ from pathlib import Path
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.decode import DEFAULT_READ, ReadOptions, decode_all, estimated_bytes, stack_if_uniform
 from norga.data.errors import DataLayoutError
-from norga.data.manifest import (
+from norga.data.sources import class_folder_files
+from norga.data.split_manifest import (
     make_split_manifest,
     manifest_sha256,
     read_manifest,
     verify_manifest,
 )
-from norga.data.sources import class_folder_files
 
 IMAGENET_R_MANIFEST = "imagenet-r-split-v1.json"  # shipped as norga/manifests/<this> (package data)
 

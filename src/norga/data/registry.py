@@ -28,7 +28,9 @@ CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
-DOWNLOAD = "download=True, or --set data.download=true"
+DOWNLOAD = "--set data.download=true, or download=True in Python"
+#: How a user names the data root; every "not found" message says it.
+SET_ROOT = "NORGA_DATA=DIR or --set data.root=DIR"
 NOTMNIST_URL = "https://github.com/facebookresearch/Adversarial-Continual-Learning/raw/main/data/notMNIST.zip"
 
 
@@ -114,8 +116,7 @@ SOURCES: dict[str, Source] = {
     "cifar100": Source(
         100, 10, True, lambda r: [r / "cifar-100-python"], lambda p: (p / "train").is_file(),
         partial(read_cifar_pickles, fine=True), "<root>/cifar-100-python/{train,test,meta} (torchvision's format)",
-        f"allow a download ({DOWNLOAD}) on a machine with network, or copy torchvision's "
-        "cifar-100-python folder there",
+        "copy torchvision's cifar-100-python folder to <root>",
         _torchvision_download("CIFAR100"),
     ),
     "cifar10": Source(
@@ -123,8 +124,7 @@ SOURCES: dict[str, Source] = {
         "<root>/cifar-10-batches-py (torchvision's format), or JPEG class folders <root>/cifar10-jpg/{train,test}/"
         "<class>/*.jpg (or $NORGA_CIFAR10_JPG), or their archive <root>/cifar10/cifar10-jpg.tar.gz (read without "
         "extracting)",
-        f"allow a download ({DOWNLOAD}) with network, or put a CIFAR-10 JPEG archive at "
-        "<root>/cifar10/cifar10-jpg.tar.gz",
+        "put a CIFAR-10 JPEG archive at <root>/cifar10/cifar10-jpg.tar.gz",
         _torchvision_download("CIFAR10"),
     ),
     "fashion-mnist": Source(
@@ -132,22 +132,22 @@ SOURCES: dict[str, Source] = {
         has_mnist_like, partial(read_mnist_like, class_names=FASHION_CLASSES),
         "<root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
         "`apt-get install dataset-fashion-mnist` (installs to /usr/share/datasets/fashion-mnist), "
-        f"or allow a download ({DOWNLOAD}) with network, or copy the four IDX files to <root>/fashion-mnist",
+        "or copy the four IDX files to <root>/fashion-mnist",
         _torchvision_download("FashionMNIST"), (DEBIAN_FASHION_MNIST,),
     ),
     "mnist": Source(
         10, 5, False, lambda r: [r / "mnist", r / "MNIST" / "raw"], has_mnist_like,
         partial(read_mnist_like, class_names=[str(d) for d in range(10)]),
         "<root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-        f"allow a download ({DOWNLOAD}) with network, or copy the four IDX files to <root>/mnist",
+        "copy the four IDX files to <root>/mnist",
         _torchvision_download("MNIST"),
     ),
     "svhn": Source(
         10, 5, False, lambda r: [r / "svhn", r / "SVHN", r],
         lambda p: (p / "train_32x32.mat").is_file() and (p / "test_32x32.mat").is_file(), read_svhn_mat,
         "<root>/svhn/{train,test}_32x32.mat (the cropped-digits format; needs scipy)",
-        f"allow a download ({DOWNLOAD}) with network, or copy train_32x32.mat and test_32x32.mat from "
-        "http://ufldl.stanford.edu/housenumbers/ to <root>/svhn", _torchvision_download("SVHN", "svhn", split_arg=True),
+        "copy train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ to <root>/svhn",
+        _torchvision_download("SVHN", "svhn", split_arg=True),
     ),
     "notmnist": Source(
         10, 5, False, _notmnist_candidates, _notmnist_present, read_notmnist,
@@ -158,21 +158,19 @@ SOURCES: dict[str, Source] = {
     "cub200": Source(
         200, 10, False, _cub_candidates, lambda p: (p / "images.txt").is_file(), read_cub,
         "<root>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,classes.txt,images/}",
-        f"allow a download ({DOWNLOAD}) with network (fetches {CUB_URL}, md5-checked), or extract "
-        "CUB_200_2011.tgz into <root>",
+        f"extract CUB_200_2011.tgz ({CUB_URL}) into <root>",
         _archive_download(CUB_URL, CUB_MD5),
     ),
     "imagenet-r": Source(
         200, 10, False, lambda r: [r / "imagenet-r", r / "imagenet-r" / "imagenet-r"], _imagenet_r_present,
         read_imagenet_r, "<root>/imagenet-r/<wnid>/*.jpg (200 class folders, as extracted from imagenet-r.tar)",
-        f"allow a download ({DOWNLOAD}) with network (fetches {IMAGENET_R_URL}, md5-checked), or extract "
-        "imagenet-r.tar into <root>",
+        f"extract imagenet-r.tar ({IMAGENET_R_URL}) into <root>",
         _archive_download(IMAGENET_R_URL, IMAGENET_R_MD5),
     ),
     "imagefolder": Source(
         0, 0, False, lambda r: [r], lambda p: (p / "train").is_dir() and (p / "test").is_dir(), read_image_folder,
         "<root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg",
-        "point data_root (data.root) at a folder with train/ and test/ class folders",
+        "make <root> a folder with train/ and test/ class folders",
     ),
 }
 
@@ -196,17 +194,35 @@ def locate(name: str, data_root: str | Path | None, download: bool = False) -> P
     for path in searched:
         if source.present(path):
             return path
-    offline = ""
+    failure = ""
     if download and source.download is not None and roots:
         try:
             source.download(roots[0])
         except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision raises RuntimeError on md5
-            offline = f" (download into {roots[0]} failed: {error}; no network access?)"
+            failure = f" The download into {roots[0]} failed ({' '.join(str(error).split())}): no network access?"
         else:
             for path in source.candidates(roots[0]):
                 if source.present(path):
                     return path
-            offline = " (the download finished but the expected files are not there)"
-    where = ", ".join(map(str, searched)) or "(nowhere: pass data_root / --data-root or set $NORGA_DATA)"
-    raise DatasetNotFoundError(f"{name} not found; looked in: {where}{offline}. Expected layout: {source.layout}. "
-                               f"To get it: {source.how_to_get}.")
+            failure = f" The download into {roots[0]} finished but the expected files are not there."
+    where = str(roots[0]) if roots else "<root>"
+    raise DatasetNotFoundError(_not_found(name, source, searched, bool(roots), download) + failure
+                               + f" Expected layout: {source.layout.replace('<root>', where)}. "
+                               f"To get it: {_ways(source, download).replace('<root>', where)}.")
+
+
+def _not_found(name: str, source: Source, searched: list[Path], have_root: bool, download: bool) -> str:
+    """Where `name` was looked for and, when no data root is set, how to set one."""
+    text = f"{name} not found; looked in: {', '.join(map(str, searched)) or 'nowhere'}."
+    if have_root:
+        return text
+    if download and source.download is not None:
+        return text + f" data.download=true needs a folder to download into: {SET_ROOT}."
+    return text + f" No data root is set (<root> below): {SET_ROOT}."
+
+
+def _ways(source: Source, download: bool) -> str:
+    """The ways to get a source's data; a download is offered only where it exists and was not already tried."""
+    if source.download is None or download:
+        return source.how_to_get
+    return f"allow a download ({DOWNLOAD}) on a machine with network, or {source.how_to_get}"

@@ -56,10 +56,12 @@ def read_torchvision(name: str, root: Path, download: bool) -> SourceData:
         try:
             dataset = _instantiate(cls, root, train, download)
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            how = ("the download failed: no network access?" if download else
+                   "allow a download (--set data.download=true, or download=True in Python) on a machine with network "
+                   "(torchvision checks its checksums)")
             raise DatasetNotFoundError(
-                f"torchvision/{name} not found under {root}: {error}. Expected layout: what torchvision.datasets.{name} "
-                f"reads from its root. To get it: allow a download (download=True, or --set data.download=true) "
-                "with network (torchvision checks its checksums)"
+                f"torchvision/{name} not found under {root}: {error}. Expected layout: what "
+                f"torchvision.datasets.{name} reads from its root. To get it: {how}"
             ) from error
         labels = _labels(dataset)
         if not labels:

@@ -11,7 +11,7 @@ from torch import nn
 
 from norga.backbones import create_backbone
 from norga.config import RunConfig
-from norga.data import build_benchmark
+from norga.data import build_benchmark, check_benchmark_data
 from norga.engine.context import TaskDatasets
 from norga.engine.precision import native_bf16, resolve_amp
 from norga.engine.seeding import seed_everything
@@ -48,10 +48,15 @@ def build_run(config: RunConfig, tasks: Sequence[TaskDatasets] | None = None) ->
     must be 0 .. C-1. Seeded first, so random initialisations (a randomly initialised backbone, the head)
     are a function of ``config.seed`` alone, also when one process builds several runs (`norga compare`).
     ``config.amp`` is resolved in place (``auto`` -> ``bf16`` or ``none`` for the device; the engine only
-    knows those two), so the run directory's config.yaml records what ran; ``config.compile`` compiles the
-    model's blocks. The method builds its own prompts on the host when the engine creates it.
+    knows those two) and ``config.data.root`` to the absolute root the data was found under, so the run
+    directory's config.yaml records what ran; ``config.compile`` compiles the model's blocks. The method
+    builds its own prompts on the host when the engine creates it.
     """
     seed_everything(config.seed)
+    if tasks is None:  # before any weights are fetched; the root found is recorded
+        config.data.root = check_benchmark_data(
+            config.data.benchmark, data_root=config.data.root, download=config.data.download,
+            split_manifest=config.data.split_manifest, fiveds_transform_carryover=config.data.fiveds_transform_carryover)
     backbone, record = create_backbone(
         config.backbone.name, weights=config.backbone.weights, **config.backbone.timm_kwargs
     )
@@ -91,8 +96,8 @@ def build_run(config: RunConfig, tasks: Sequence[TaskDatasets] | None = None) ->
         model.compile_blocks()
     device = resolve_device(config.device)
     return BuiltRun(model, tasks, num_classes, device,
-                    {"backbone": record.to_dict(), "benchmark": benchmark_record, "device": str(device),
-                     "precision": resolve_precision(config, device)}, init_generator)
+                    {"backbone": record.to_dict(), "benchmark": benchmark_record, "data_root": config.data.root,
+                     "device": str(device), "precision": resolve_precision(config, device)}, init_generator)
 
 
 def resolve_precision(config: RunConfig, device: torch.device | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +91,7 @@ class RunContext:
         self.frozen_images_encoded = 0
         self.cache = FrozenFeatureCache(enabled=config.cache_frozen_features, directory=feature_dir,
                                         write=dist.is_main)
+        self.batch_progress: Callable[[Sequence], Iterable] = iter  # every batch passes it (the engine's bars)
 
     # ------------------------------------------------------------ classes
     def classes(self, task: int) -> list[int]:
@@ -130,7 +131,7 @@ class RunContext:
         local = [indices for indices, _ in plan if indices]
         loaded = iter(self._data_loader(SeededAugmentation(dataset, seed), local))
         empty = None
-        for indices, counts in plan:
+        for indices, counts in self.batch_progress(plan):
             if indices:
                 images, labels = next(loaded)
                 empty = (images[:0], labels[:0])
@@ -166,7 +167,7 @@ class RunContext:
         mine = [bounds[index] for index in self.dist.my_batches(len(bounds))]
         loader = self._data_loader(dataset, [list(range(start, stop)) for start, stop in mine])
         results = []
-        for (start, stop), (images, labels) in zip(mine, loader):
+        for (start, stop), (images, labels) in zip(self.batch_progress(mine), loader):
             outputs = compute(images.to(self.device, non_blocking=True), torch.as_tensor(labels), slice(start, stop))
             results.append(tuple(output.cpu() for output in outputs))
         if self.dist.enabled:
@@ -230,8 +231,8 @@ class RunContext:
                 yield batch._replace(images=self.frozen_encode(batch.images))
             return
         cached = self.frozen_train_features(task)
-        for indices, counts in self._shard_plan(len(cached.labels), batch_size,
-                                                generator(self.config.seed, stream, task, epoch)):
+        plan = self._shard_plan(len(cached.labels), batch_size, generator(self.config.seed, stream, task, epoch))
+        for indices, counts in self.batch_progress(plan):
             index = torch.as_tensor(indices, dtype=torch.long)
             yield TrainBatch(cached.features[index].to(self.device), cached.labels[index].to(self.device), counts)
 

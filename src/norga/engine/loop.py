@@ -14,7 +14,7 @@ from norga.engine.context import RunContext, TaskDatasets
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.engine.features import FeatureSet
 from norga.engine.joint import training_schedule
-from norga.engine.progress import Progress
+from norga.engine.progress import Progress, evaluation_line
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
 from norga.methods import method_class
@@ -69,7 +69,8 @@ class Engine:
         self.num_tasks = len(self.context.tasks)  # training steps
         self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in self.matrix_names()}
         self.position = Position()
-        self.progress = progress or Progress(enabled=False)
+        self.progress = progress or Progress("off")
+        self.context.batch_progress = self.progress.batches
         self.after_epoch = after_epoch  # test hook: called after each checkpointed epoch
 
     def matrix_names(self) -> list[str]:
@@ -112,22 +113,26 @@ class Engine:
                 phase = phases[index]
                 first_epoch = start.epoch if (task, index) == (start.task, start.phase) else 0
                 if phase.evaluate is not None:
-                    self.evaluate(task, self.matrices[phase.evaluate])
+                    with self.progress.phase(task, self.num_tasks, phase.name, summary=False):
+                        self.evaluate(task, self.matrices[phase.evaluate])
+                    self.progress.result(evaluation_line(task, self.num_tasks, phase.evaluate.replace("_", " "),
+                                                         self.matrices[phase.evaluate], summary=False))
                 else:
-                    bar = self.progress.bar(f"task {task + 1}/{self.num_tasks} {phase.name}", phase.epochs, first_epoch)
+                    with self.progress.phase(task, self.num_tasks, phase.name, phase.epochs, first_epoch) as tracker:
 
-                    def on_epoch_end(epoch: int, logs: dict, task=task, index=index, bar=bar) -> None:
-                        bar.update(logs)
-                        self._checkpoint(task, index, epoch + 1)
+                        def on_epoch_end(epoch: int, logs: dict, task=task, index=index, tracker=tracker) -> None:
+                            tracker.epoch_done(epoch, logs)
+                            self._checkpoint(task, index, epoch + 1)
 
-                    self.method.run_phase(task, phase, first_epoch, on_epoch_end)
-                    bar.close()
+                        self.method.run_phase(task, phase, first_epoch, on_epoch_end)
                 self._checkpoint(task, index + 1, 0)
-            self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"))
+            with self.progress.phase(task, self.num_tasks, "evaluate", summary=False):
+                self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"))
             self._checkpoint(task + 1, 0, 0)
             self.run_dir.save_task_checkpoint(task, self.state(), self.method.heavy_state_dict())
             self.run_dir.write_results(self.config, self.matrices, upto=task, method=self.method)
-            self.progress.write(self.run_dir.summary_line(self.matrices["accuracy"], task))
+            self.progress.result(evaluation_line(task, self.num_tasks, "", self.matrices["accuracy"],
+                                                 self.matrices.get("task_identity")))
         return self.matrices
 
     # ------------------------------------------------------------- evaluation
@@ -190,6 +195,12 @@ def open_run(
                     dist, init_generator)
     if resume:
         engine.resume()
+    engine.progress.start({
+        "run_dir": str(directory.path.resolve()), "method": config.method, "joint": engine.joint,
+        "threads": torch.get_num_threads(), "processes": dist.world_size, "steps": engine.num_tasks,
+        **(records or {}), "device": str(device or "cpu"),
+        **({"resumed_at": engine.position.to_dict()} if resume else {}),
+    })
     return engine
 
 

@@ -1,34 +1,244 @@
-"""Progress bars per task phase (tqdm), or plain log lines in quiet mode (CI logs)."""
+"""What a run shows while it runs: a start banner, then either a bar per epoch over its batches (with rate and
+ETA, on a terminal) or plain timestamped lines, one per epoch and per evaluation (not a terminal, ``--quiet``:
+CI logs). Every line also goes to the "norga" logger, so the run's log.txt reads the same way.
+
+The engine declares what runs (`Progress.phase`); the run context passes every batch iterable through
+`Progress.batches`, which is where the bars move.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO, TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
+
+from norga.engine.banner import format_banner, run_title
+
+log = logging.getLogger("norga")
+T = TypeVar("T")
+
+MODES = ("auto", "bars", "lines", "off")
 
 
-class _Bar:
-    def __init__(self, description: str, total: int, initial: int, enabled: bool) -> None:
-        self._bar = tqdm(total=total, initial=initial, desc=description, unit="epoch", leave=False,
-                         disable=not enabled or total == 0, file=sys.stderr)
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
-    def update(self, logs: dict) -> None:
-        self._bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()}, refresh=False)
-        self._bar.update(1)
 
-    def close(self) -> None:
-        self._bar.close()
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``3 batches``."""
+    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith(('sh', 'tch')) else 's'}"
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class PhaseTracker:
+    """One phase of one task (or an evaluation) while it runs: its epochs, their durations, batches counted."""
+
+    def __init__(self, progress: Progress, description: str, epochs: int, first_epoch: int,
+                 summary: bool = True) -> None:
+        self.progress = progress
+        self.summary = summary  # a closing line in bars mode (evaluations have their own result line instead)
+        self.description = description
+        self.epochs = epochs
+        self.epoch = first_epoch  # the epoch under way (0-based)
+        self.first_epoch = first_epoch
+        self.started = self.epoch_started = time.perf_counter()
+        self.batches = self.epoch_batches = 0
+        self.epoch_seconds: list[float] = []
+        self.last_logs: dict = {}
+        self.epoch_bar: tqdm | None = None  # bars mode, phases whose batches the run context never sees
+
+    @property
+    def label(self) -> str:
+        """What a bar or line says: the phase, and the epoch when it trains."""
+        if self.epochs:
+            return f"{self.description} epoch {min(self.epoch, self.epochs - 1) + 1}/{self.epochs}"
+        return self.description
+
+    def seconds_left(self) -> float | None:
+        """The phase's remaining time from the mean epoch so far (None before the first epoch ends)."""
+        if not self.epoch_seconds:
+            return None
+        mean = sum(self.epoch_seconds) / len(self.epoch_seconds)
+        return max(0.0, mean * (self.epochs - self.epoch) - (time.perf_counter() - self.epoch_started))
+
+    def epoch_done(self, epoch: int, logs: dict) -> None:
+        """Called after every finished epoch with its logs (e.g. the loss)."""
+        now = time.perf_counter()
+        seconds = now - self.epoch_started
+        self.epoch_seconds.append(seconds)
+        self.epoch, self.epoch_started, self.last_logs = epoch + 1, now, dict(logs)
+        left = self.seconds_left()
+        values = "  ".join(f"{key} {float(value):.4f}" for key, value in logs.items())
+        work = f"{plural(self.epoch_batches, 'batch')} in " if self.epoch_batches else ""
+        rate = f" ({self.epoch_batches / seconds:.1f} batches/s)" if seconds > 0 and self.epoch_batches else ""
+        eta = f", phase done in ~{clock(left)}" if left is not None and epoch + 1 < self.epochs else ""
+        self.progress._event(f"{self.description} epoch {epoch + 1}/{self.epochs}  {values}  "
+                             f"{work}{seconds:.1f} s{rate}{eta}", bars=False)
+        if not self.epoch_batches:  # e.g. TAP on sampled features: no batch bar moved, so a bar over epochs does
+            self.progress._epoch_tick(self)
+        self.epoch_batches = 0
+
+    def finished(self) -> None:
+        """In bars mode, the line that stays once the bars are gone: a training phase's epochs, time and last
+        logs, or a step's batches and time (lines mode already has a line per epoch)."""
+        seconds = time.perf_counter() - self.started
+        ran = self.epoch - self.first_epoch
+        if self.epoch_bar is not None:
+            self.epoch_bar.close()
+        if self.epochs and ran:
+            values = "  ".join(f"{key} {float(value):.4f}" for key, value in self.last_logs.items())
+            self.progress._event(f"{self.description}: {plural(ran, 'epoch')} in {seconds:.1f} s  {values}",
+                                 lines=False)
+        elif not self.epochs and self.batches and self.summary:
+            self.progress._event(f"{self.description}: {plural(self.batches, 'batch')} in {seconds:.1f} s",
+                                 lines=False)
 
 
 class Progress:
-    """Creates a bar per training phase; `write` prints a line without breaking bars."""
+    """Shows a run's progress on `stream` (stderr) in one of `MODES`.
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    ``auto``: bars on a terminal, plain lines otherwise; ``lines``: plain timestamped lines (``--quiet``);
+    ``off``: nothing on the stream (the log file still gets the lines). `label` names the method in every bar
+    and line (default: the config's method name); the benchmark is added from the run's facts (`start`).
+    """
 
-    def bar(self, description: str, total: int, initial: int = 0) -> _Bar:
-        return _Bar(description, total, initial, self.enabled)
+    def __init__(self, mode: str = "auto", label: str | None = None, stream: TextIO | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {MODES}, not {mode!r}")
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bars" if _is_terminal(self.stream) else "lines"
+        self.mode = mode
+        self.label = label
+        self.prefix = label or ""
+        self._phase: PhaseTracker | None = None
+
+    @classmethod
+    def for_command(cls, quiet: bool, label: str | None = None, enabled: bool = True) -> Progress:
+        """What a CLI command shows: lines with ``--quiet``, else bars on a terminal; nothing when not `enabled`
+        (the other processes of a distributed run)."""
+        return cls("off" if not enabled else "lines" if quiet else "auto", label)
+
+    # ---------------------------------------------------------------- banner
+    def start(self, facts: dict) -> None:
+        """Print the start banner of a run (see `banner.format_banner`) and name its bars after it."""
+        self.prefix = run_title(facts, self.label)
+        header, *rest = format_banner(facts, self.label)
+        self._event(header, prefix=False)
+        for line in rest:
+            self._event(line, prefix=False, stamp=False)
+
+    # ---------------------------------------------------------------- phases
+    @contextmanager
+    def phase(self, task: int, num_tasks: int, name: str, epochs: int = 0, first_epoch: int = 0,
+              summary: bool = True):
+        """Track phase `name` of task `task` (0-based) while the body runs; yields its `PhaseTracker`."""
+        tracker = PhaseTracker(self, f"task {task + 1}/{num_tasks} {name}", epochs, first_epoch, summary)
+        outer, self._phase = self._phase, tracker
+        try:
+            yield tracker
+        finally:
+            self._phase = outer
+        tracker.finished()
+
+    def batches(self, items: Sequence[T]) -> Iterator[T]:
+        """`items` one by one, counted (and, in bars mode, shown as a bar) when each is done."""
+        tracker = self._phase
+        bar = None
+        if self.mode == "bars" and len(items):
+            bar = tqdm(total=len(items), desc=self._bar_label(tracker), unit="batch", leave=False, file=self.stream,
+                       dynamic_ncols=True, mininterval=0.5)
+            postfix = self._bar_postfix(tracker)
+            if postfix:
+                bar.set_postfix_str(postfix, refresh=False)
+        try:
+            for item in items:
+                yield item
+                if tracker is not None:
+                    tracker.batches += 1
+                    tracker.epoch_batches += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _epoch_tick(self, tracker: PhaseTracker) -> None:
+        """Move the bar over a phase's epochs (created at its first finished epoch)."""
+        if self.mode != "bars":
+            return
+        if tracker.epoch_bar is None:  # shown at once with the epochs done so far
+            tracker.epoch_bar = tqdm(total=tracker.epochs, initial=tracker.epoch, unit="epoch", leave=False,
+                                     desc=" · ".join(filter(None, [self.prefix, tracker.description])),
+                                     file=self.stream, dynamic_ncols=True, mininterval=0.5,
+                                     postfix=self._bar_postfix(tracker))
+            return
+        tracker.epoch_bar.set_postfix_str(self._bar_postfix(tracker), refresh=False)
+        tracker.epoch_bar.update(1)
+
+    def _bar_label(self, tracker: PhaseTracker | None) -> str:
+        parts = [self.prefix] if self.prefix else []
+        return " · ".join(parts + ([tracker.label] if tracker else []))
+
+    @staticmethod
+    def _bar_postfix(tracker: PhaseTracker | None) -> str:
+        if tracker is None:
+            return ""
+        values = [f"{key} {float(value):.4f}" for key, value in tracker.last_logs.items()]
+        left = tracker.seconds_left()
+        if left is not None and tracker.epochs:
+            values.append(f"phase ~{clock(left)} left")
+        return ", ".join(values)
+
+    # ----------------------------------------------------------------- lines
+    def result(self, line: str) -> None:
+        """A line that stays in every mode (an evaluation's accuracies)."""
+        self._event(line)
 
     def write(self, line: str) -> None:
-        if self.enabled:
-            tqdm.write(line, file=sys.stderr)
+        """A line that stays in every mode (kept for callers that print notes)."""
+        self._event(line)
+
+    def _event(self, text: str, *, bars: bool = True, lines: bool = True, prefix: bool = True,
+               stamp: bool = True) -> None:
+        """`text` to the stream where this mode shows it (`bars` / `lines`), and to the log file as in lines mode."""
+        line = f"{self.prefix} · {text}" if prefix and self.prefix else text
+        if lines:  # log.txt reads like the plain lines
+            log.info(line)
+        if self.mode == "bars" and bars:
+            tqdm.write(line, file=self.stream)
+        elif self.mode == "lines" and lines:
+            print(f"{timestamp()} {line}" if stamp else line, file=self.stream, flush=True)
+
+
+def evaluation_line(task: int, num_tasks: int, stage: str, matrix, identity=None, summary: bool = True) -> str:
+    """``task 2/5 evaluated[ STAGE]: accuracy 77.0 11.0 | FA 44.00  CA 59.00  FFM 0.00  task-id 60.00`` from an
+    `AccuracyMatrix` (with `summary`: CA and FFM too, and task identity when the task-identity matrix is given);
+    metrics that are undefined print as ``—``."""
+    def metric(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
+    rows = matrix.tested(task)
+    accuracies = " ".join(f"{value:.1f}" for value in matrix.accuracies()[:rows, task])
+    text = f"task {task + 1}/{num_tasks} evaluated{' ' + stage if stage else ''}: accuracy {accuracies} | " \
+           f"FA {metric(matrix.final_average_accuracy(task))}"
+    if not summary:
+        return text
+    text += f"  CA {metric(matrix.cumulative_average_accuracy(task))}  FFM {metric(matrix.forgetting(task))}"
+    return text if identity is None else f"{text}  task-id {metric(identity.final_average_accuracy(task))}"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())

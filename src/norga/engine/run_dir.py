@@ -155,19 +155,10 @@ class RunDirectory:
         write_json(results, self.path / "results.json")
         for name, matrix in matrices.items():
             matrix.to_csv(self.path / f"{name}_matrix.csv")
-        from norga.report import plot_run  # matplotlib is imported only when plotting
+        from norga.report import plot_run, plot_title  # matplotlib is imported only when plotting
 
-        plot_run(accuracy, self.path, upto)
+        plot_run(accuracy, self.path, upto, title=plot_title(config))
         return results
-
-    @staticmethod
-    def summary_line(matrix: AccuracyMatrix, upto: int) -> str:
-        from norga.report import format_metric
-
-        m = metrics_of(matrix, upto)
-        step = "after joint training" if matrix.joint else f"after task {upto + 1}"
-        return (f"{step}: FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}"
-                f"  FFM {format_metric(m['forgetting'])}")
 
 
 def _git_sha() -> str | None:
