@@ -13,6 +13,7 @@ from norga.nn import PromptedViT
 from norga.synthetic import synthetic_tasks
 
 NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE = 3, 2, 8, 4, 16, 0.5
+PATCH, WIDTH = 8, 32  # the tiny ViT's patch size and embedding width
 
 
 def make_tasks(seed: int = 0) -> list[TaskDatasets]:
@@ -22,8 +23,8 @@ def make_tasks(seed: int = 0) -> list[TaskDatasets]:
 def make_model(config: RunConfig, seed: int = 0) -> PromptedViT:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=8, depth=2,
-                                     embed_dim=32, num_heads=2)
+        backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                                     embed_dim=WIDTH, num_heads=2)
         slots = NUM_TASKS if METHODS[config.method].uses_prompt_slots else 0
         return PromptedViT(backbone, num_slots=slots, prompt_length=config.prompt.length,
                            prompt_layers=config.prompt.layers, gate=config.prompt.gate,

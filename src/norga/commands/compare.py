@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from norga.config_io import ConfigError, load_config
@@ -99,13 +98,17 @@ def handle(args: argparse.Namespace) -> int:
     if directory is None:
         name = Path(request["config"]).stem if Path(request["config"]).suffix else request["config"]
         output_dir = load_config(request["config"], shared).output_dir
-        directory = Path(output_dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from norga.engine.run_dir import run_stamp
+
+        directory = Path(output_dir) / f"compare-{name}-{run_stamp()}"
     runs = []
     for label, method, joint in entries:  # every config is resolved (and checked) before anything is written
         own = per_target[method] + (per_target[label] if joint else [])  # METHOD: applies to its joint run too
         config = method_config(request["config"], method, shared, own, joint=joint)
         runs.append(MethodRun(label, config, Path(directory) / label))
-    return run_all(ComparisonDirectory(directory, request), runs, quiet=args.quiet)
+    args.resumable = (Path(directory) / "compare.json", f"norga compare --resume {directory}")  # for Ctrl-C
+    with ComparisonDirectory(directory, request) as comparison:
+        return run_all(comparison, runs, quiet=args.quiet)
 
 
 def run_all(comparison, runs, quiet: bool) -> int:

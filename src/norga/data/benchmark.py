@@ -241,6 +241,10 @@ def build_benchmark(
                                    f"not {name!r}")
     if fiveds_transform_carryover and builder is not _five_datasets:
         raise BenchmarkOptionError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
+    if data_root is not None and not download and not Path(data_root).is_dir():
+        raise DatasetNotFoundError(f"data root {data_root} does not exist: fix data.root (--set data.root=DIR), or "
+                                   "leave it unset to read $NORGA_DATA, or allow a download into it with "
+                                   "data.download=true")
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
                     test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
                     train_transform, test_transform)

@@ -79,7 +79,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
         cfg = self.config.tii.train
         self._fit_classifier(self.tii, lambda epoch: self.ctx.tii_training_batches(task, epoch, cfg.batch_size),
-                             self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
+                             self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end, "tii.train.lr")
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)
@@ -89,7 +89,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         self.tii.train()
         self._tap(task, start_epoch, on_epoch_end, self.config.tii.tap, self.tii_gaussians,
-                  list(self.tii.parameters()), self.tii, "tii_tap")
+                  list(self.tii.parameters()), self.tii, "tii_tap", "tii.tap.lr")
 
     # ---------------------------------------------------------- prompt training
     def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
@@ -115,7 +115,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                     out = model(batch.images, task, momentum=momentum)
                     loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
                 total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key="wtp.train.lr")
         model.eval()
 
     def _prompt_loss(self, logits: Tensor, features: Tensor, batch: TrainBatch, allowed: Tensor,
@@ -138,11 +138,13 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         head = self.model.backbone.head
         self._tap(task, start_epoch, on_epoch_end, self.config.wtp.tap, self.prompt_gaussians,
-                  list(head.parameters()), head, "tap")
+                  list(head.parameters()), head, "tap", "wtp.tap.lr")
 
     # ------------------------------------------------------------------ shared
-    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key) -> None:
-        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class."""
+    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key,
+             lr_key: str) -> None:
+        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class (`lr_key`: the
+        dotted key of ``cfg.lr``)."""
         optim_cfg = OptimConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", clip_grad=None)
         self._phase_optimizer([{"params": params}], optim_cfg, start_epoch)
         seen = self.ctx.classes_until(task)
@@ -158,7 +160,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
                 loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
                 total += self._step(loss, params, optim_cfg, sharded=False)
-            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False)
+            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False, lr_key=lr_key)
 
     # --------------------------------------------------------------- inference
     @torch.inference_mode()
