@@ -46,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask decides the mode
         write(tmp)
         _sync(tmp)
-        kill_point("tmp")
+        kill_point("tmp", str(path))
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -56,7 +56,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             storage.errno = cause.errno
             raise storage from error
         raise
-    kill_point("write")
+    kill_point("write", str(path))
 
 
 def _sync(path: Path) -> None:

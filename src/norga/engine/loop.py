@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ class Engine:
     def _checkpoint(self, task: int, phase: int, epoch: int) -> None:
         """Save the state; class statistics only change between phases, so they are saved only there."""
         if epoch == 0:
-            kill_point("phase")
+            kill_point("phase", f"task {task + 1}, after phase {phase}")
         self.position = Position(task, phase, epoch)
         self.run_dir.save_state(self.state(), self.method.heavy_state_dict() if epoch == 0 else None)
         if self.after_epoch is not None:
@@ -123,7 +124,7 @@ class Engine:
         """A task's end as one commit: its checkpoint, results.json, the CSVs and plots are written, and only
         then does state.pt move to the next task. A crash before that resumes into this task's evaluation,
         which rewrites them all."""
-        kill_point("phase")
+        kill_point("phase", f"task {task + 1} evaluated, before its commit")
         self.position = Position(task + 1, 0, 0)
         state, heavy = self.state(), self.method.heavy_state_dict()
         self.run_dir.save_task_checkpoint(task, state, heavy)
@@ -290,16 +291,19 @@ def open_run(
     if not dist.is_main:
         directory = RunDirectory(Path(run_dir), create=False, write=False)
     try:
+        environment = {"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})}
         if resume:
             directory.check_benchmark(records or {})
         else:
             directory.write_config(config)
-            directory.write_environment({"device": str(device or "cpu"), "processes": dist.world_size,
-                                         **(records or {})})
+            directory.write_environment(environment)
         engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress,
                         after_epoch, dist)
         if resume:
             engine.resume()
+            if not directory.read_environment():  # killed before it was written
+                directory.run_id = directory.run_id or uuid.uuid4().hex
+                directory.write_environment(environment)
     except BaseException:
         directory.close()
         raise

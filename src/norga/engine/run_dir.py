@@ -93,6 +93,7 @@ class RunDirectory:
         except OSError as error:
             raise StorageError(storage_message(self.path, error)) from error
         self.lock = RunLock(self.path)
+        remove_temporaries(self.path)  # of a run killed before it wrote anything else
         if any(entry.name not in (LOCK_FILE, LOG) for entry in self.path.iterdir()):  # checked holding the lock
             self.close()
             raise FileExistsError(f"run directory {self.path} already exists and is not empty: resume it with "
@@ -125,7 +126,7 @@ class RunDirectory:
                 logger.removeHandler(handler)
                 handler.close()
         if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
-            handler = logging.FileHandler(log_file)
+            handler = _BestEffortFileHandler(log_file)
             handler.norga_run_log = True
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             logger.addHandler(handler)
@@ -320,6 +321,13 @@ class RunDirectory:
         step = "after joint training" if matrix.joint else f"after task {upto + 1}"
         return (f"{step}: FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}"
                 f"  FFM {format_metric(m['forgetting'])}")
+
+
+class _BestEffortFileHandler(logging.FileHandler):
+    """log.txt: a line that cannot be written (a full disk) is dropped; the checkpoint write reports the disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
 
 
 def _git_sha() -> str | None:

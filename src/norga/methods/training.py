@@ -107,8 +107,10 @@ class PhaseTraining:
 
     # ------------------------------------------------------------------- state
     def _optimizer_state(self) -> dict | None:
+        """The current phase's optimizer state; before a resumed method has run a phase, the state it loaded
+        (so a checkpoint written then, e.g. at a task's commit, equals the one an uninterrupted run writes)."""
         if self.optimizer is None:
-            return None
+            return self._saved_optimizer
         return {**self.optimizer.state_dict(), "divergence": self._guard.state_dict()}
 
     def _trainable_model_state(self) -> dict[str, Tensor]:
