@@ -129,10 +129,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a norga checkpoint ({first_line})"
-        ) from error
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a norga "
+                              f"checkpoint ({_reason(error)}); restore it, or start the run again") from error
+
+
+def _reason(error: Exception) -> str:
+    """The part of torch's loading error that says what is wrong with the file (not its advice to unpickle it)."""
+    text = " ".join(str(error).split())
+    unpickler = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
+    if unpickler:
+        return f"weights-only unpickler: {unpickler.group(1).strip()}"
+    return text.split(". ")[0] if text else type(error).__name__
 
 
 def write_json(data: Any, path: str | Path) -> None:
