@@ -62,12 +62,17 @@ def assert_close_states(actual, expected, steps: int, terms: int, path="state"):
         assert len(actual) == len(expected), path
         for index, (a, e) in enumerate(zip(actual, expected)):
             assert_close_states(a, e, steps, terms, f"{path}[{index}]")
+    elif isinstance(expected, float):  # e.g. a loss recorded in the state
+        assert_close_states(torch.tensor([actual], dtype=torch.float64), torch.tensor([expected], dtype=torch.float64),
+                            steps, terms, path)
     elif isinstance(expected, torch.Tensor) and expected.is_floating_point():
         assert actual.shape == expected.shape and actual.dtype == expected.dtype, path
+        if not expected.numel():
+            return
         difference = (actual.double() - expected.double()).abs()
-        scale = max(float(expected.double().abs().max(initial=0)), float(actual.double().abs().max(initial=0)))
+        scale = max(float(expected.double().abs().max()), float(actual.double().abs().max()))
         bound = steps * terms * UNIT_ROUNDOFF * scale
-        worst = float(difference.max(initial=0))
+        worst = float(difference.max())
         where = tuple(int(i) for i in torch.unravel_index(difference.argmax(), difference.shape)) if worst else ()
         assert worst <= bound, (f"{path}: max |difference| {worst:.3g} at {where} ({int((difference > bound).sum())} "
                                 f"of {difference.numel()} values over the bound) exceeds the reduction-order bound "
@@ -195,3 +200,17 @@ def test_commands_that_run_several_experiments_refuse_torchrun(command):
     result = subprocess.run([sys.executable, "-m", "norga", *command], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert result.returncode == 2 and "runs in one process" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_process_group_timeout_comes_from_the_environment(monkeypatch):
+    from norga.config_io import ConfigError
+    from norga.engine.distributed import DEFAULT_TIMEOUT_SECONDS, TIMEOUT_ENV, process_group_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert process_group_timeout() == DEFAULT_TIMEOUT_SECONDS == 1800
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert process_group_timeout() == 90
+    for bad in ("0", "-5", "soon", "inf"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=f"{TIMEOUT_ENV}='{bad}' must be a positive number of seconds"):
+            process_group_timeout()
