@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (or in-process with one rank): the tiny engine fixture,
-after which every process saves what it holds (matrices, class statistics, trainable state) to OUT/rankR.pt.
+after which every process saves what it holds (matrices, class statistics, trainable state, the number of
+optimizer steps taken) to OUT/rankR.pt.
 
     torchrun --nproc_per_node=2 tests/ddp_worker.py OUT METHOD [--resume] [--crash-at TASK,PHASE,EPOCH]
 """
@@ -11,12 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_fixtures import build, tiny_config  # noqa: E402
 
-from norga.engine.distributed import SINGLE_PROCESS, Distributed, init_distributed  # noqa: E402
+from norga.engine.distributed import SINGLE_PROCESS, Distributed, init_distributed, shutdown_distributed  # noqa: E402
 from norga.engine.loop import Position, open_run  # noqa: E402
 
 
@@ -42,13 +44,19 @@ def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_a
         if crash_at is not None and position == crash_at:
             raise InjectedCrash(f"injected crash at {position}")
 
-    built = build(config)
-    engine = open_run(config, built.model, built.tasks, built.num_classes, out / "run", resume=resume,
-                      after_epoch=after_epoch, dist=dist, init_generator=built.init_generator)
-    matrices = engine.run()
+    steps = [0]
+    counter = register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    try:
+        built = build(config)
+        engine = open_run(config, built.model, built.tasks, built.num_classes, out / "run", resume=resume,
+                          after_epoch=after_epoch, dist=dist, init_generator=built.init_generator)
+        matrices = engine.run()
+    finally:
+        counter.remove()
     torch.save({"matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
                 "method": engine.method.state_dict(), "heavy": engine.method.heavy_state_dict(),
-                "frozen_images_encoded": engine.context.frozen_images_encoded}, out / f"rank{dist.rank}.pt")
+                "frozen_images_encoded": engine.context.frozen_images_encoded, "optimizer_steps": steps[0]},
+               out / f"rank{dist.rank}.pt")
 
 
 def main() -> None:
@@ -61,10 +69,14 @@ def main() -> None:
     torch.set_num_threads(1)
     crash = Position(*map(int, args.crash_at.split(","))) if args.crash_at else None
     dist = init_distributed("cpu")
+    finished = False
     try:
         run(args.out, args.method, dist if dist.enabled else SINGLE_PROCESS, args.resume, crash)
+        finished = True
     except InjectedCrash:
         sys.exit(3)
+    finally:  # every rank leaves the process group (threads joined) before the interpreter exits
+        shutdown_distributed(clean=finished)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from norga.synthetic import synthetic_tasks
 
 NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE = 3, 2, 8, 4, 16, 0.5
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
+PATCH, WIDTH = 8, 32  # the tiny ViT's patch size and embedding width (tests/tiny.yaml)
 TINY = Path(__file__).with_name("tiny.yaml")
 
 

@@ -27,3 +27,41 @@ def test_unreadable_checkpoint_is_reported(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_full_disk_while_torch_saves_is_named_with_the_file(tmp_path, monkeypatch):
+    """torch's writer reports a failed write as "[enforce fail at inline_container.cc]": the error says what happened."""
+    import builtins
+    import errno
+
+    from norga.engine import checkpoint
+    from norga.engine.checkpoint import StorageError
+
+    class FillsUp:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 200:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def small_disk_open(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        return FillsUp(handle) if mode == "wb" else handle
+
+    monkeypatch.setattr(checkpoint, "open", small_disk_open, raising=False)
+    path = tmp_path / "state.pt"
+    with pytest.raises(StorageError, match=f"cannot write {path}: no space left on the device"):
+        save_checkpoint({"weights": torch.zeros(1000)}, path)
+    assert list(tmp_path.iterdir()) == []

@@ -148,3 +148,32 @@ def test_compare_on_real_fashion_mnist_writes_table_plot_and_record(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((directory / "compare.json").read_text())["results"] == record["results"][:0] + [
         {**r, "status": "finished earlier"} for r in record["results"]]
+
+
+def test_a_crash_while_the_last_checkpoint_is_written_never_leaves_a_stale_row(tmp_path, monkeypatch):
+    """The disk fills up while linear_probe's last task checkpoint is written: `compare --resume` records the
+    row of the whole run (on every later resume too), not the metrics of the tasks before."""
+    from norga.engine import run_dir as run_dir_module
+
+    config = tiny_config(method="linear_probe")
+    config.linear_probe.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
+    monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: make_tasks()))
+    expected = run_method(MethodRun("linear_probe", config, tmp_path / "straight" / "linear_probe"))
+
+    real = run_dir_module.save_checkpoint
+
+    def disk_full_at_the_last_task(state, path):
+        if Path(path).name == f"task{NUM_TASKS}.pt":
+            raise OSError(28, "No space left on device")
+        real(state, path)
+
+    crashed = MethodRun("linear_probe", config, tmp_path / "crashed" / "linear_probe")
+    with monkeypatch.context() as patch:
+        patch.setattr(run_dir_module, "save_checkpoint", disk_full_at_the_last_task)
+        with pytest.raises(OSError, match="space"):
+            run_method(crashed)
+    for attempt in range(2):
+        row = run_method(crashed)
+        assert row.status == ("resumed" if attempt == 0 else "finished earlier")
+        assert row.metrics == expected.metrics and (row.matrix.correct == expected.matrix.correct).all()
+    assert (tmp_path / "crashed" / "linear_probe" / "checkpoints" / f"task{NUM_TASKS}.pt").is_file()

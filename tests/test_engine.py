@@ -111,7 +111,8 @@ def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_intact(tmp_pa
     images, labels = tasks[1].train.tensors
     poisoned = torch.utils.data.TensorDataset(torch.full_like(images, float("nan")), labels)
     tasks[1] = TaskDatasets(tasks[1].classes, poisoned, tasks[1].train_eval, tasks[1].test)
-    with pytest.raises(FloatingPointError, match="training loss became nan.*last good checkpoint is intact"):
+    with pytest.raises(FloatingPointError, match=r"training loss became nan in epoch 1: lower norga.tii.train.lr .*or check "
+                       r"the data; the last checkpoint \(task 2, before phase tii_train\) is intact"):
         run(tmp_path, tasks=tasks)
     state, heavy = RunDirectory(tmp_path / "run", create=False).load_state()
     assert state["position"]["task"] == 1 and heavy  # task 0 finished and saved, loadable

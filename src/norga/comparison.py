@@ -17,11 +17,12 @@ from typing import Any
 from norga.config import RunConfig
 from norga.config_io import ConfigError, load_config
 from norga.engine.checkpoint import atomic_write, load_json, write_json
+from norga.engine.run_lock import LOCK_FILE
 from norga.metrics import AccuracyMatrix
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PLOT = "compare.json", "compare.csv", "compare.png"
 #: What a run directory holds before its first checkpoint; such a directory can safely be started again.
-NO_PROGRESS_FILES = {"config.yaml", "environment.json", "log.txt"}
+NO_PROGRESS_FILES = {"config.yaml", "environment.json", "log.txt", LOCK_FILE}
 
 
 def method_config(source: str | Path, method: str, overrides: Sequence[str] = (), method_overrides: Sequence[str] = (),
@@ -78,6 +79,8 @@ class MethodResult:
 def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> MethodResult:
     """The row of a finished run, from the metrics its run directory stores."""
     results = load_json(run.run_dir / "results.json")
+    if not results.get("complete"):
+        raise RuntimeError(f"{run.run_dir / 'results.json'} is not complete after the run finished")
     return MethodResult(run.label, results["method"], results.get("joint", False), results["metrics"],
                         results["task_identity_accuracy"], AccuracyMatrix.from_dict(results["matrices"]["accuracy"]),
                         run.run_dir, status, wall_seconds)
@@ -101,8 +104,21 @@ def run_method(run: MethodRun, progress=None, previous_seconds: float | None = N
 
 
 def _finished(directory: Path) -> bool:
-    path = directory / "results.json"
-    return path.is_file() and bool(load_json(path).get("complete"))
+    """Whether the run's state says every task is committed and results.json holds exactly its matrices.
+
+    Anything less (a crash between a task's files and its commit, a stale or missing results.json) resumes
+    the run, which completes or rewrites what is missing.
+    """
+    from norga.engine.checkpoint import load_checkpoint
+
+    results_path, state_path = directory / "results.json", directory / "state.pt"
+    if not results_path.is_file() or not state_path.is_file():
+        return False
+    state = load_checkpoint(state_path)
+    steps = len(state["matrices"]["accuracy"]["correct"])
+    results = load_json(results_path)
+    return (state["position"] == {"task": steps, "phase": 0, "epoch": 0} and bool(results.get("complete"))
+            and results.get("matrices") == state["matrices"])
 
 
 def _check_existing(run: MethodRun) -> bool:
@@ -143,12 +159,17 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class ComparisonDirectory:
-    """The comparison's own files; `request` (what was asked) must match when an existing one is continued."""
+    """The comparison's own files; `request` (what was asked) must match when an existing one is continued.
+
+    Used as a context manager it holds the directory's lock (`RunLock`) meanwhile: a second `norga compare`
+    on it stops with the holder's pid and host instead of training the same method again.
+    """
 
     def __init__(self, path: Path, request: dict[str, Any]) -> None:
         self.path = Path(path)
         self.request = request
         self.previous: dict[str, dict] = {}
+        self._lock = None
         record = self.path / COMPARE_JSON
         if record.is_file():
             stored = load_json(record)
@@ -156,9 +177,22 @@ class ComparisonDirectory:
                 raise ConfigError(f"{self.path} holds a comparison of another request ({stored['request']}): "
                                   f"continue it with `norga compare --resume {self.path}` or choose a new --dir")
             self.previous = {row["label"]: row for row in stored["results"]}
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and any(entry.name != LOCK_FILE for entry in self.path.iterdir()):
             raise FileExistsError(f"{self.path} exists and is not a comparison directory: choose a new --dir")
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> ComparisonDirectory:
+        from norga.engine.run_lock import RunLock
+
+        self._lock = RunLock(self.path, "comparison directory")
+        if not (self.path / COMPARE_JSON).is_file():  # from now on `norga compare --resume` can continue it
+            write_json({"request": self.request, "complete": False, "results": []}, self.path / COMPARE_JSON)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @staticmethod
     def read_request(path: Path) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class Makers:
         data = {}
         for names, per_class in (([f"data_batch_{i}" for i in range(1, 6)], train_per_class), (["test_batch"], test_per_class)):
             for name in names:
-                labels = list(np.repeat(np.arange(10), per_class))
+                labels = np.repeat(np.arange(10), per_class).tolist()  # Python ints, as in the real files
                 pixels = np.random.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
                 with open(folder / name, "wb") as handle:
                     pickle.dump({"data": pixels, "labels": labels}, handle)
@@ -68,7 +68,7 @@ class Makers:
         folder = self.root / "cifar-100-python"
         folder.mkdir(parents=True)
         for name, n in (("train", per_class), ("test", 1)):
-            labels = list(np.repeat(np.arange(100), n))
+            labels = np.repeat(np.arange(100), n).tolist()  # Python ints, as in the real files
             pixels = np.random.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
             with open(folder / name, "wb") as handle:
                 pickle.dump({"data": pixels, "fine_labels": labels, "coarse_labels": [0] * len(labels)}, handle)

@@ -68,4 +68,5 @@ def test_the_given_root_comes_before_the_cifar10_jpg_variable(cifar_archive, tmp
     folder, archive = cifar_archive
     monkeypatch.setenv("NORGA_CIFAR10_JPG", str(folder))
     assert build_benchmark("cifar10", data_root=tmp_path / "root", image_size=16).source == str(archive)
+    (tmp_path / "elsewhere").mkdir()
     assert build_benchmark("cifar10", data_root=tmp_path / "elsewhere", image_size=16).source == str(folder)

@@ -175,7 +175,8 @@ def test_data_root_comes_from_the_environment(make, tmp_path, monkeypatch):
     make.mnist_like("fashion-mnist")
     monkeypatch.setenv("NORGA_DATA", str(tmp_path))
     assert build_benchmark("fashion-mnist", image_size=32).source == str(tmp_path / "fashion-mnist")
-    # an explicit root without the data falls back to $NORGA_DATA
+    # an explicit root (that exists) without the data falls back to $NORGA_DATA; one that does not is an error
+    (tmp_path / "elsewhere").mkdir()
     assert build_benchmark("fashion-mnist", data_root=tmp_path / "elsewhere", image_size=32).source == str(
         tmp_path / "fashion-mnist")
 
@@ -186,6 +187,7 @@ def test_fashion_mnist_found_in_the_debian_package_place(make, tmp_path, monkeyp
     monkeypatch.delenv("NORGA_DATA", raising=False)
     debian = dataclasses.replace(SOURCES["fashion-mnist"], fixed_places=(tmp_path / "debian",))
     monkeypatch.setitem(SOURCES, "fashion-mnist", debian)
+    (tmp_path / "empty").mkdir()
     assert build_benchmark("fashion-mnist", data_root=tmp_path / "empty", image_size=28).source == str(tmp_path / "debian")
 
 

@@ -2,11 +2,13 @@
 
 import gzip
 import json
+import pickle
 
 import numpy as np
 import pytest
 
-from norga.data import DataLayoutError, build_benchmark, make_split_manifest, read_manifest, write_manifest
+from norga.data import (DataLayoutError, DatasetNotFoundError, build_benchmark, make_split_manifest, read_manifest,
+                        write_manifest)
 
 
 @pytest.fixture
@@ -75,3 +77,50 @@ def test_manifests_of_another_format_or_with_overlapping_splits(make, tmp_path):
     with pytest.raises(DataLayoutError, match="lists files in both train and test"):
         build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8, num_tasks=2,
                         memory_budget_mb=0)
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_crafted_cifar_batch_file_that_would_run_code_is_refused(make, tmp_path):
+    make.cifar10()
+    marker = tmp_path / "code-ran"
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({"data": _RunsCode(f"touch {marker}")}))
+    with pytest.raises(DataLayoutError, match="refusing to read .*data_batch_3: it refers to posix.system, which no "
+                                              "CIFAR batch file holds"):
+        build_benchmark("cifar10", data_root=tmp_path)
+    assert not marker.exists()
+
+
+def test_a_cifar_batch_file_written_by_python_2_reads(make, tmp_path):
+    """The real files are protocol-2 pickles (str keys, bytes as latin-1 text, one uint8 array)."""
+    make.cifar10()
+    folder = tmp_path / "cifar-10-batches-py"
+    entry = {"batch_label": b"training batch 1 of 5", "labels": list(range(10)) * 4,
+             "data": np.random.randint(0, 256, (40, 3072), dtype=np.uint8), "filenames": [b"x.png"] * 40}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(entry, protocol=2))
+    bench = build_benchmark("cifar10", data_root=tmp_path, num_tasks=5)
+    assert sum(len(task.train) for task in bench.tasks) == 5 * 40
+
+
+def test_a_truncated_gz_file_is_named(mnist, tmp_path):
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataLayoutError, match=f"{path} is truncated or not gzip data"):
+        build_benchmark("mnist", data_root=tmp_path)
+
+
+def test_an_explicit_data_root_that_does_not_exist_is_an_error(mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORGA_DATA", str(tmp_path))  # which holds the data: no silent fallback to it
+    with pytest.raises(DatasetNotFoundError, match=f"data root {tmp_path / 'nowhere'} does not exist"):
+        build_benchmark("mnist", data_root=tmp_path / "nowhere")
+    assert len(build_benchmark("mnist").tasks) == 5  # unset, $NORGA_DATA is read

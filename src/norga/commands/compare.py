@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from norga.config_io import ConfigError, load_config
@@ -14,7 +13,7 @@ EPILOG = """examples:
   norga compare quickstart --methods norga,linear_probe --joint-upper-bound      # adds norga-joint, linear_probe-joint
   norga compare tiny_smoke --methods norga,hide --set hide:wtp.train.epochs=2   # METHOD:key=value: that method only
   norga compare quickstart --methods norga --joint-upper-bound --set norga-joint:wtp.train.epochs=15  # joint run only
-  norga compare --resume runs/compare-quickstart-20261124-141524                 # skips finished methods
+  norga compare --resume runs/compare-quickstart-20261124-141524.123-4567        # skips finished methods
 
 Each method runs into DIR/LABEL (same preset, backbone and seed); DIR gets compare.json, compare.csv and
 compare.png. A method name implies its defining settings (hide: prompt.gate=null)."""
@@ -111,14 +110,18 @@ def handle(args: argparse.Namespace) -> int:
     if directory is None:
         name = Path(request["config"]).stem if Path(request["config"]).suffix else request["config"]
         output_dir = load_config(request["config"], shared, other_sections=True).output_dir
-        directory = Path(output_dir) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from norga.engine.run_dir import run_stamp
+
+        directory = Path(output_dir) / f"compare-{name}-{run_stamp()}"
     refuse_unreached_sections(shared, [method for _, method, _ in entries])
     runs = []
     for label, method, joint in entries:  # every config is resolved (and checked) before anything is written
         own = per_target[method] + (per_target[label] if joint else [])  # METHOD: applies to its joint run too
         config = method_config(request["config"], method, shared, own, joint=joint)
         runs.append(MethodRun(label, config, Path(directory) / label))
-    return run_all(ComparisonDirectory(directory, request), runs, quiet=args.quiet)
+    args.resumable = (Path(directory) / "compare.json", f"norga compare --resume {directory}")  # for Ctrl-C
+    with ComparisonDirectory(directory, request) as comparison:
+        return run_all(comparison, runs, quiet=args.quiet)
 
 
 def run_all(comparison, runs, quiet: bool) -> int:

@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
 def handle(args: argparse.Namespace) -> int:
     import torch
 
+    from norga.config_io import ConfigError
     from norga.data import locate
     from norga.data.benchmark import SOURCES
     from norga.pretrain import PretrainConfig, pretrain
@@ -38,7 +39,8 @@ def handle(args: argparse.Namespace) -> int:
     for split in (train, test):
         images = split.images if isinstance(split.images, torch.Tensor) else torch.stack([split[i][0] for i in range(len(split))])
         if images.shape[-1] != args.img_size:
-            raise SystemExit(f"norga pretrain: images are {images.shape[-1]} px but --img-size is {args.img_size}")
+            raise ConfigError(f"images are {images.shape[-1]} px but --img-size is {args.img_size}: pass "
+                              f"--img-size {images.shape[-1]}")
         tensors.append((images, torch.tensor(split.targets)))
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             timm_kwargs={"img_size": args.img_size, "patch_size": args.patch_size, "depth": args.depth})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 PRESET = "quickstart"
@@ -33,7 +32,9 @@ def handle(args: argparse.Namespace) -> int:
 
     refuse_under_torchrun("quickstart")
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    from norga.engine.run_dir import run_stamp
+
+    stamp = run_stamp()
     overrides = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
     results = []
     for label, method in METHODS.items():

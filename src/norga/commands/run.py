@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from norga.config_io import load_config
@@ -19,7 +18,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set prompt.gate=tanh (repeatable)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue an interrupted run (with --set: change learning rates, epochs still ahead, "
+                        "eval.batch_size or data.workers; recorded in the run directory)")
     parser.add_argument("--run-dir", type=Path, help="where to write the run (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     parser.add_argument("--quiet", action="store_true",
                         help="plain timestamped lines (one per epoch and evaluation) instead of progress bars")
@@ -27,25 +28,32 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from norga.config_io import ConfigError
+
     if args.resume:
-        if args.config or args.overrides:
-            raise SystemExit("norga run: --resume takes the run directory's own config; drop CONFIG and --set")
-        config = load_config(args.resume / "config.yaml")
+        if args.config:
+            raise ConfigError("--resume takes the run directory's own config: drop CONFIG (--set may change "
+                              "learning rates, epochs still ahead, eval.batch_size and data.workers)")
+        config = resume_config(args.resume, args.overrides)
         run_dir = args.resume
     else:
         if not args.config:
-            raise SystemExit("norga run: give a preset name or YAML file (see `norga presets`), or --resume RUN_DIR")
+            raise ConfigError("give a preset name or YAML file (see `norga presets`), or --resume RUN_DIR")
         config = load_config(args.config, args.overrides)
         name = config.name or (Path(args.config).stem if Path(args.config).suffix else args.config)
-        run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from norga.engine.run_dir import run_stamp
+
+        run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{run_stamp()}"
     from norga.engine.build import build_run, resolve_device  # torch, timm and data readers load only for a run
     from norga.engine.distributed import init_distributed, shutdown_distributed
     from norga.engine.loop import run_experiment
     from norga.engine.progress import Progress
 
     dist = init_distributed(resolve_device(config.device).type)  # under torchrun: join the job
+    finished = False
     try:
         run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamp for every process
+        args.resumable = (run_dir / "config.yaml", f"norga run --resume {run_dir}")  # for Ctrl-C and a full disk
         built = build_run(config)
         device = built.device
         if dist.enabled and device.type == "cuda":
@@ -55,11 +63,25 @@ def handle(args: argparse.Namespace) -> int:
             progress=Progress.for_command(args.quiet, enabled=dist.is_main), records=built.records, dist=dist,
             init_generator=built.init_generator,
         )
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean=finished)
     if dist.is_main:
         print_summary(run_dir, matrices)
     return 0
+
+
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The config of the run in `run_dir` with `overrides` applied, which must be safe to change on resume."""
+    from norga.config_io import ConfigError
+    from norga.engine.resume_changes import check_resume_changes
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a norga run directory (it holds no config.yaml): give the folder "
+                          "`norga run` created and printed, e.g. runs/NAME-YYYYMMDD-HHMMSS.mmm-PID")
+    config = load_config(run_dir / "config.yaml", overrides)
+    check_resume_changes(load_config(run_dir / "config.yaml"), config)
+    return config
 
 
 def torch_device_of_rank(local_rank: int):

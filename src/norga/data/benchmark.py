@@ -230,6 +230,14 @@ def _builder(name: str, split_manifest, fiveds_transform_carryover: bool) -> Cal
     return builder
 
 
+def _refuse_missing_root(data_root: str | Path | None, download: bool) -> None:
+    """An explicit data root that does not exist is an error, never a fall-back to $NORGA_DATA."""
+    if data_root is not None and not download and not Path(data_root).is_dir():
+        raise DatasetNotFoundError(f"data root {data_root} does not exist: fix data.root (--set data.root=DIR), or "
+                                   "leave it unset to read $NORGA_DATA, or allow a download into it with "
+                                   "data.download=true")
+
+
 def check_benchmark_data(name: str, *, data_root: str | Path | None = None, download: bool = False,
                          split_manifest: str | Path | None = None, fiveds_transform_carryover: bool = False) -> str | None:
     """The cheap checks of `build_benchmark`, before anything slow (a backbone download) is started: the name and
@@ -239,6 +247,7 @@ def check_benchmark_data(name: str, *, data_root: str | Path | None = None, down
     under, so a run resumes without the environment; `data_root` itself when it was found elsewhere.
     """
     builder = _builder(name, split_manifest, fiveds_transform_carryover)
+    _refuse_missing_root(data_root, download)
     roots = search_roots(data_root)
     if name.startswith(TORCHVISION_PREFIX):
         if not roots:
@@ -270,6 +279,7 @@ def build_benchmark(
     ``fiveds_transform_carryover``: reproduce the official 5-datasets transform bug (P6).
     """
     builder = _builder(name, split_manifest, fiveds_transform_carryover)
+    _refuse_missing_root(data_root, download)
     opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
                     test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
                     train_transform, test_transform)

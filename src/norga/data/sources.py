@@ -8,8 +8,8 @@ labels are the dataset's own.
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from norga.data.datasets import ImageDataset
 from norga.data.decode import DEFAULT_READ, IMAGE_SUFFIXES, ReadOptions, decode_all, stack_if_uniform
 from norga.data.errors import DataLayoutError
+from norga.data.safe_pickle import load_cifar_batch
 
 NOTMNIST_CLASSES = list("ABCDEFGHIJ")
 
@@ -25,8 +26,11 @@ NOTMNIST_CLASSES = list("ABCDEFGHIJ")
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataLayoutError(f"{path} is truncated or not gzip data ({error}); download it again") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataLayoutError(f"{path} is not an unsigned-byte IDX file (bad magic number): replace it with the original")
     dims = data[3]
@@ -74,8 +78,7 @@ def read_cifar_pickles(folder: Path, options: ReadOptions = DEFAULT_READ, *, fin
         path = folder / name
         if not path.is_file():
             raise DataLayoutError(f"{path} is missing: the CIFAR folder needs {train_files + test_files + [meta]}")
-        with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
+        return load_cifar_batch(path)
 
     def split(files: list[str]) -> ImageDataset:
         images, labels = [], []

@@ -23,6 +23,8 @@ from torch import Tensor
 log = logging.getLogger("norga")
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: How long a collective waits for a stalled process before the job fails (seconds; torch's default is 30 minutes).
+TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS = "NORGA_DIST_TIMEOUT", 1800
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,33 @@ def init_distributed(device_type: str) -> Distributed:
     rank, world, local = (int(os.environ[key]) for key in ENV_KEYS)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=process_group_timeout()))
     log.info("distributed: rank %d of %d (%s)", rank, world, backend)
     return Distributed(rank, world, local, f"cuda:{local}" if backend == "nccl" else "cpu")
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def process_group_timeout() -> float:
+    """Seconds a collective may wait for the other processes: ``$NORGA_DIST_TIMEOUT``, else 30 minutes."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        from norga.config_io import ConfigError
+
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, e.g. {TIMEOUT_ENV}=600")
+    return seconds
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the job: after a clean end every process first waits for the others (none still talks to this
+    one), then the process group is destroyed, so its threads are joined before the interpreter exits. After
+    a failure the barrier is skipped (the others may never arrive)."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,16 @@ from pathlib import Path
 import torch
 
 from norga.config import RunConfig
+from norga.config_io import ConfigError
+from norga.engine.checkpoint import CheckpointError
 from norga.engine.context import RunContext, TaskDatasets
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
+from norga.engine.divergence import TrainingDiverged
 from norga.engine.features import FeatureSet
 from norga.engine.joint import training_schedule
+from norga.engine.kill_points import kill_point
 from norga.engine.progress import Progress, evaluation_line
+from norga.engine.resume_changes import check_resume_changes, describe_changes, identity_hash
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
 from norga.methods import method_class
@@ -66,6 +72,7 @@ class Engine:
         self.method: ContinualMethod = method_class(config.method)(self.context, config.settings)
         if dist.enabled and (refusal := self.method.data_parallel_refusal()) is not None:
             raise ValueError(refusal)
+        run_dir.config_hash = identity_hash(config)
         self.num_tasks = len(self.context.tasks)  # training steps
         self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in self.matrix_names()}
         self.position = Position()
@@ -81,30 +88,131 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
+        phases = self.method.phases(self.position.task) if self.position.task < self.num_tasks else []
         return {
             "position": self.position.to_dict(),
+            "phases": [phase.name for phase in phases],  # of the task under way: a resume must see the same
             "method": self.method.state_dict(),
             "matrices": {name: matrix.to_dict() for name, matrix in self.matrices.items()},
         }
 
     def resume(self) -> None:
-        """Continue from the run directory's last checkpoint."""
+        """Continue from the run directory's last checkpoint (from the start if the run stopped before its first).
+
+        The state must belong to this run and config (`_check_identity`); settings a resume may change
+        (`resume_changes.RESUME_SAFE`) are recorded; files a crash left stale are rewritten (`_repair`).
+        """
+        stored = self.run_dir.read_config()
+        changes = check_resume_changes(stored, self.config) if stored is not None else {}
+        if not self.run_dir.has_state():
+            log.info("no checkpoint yet: starting from the beginning")
+            self._record_resume_changes(changes, None)
+            return
         state, heavy = self.run_dir.load_state()
+        self._check_identity(state["run"])
         self.position = Position(**state["position"])
         self.method.load_state_dict(state["method"])
         self.method.load_heavy_state_dict(heavy)
         self.matrices = {name: AccuracyMatrix.from_dict(data) for name, data in state["matrices"].items()}
         log.info("resuming at task %d, phase %d, epoch %d", self.position.task, self.position.phase, self.position.epoch)
+        self._record_resume_changes(changes, state.get("phases"))
+        self._repair()
 
     def _checkpoint(self, task: int, phase: int, epoch: int) -> None:
         """Save the state; class statistics only change between phases, so they are saved only there."""
+        if epoch == 0:
+            kill_point("phase", f"task {task + 1}, after phase {phase}")
         self.position = Position(task, phase, epoch)
         self.run_dir.save_state(self.state(), self.method.heavy_state_dict() if epoch == 0 else None)
         if self.after_epoch is not None:
             self.after_epoch(self.position)
 
+    def _commit_task(self, task: int) -> None:
+        """A task's end as one commit: its checkpoint, results.json, the CSVs and plots are written, and only
+        then does state.pt move to the next task. A crash before that resumes into this task's evaluation,
+        which rewrites them all."""
+        kill_point("phase", f"task {task + 1} evaluated, before its commit")
+        self.position = Position(task + 1, 0, 0)
+        state, heavy = self.state(), self.method.heavy_state_dict()
+        self.run_dir.save_task_checkpoint(task, state, heavy)
+        self.run_dir.write_results(self.config, self.matrices, upto=task, method=self.method)
+        self.run_dir.save_state(state, heavy)
+        if self.after_epoch is not None:
+            self.after_epoch(self.position)
+
+    def _repair(self) -> None:
+        """After a crash: rewrite the results of the tasks committed so far (results.json, CSVs, plots) and the
+        last task checkpoint if it is missing or cut short (state.pt still holds exactly its content)."""
+        committed = self.position.task
+        if committed == 0:
+            return
+        for task in range(committed):
+            if self.run_dir.task_checkpoint_intact(task):
+                continue
+            if task == committed - 1 and self.position == Position(committed, 0, 0):
+                self.run_dir.save_task_checkpoint(task, self.state(), self.method.heavy_state_dict())
+                log.info("rewrote %s, which a crash had left incomplete", self.run_dir.task_checkpoint(task))
+            else:
+                log.warning("%s is missing or incomplete and cannot be rebuilt (later tasks have run since); the "
+                            "results do not depend on it", self.run_dir.task_checkpoint(task))
+        self.run_dir.write_results(self.config, self.matrices, upto=committed - 1, method=self.method)
+
+    def _check_identity(self, record: dict) -> None:
+        """The state must come from a run of this config (apart from what a resume may change)."""
+        if self.run_dir.config_hash != record.get("config_hash"):
+            raise CheckpointError(
+                f"{self.run_dir.path / 'state.pt'} was written under another config than {self.run_dir.path / 'config.yaml'}"
+                " (their identity hashes differ): restore the run's own config.yaml and state.pt, or start a new run")
+
+    def _record_resume_changes(self, changes: dict, stored_phases: list[str] | None) -> None:
+        """Settings changed on resume (all safe ones, `check_resume_changes`): refused if they change the phases
+        of the task under way or leave its current phase fewer epochs than it has run; else recorded in the
+        log, config.yaml and environment.json."""
+        if not changes:
+            return
+        at = self.position
+        if at.task < self.num_tasks:
+            phases = self.method.phases(at.task)
+            if stored_phases is not None and [phase.name for phase in phases] != stored_phases:
+                raise ConfigError(f"--set {describe_changes(changes)} changes the phases of task {at.task + 1}, which "
+                                  "is under way: resume without it")
+            if at.phase < len(phases) and 0 < phases[at.phase].epochs < at.epoch:
+                raise ConfigError(f"--set {describe_changes(changes)} leaves phase {phases[at.phase].name} of task "
+                                  f"{at.task + 1} {phases[at.phase].epochs} epochs, but {at.epoch} have already run: "
+                                  f"give at least {at.epoch}")
+        log.info("resume at task %d, phase %d, epoch %d changes %s", at.task, at.phase, at.epoch,
+                 describe_changes(changes))
+        self.run_dir.record_resume_changes(self.config, changes, at.to_dict())
+
     # ------------------------------------------------------------------- loop
     def run(self) -> dict[str, AccuracyMatrix]:
+        """Run (the rest of) every task; the run directory is released at the end, however it ends."""
+        try:
+            return self._run_tasks()
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error}; {self._after_divergence(error)}", error.setting) from error
+        finally:
+            self.run_dir.close()
+
+    def _after_divergence(self, error: TrainingDiverged) -> str:
+        """What is on disk after a divergence and how to go on (no checkpoint is claimed that does not exist)."""
+        directory = self.run_dir.path
+        if not self.run_dir.has_state():
+            return f"nothing was checkpointed yet: start again with a lower {error.setting}"
+        return (f"the last checkpoint ({self._describe_position()}) is intact: continue from it with a lower rate, "
+                f"e.g. `norga run --resume {directory} --set {error.setting}=...`")
+
+    def _describe_position(self) -> str:
+        at = self.position
+        phases = self.method.phases(at.task) if at.task < self.num_tasks else []
+        if at.phase >= len(phases):
+            return f"task {at.task} finished" if at.phase == 0 else f"task {at.task + 1} trained, before its evaluation"
+        name = phases[at.phase].name
+        if at.epoch:
+            return f"task {at.task + 1}, phase {name}, after epoch {at.epoch}"
+        return f"task {at.task + 1}, before phase {name}"
+
+    def _run_tasks(self) -> dict[str, AccuracyMatrix]:
         start = self.position
         for task in range(start.task, self.num_tasks):
             phases = self.method.phases(task)
@@ -128,9 +236,7 @@ class Engine:
                 self._checkpoint(task, index + 1, 0)
             with self.progress.phase(task, self.num_tasks, "evaluate", summary=False):
                 self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"))
-            self._checkpoint(task + 1, 0, 0)
-            self.run_dir.save_task_checkpoint(task, self.state(), self.method.heavy_state_dict())
-            self.run_dir.write_results(self.config, self.matrices, upto=task, method=self.method)
+            self._commit_task(task)
             self.progress.result(evaluation_line(task, self.num_tasks, "", self.matrices["accuracy"],
                                                  self.matrices.get("task_identity")))
         return self.matrices
@@ -177,24 +283,45 @@ def open_run(
     dist: Distributed = SINGLE_PROCESS,
     init_generator: torch.Generator | None = None,
 ) -> Engine:
-    """The engine of a new run directory (written: config, environment) or of one to resume (state loaded).
+    """The engine of a new run directory (written: config, environment) or of one to resume (state loaded and
+    checked: it must belong to this run, config and data).
 
     `records` (backbone and benchmark provenance) go into environment.json with the software versions;
-    `init_generator` (`BuiltRun.init_generator`) initialises the method's parameters. In a
-    distributed run (`dist`) every process calls this; only rank 0 writes the run directory.
+    `init_generator` (`BuiltRun.init_generator`) initialises the method's parameters. In a distributed run
+    (`dist`) every process calls this; only rank 0 writes the run directory. The directory is locked until
+    the engine's `run` ends.
     """
+    failure = None
     if dist.is_main:
-        directory = RunDirectory(Path(run_dir), create=not resume)
-    dist.barrier()  # the directory exists (or the main process failed) before the others look at it
+        try:
+            directory = RunDirectory(Path(run_dir), create=not resume)
+        except Exception as error:
+            failure = error
+    # the directory exists (or the main process failed, and every process stops) before the others look at it
+    failed = dist.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        raise RuntimeError(f"the main process could not open {run_dir}: {failed}")
     if not dist.is_main:
         directory = RunDirectory(Path(run_dir), create=False, write=False)
-    if not resume:
-        directory.write_config(config)
-        directory.write_environment({"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})})
-    engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress, after_epoch,
-                    dist, init_generator)
-    if resume:
-        engine.resume()
+    try:
+        environment = {"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})}
+        if resume:
+            directory.check_benchmark(records or {})
+        else:
+            directory.write_config(config)
+            directory.write_environment(environment)
+        engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress,
+                        after_epoch, dist, init_generator)
+        if resume:
+            engine.resume()
+            if not directory.read_environment():  # killed before it was written
+                directory.run_id = directory.run_id or uuid.uuid4().hex
+                directory.write_environment(environment)
+    except BaseException:
+        directory.close()
+        raise
     engine.progress.start({
         "run_dir": str(directory.path.resolve()), "method": config.method, "joint": engine.joint,
         "threads": torch.get_num_threads(), "processes": dist.world_size, "steps": engine.num_tasks,

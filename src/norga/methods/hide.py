@@ -149,7 +149,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         def batches(epoch: int):
             return self.ctx.frozen_training_batches(task, epoch, s.train.batch_size, s.augment, "tii")
 
-        self._fit_classifier(self.tii, batches, self.ctx.class_mask(task), s.train, start_epoch, on_epoch_end)
+        self._fit_classifier(self.tii, batches, self.ctx.class_mask(task), s.train, start_epoch, on_epoch_end,
+                             f"{self.name}.tii.train.lr")
 
     def _tii_stats(self, task: int) -> None:
         frozen = self.ctx.frozen_train_features(task)
@@ -159,7 +160,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         self.tii.train()
         self._tap(task, start_epoch, on_epoch_end, self.settings.tii.tap, self.tii_gaussians,
-                  list(self.tii.parameters()), self.tii, "tii_tap")
+                  list(self.tii.parameters()), self.tii, "tii_tap", f"{self.name}.tii.tap.lr")
 
     # ---------------------------------------------------------- prompt training
     def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
@@ -183,7 +184,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                     out = model(batch.images, prefixes=self.prompts.prefixes(task, len(batch.images), momentum))
                     loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
                 total += self._step(loss, params, s.wtp.train)
-            self._end_epoch(epoch, total, s.wtp.train, on_epoch_end)
+            self._end_epoch(epoch, total, s.wtp.train, on_epoch_end, lr_key=f"{self.name}.wtp.train.lr")
         model.eval()
         self.prompts.freeze()
 
@@ -207,11 +208,13 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         head = self.model.backbone.head
         self._tap(task, start_epoch, on_epoch_end, self.settings.wtp.tap, self.prompt_gaussians,
-                  list(head.parameters()), head, "tap")
+                  list(head.parameters()), head, "tap", f"{self.name}.wtp.tap.lr")
 
     # ------------------------------------------------------------------ shared
-    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key) -> None:
-        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class."""
+    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key,
+             lr_key: str) -> None:
+        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class (`lr_key`: the
+        dotted key of ``cfg.lr``)."""
         optim_cfg = OptimConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", clip_grad=None)
         self._phase_optimizer([{"params": params}], optim_cfg, start_epoch)
         seen = self.ctx.classes_until(task)
@@ -227,7 +230,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
                 loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
                 total += self._step(loss, params, optim_cfg, sharded=False)
-            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False)
+            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False, lr_key=lr_key)
 
     # --------------------------------------------------------------- inference
     def encode(self, images: Tensor, slots: Tensor | int) -> Tensor:

@@ -46,7 +46,8 @@ class LinearProbe(PhaseTraining, ContinualMethod):
         def batches(epoch: int):
             return self.ctx.frozen_training_batches(task, epoch, cfg.batch_size, self.settings.augment, "linear_probe")
 
-        self._fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
+        self._fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end,
+                             "linear_probe.train.lr")
 
     @torch.inference_mode()
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,

@@ -110,7 +110,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
                     ce = F.cross_entropy(masked_logits(out.logits.float(), allowed), batch.labels, reduction="none")
                     loss = self.ctx.batch_mean(ce + out.sample_loss, batch) + self.ctx.replicated_term(out.penalty)
                 total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key=f"{self.name}.train.lr")
         self.model.eval()
 
     def _training_query(self, images: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from norga.config import OptimConfig
 from norga.engine.context import RunContext, TrainBatch
+from norga.engine.divergence import DivergenceGuard
 from norga.engine.optim import build_optimizer, schedule_factor, set_epoch_lr
 
 NEG_INF = float("-inf")
@@ -37,20 +38,29 @@ class PhaseTraining:
     ctx: RunContext
     optimizer: torch.optim.Optimizer | None = None
     _saved_optimizer: dict | None = None
+    _guard: DivergenceGuard | None = None
 
     def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
         """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
-        mid-phase, it gets the interrupted phase's saved state back."""
+        mid-phase, it gets the interrupted phase's saved state back, with the learning rates of the current
+        config (a resume may lower them)."""
         self.optimizer = build_optimizer(groups, cfg)
+        self._guard = DivergenceGuard()
         saved, self._saved_optimizer = self._saved_optimizer, None
         if start_epoch > 0:
             if saved is None:
                 raise ValueError("resuming mid-phase needs the optimizer state, but the checkpoint has none")
+            saved = dict(saved)
+            self._guard.load_state_dict(saved.pop("divergence", None))
+            base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(saved)
+            for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
+                group["base_lr"] = base_lr
 
     def _step(self, loss: Tensor, params: Iterable[Tensor], cfg: OptimConfig, sharded: bool = True) -> Tensor:
         """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
         params = list(params)
+        self._guard.observe(loss, params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sharded:
@@ -62,15 +72,12 @@ class PhaseTraining:
 
     def _end_epoch(
         self, epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None],
-        sharded: bool = True,
+        sharded: bool = True, lr_key: str = "the learning rate",
     ) -> None:
-        """Refuse a non-finite epoch loss before anything is checkpointed, then report the epoch."""
+        """Refuse a diverged epoch (`DivergenceGuard`; `lr_key` names the learning rate setting that drives this
+        phase) before anything is checkpointed, then report the epoch."""
         total = float(self.ctx.dist.all_sum(total) if sharded else total)
-        if not torch.isfinite(torch.tensor(total)):
-            raise FloatingPointError(
-                f"training loss became {total}: lower the learning rate (now {cfg.lr}) or check the data; "
-                "the last good checkpoint is intact"
-            )
+        self._guard.check(total, lr_key, cfg.lr, epoch, self.ctx.dist if sharded else None)
         on_epoch_end(epoch, {"loss": total})
 
     def _fit_classifier(
@@ -81,8 +88,10 @@ class PhaseTraining:
         cfg: OptimConfig,
         start_epoch: int,
         on_epoch_end: Callable[[int, dict], None],
+        lr_key: str,
     ) -> None:
-        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)`` (of inputs)."""
+        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)`` (of inputs);
+        `lr_key` is the dotted config key of ``cfg.lr``."""
         params = list(classifier.parameters())
         classifier.train()
         self._phase_optimizer([{"params": params}], cfg, start_epoch)
@@ -93,12 +102,16 @@ class PhaseTraining:
                 logits = masked_logits(classifier(batch.images), allowed)
                 loss = self.ctx.batch_mean(F.cross_entropy(logits, batch.labels, reduction="none"), batch)
                 total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end)
+            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key=lr_key)
         classifier.eval()
 
     # ------------------------------------------------------------------- state
     def _optimizer_state(self) -> dict | None:
-        return self.optimizer.state_dict() if self.optimizer is not None else None
+        """The current phase's optimizer state; before a resumed method has run a phase, the state it loaded
+        (so a checkpoint written then, e.g. at a task's commit, equals the one an uninterrupted run writes)."""
+        if self.optimizer is None:
+            return self._saved_optimizer
+        return {**self.optimizer.state_dict(), "divergence": self._guard.state_dict()}
 
     def _trainable_model_state(self) -> dict[str, Tensor]:
         """The model's state without the frozen backbone weights (those are the pre-trained file)."""
