@@ -12,6 +12,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from norga.config import SHARED_KEYS
+
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE = 4, 6, 3, 16
 
 
@@ -30,7 +32,8 @@ def write_image_folder(root: Path, seed: int = 0) -> Path:
 
 
 def write_config(path: Path, data_root: Path, **sections) -> Path:
-    """A NoRGa config on the generated folders (2 tasks, one epoch per phase); `sections` replace whole sections."""
+    """A NoRGa config on the generated folders (2 tasks, one epoch per phase); `sections` replace whole sections
+    (shared ones, or NoRGa's own such as ``tii``)."""
     config = {
         "method": "norga", "seed": 5, "device": "cpu",
         "data": {"benchmark": "imagefolder", "root": str(data_root), "num_tasks": 2},
@@ -43,8 +46,9 @@ def write_config(path: Path, data_root: Path, **sections) -> Path:
             "wtp": {"train": {"epochs": 1, "lr": 0.01, "batch_size": 4, "schedule": "constant"},
                     "tap": {"epochs": 1, "lr": 0.01, "samples_per_class": 4}}},
         "eval": {"batch_size": 8},
-        **sections,
     }
+    for key, value in sections.items():
+        (config if key in SHARED_KEYS else config["norga"])[key] = value
     path.write_text(yaml.safe_dump(config))
     return path
 
