@@ -14,13 +14,13 @@ from engine_fixtures import (
     TRAIN_PER_CLASS,
     FailingDataset,
     make_engine,
-    run_fixture,
     make_tasks,
+    run_fixture,
     tiny_config,
 )
 
 from norga.engine.context import TaskDatasets
-from norga.engine.loop import Engine, run_experiment
+from norga.engine.loop import run_experiment
 from norga.engine.optim import schedule_factor
 from norga.engine.run_dir import RunDirectory
 from norga.nn import NoRGaGate

@@ -4,10 +4,15 @@ import json
 
 import pytest
 import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, TEST_PER_CLASS, make_engine, make_tasks, tiny_config
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    TEST_PER_CLASS,
+    make_engine,
+    tiny_config,
+)
 
 from norga.config import OptimConfig
-from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
 from norga.methods.ncm import class_mean, nearness
 

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, FailingDataset, make_tasks, tiny_config
+from engine_fixtures import (
+    NUM_TASKS,
+    FailingDataset,
+    make_tasks,
+    tiny_config,
+)
 from engine_fixtures import build as fixture_build
 
 from norga.cli import main
@@ -18,7 +22,6 @@ from norga.comparison import ComparisonDirectory, MethodRun, method_config, run_
 from norga.config import OptimConfig
 from norga.config_io import ConfigError
 from norga.engine import build as engine_build
-from norga.engine.build import BuiltRun
 from norga.engine.context import TaskDatasets
 
 REAL = os.environ.get("NORGA_DATA")

@@ -6,13 +6,13 @@ import logging
 import pytest
 import timm
 import torch
+from prompted_fixture import Prompted
 from torch._dynamo.utils import counters
 
 from norga.config_io import ConfigError, load_config
 from norga.engine import precision
 from norga.engine.build import resolve_precision
 from norga.nn import PromptedViT, TaskPrompts
-from prompted_fixture import Prompted
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled
 
 SIZE, PATCH, CLASSES = 16, 4, 5

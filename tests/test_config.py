@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from norga.config import RunConfig
-from norga.config_io import ConfigError, dump_config, load_config, preset_names, preset_text
+from norga.config_io import (
+    ConfigError,
+    dump_config,
+    load_config,
+    preset_names,
+    preset_text,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_ARGS = ROOT.parent / "shared" / "reference" / "official_scripts_effective_args.json"

@@ -202,7 +202,11 @@ def test_commands_that_run_several_experiments_refuse_torchrun(command):
 
 def test_the_process_group_timeout_comes_from_the_environment(monkeypatch):
     from norga.config_io import ConfigError
-    from norga.engine.distributed import DEFAULT_TIMEOUT_SECONDS, TIMEOUT_ENV, process_group_timeout
+    from norga.engine.distributed import (
+        DEFAULT_TIMEOUT_SECONDS,
+        TIMEOUT_ENV,
+        process_group_timeout,
+    )
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert process_group_timeout() == DEFAULT_TIMEOUT_SECONDS == 1800

@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_model, make_tasks, tiny_config
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    make_model,
+    make_tasks,
+    tiny_config,
+)
 
 from norga.config import OptimConfig
 from norga.config_io import ConfigError, load_config

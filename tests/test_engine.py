@@ -4,9 +4,18 @@ import json
 
 import pytest
 import torch
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    TEST_PER_CLASS,
+    TRAIN_PER_CLASS,
+    FailingDataset,
+    build,
+    make_engine,
+    make_tasks,
+    tiny_config,
+)
 
-from engine_fixtures import (CLASSES_PER_TASK, NUM_TASKS, TEST_PER_CLASS, TRAIN_PER_CLASS, FailingDataset, build,
-                             make_engine, make_tasks, tiny_config)
 from norga.config import OptimConfig, TAPConfig
 from norga.engine.context import TaskDatasets
 from norga.engine.loop import run_experiment

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from norga.nn import ACTIVATIONS, GateSchedule, IdentityGate, NoRGaGate, apply_gate_schedule, make_gate
+from norga.nn import (
+    ACTIVATIONS,
+    GateSchedule,
+    IdentityGate,
+    NoRGaGate,
+    apply_gate_schedule,
+    make_gate,
+)
 
 # σ written out per element with the math module: the "obvious" definitions.
 HAND_ACTIVATIONS = {

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from engine_fixtures import make_engine, tiny_config
+
 from norga.methods import hide as hide_module
 from norga.nn import Prefix
 

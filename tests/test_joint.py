@@ -9,16 +9,15 @@ from engine_fixtures import (
     CLASSES_PER_TASK,
     NUM_TASKS,
     TEST_PER_CLASS,
+    TINY,
     TRAIN_PER_CLASS,
     build,
     make_tasks,
     tiny_config,
 )
-
-from engine_fixtures import TINY
 from engine_fixtures import make_engine as fixture_engine
+
 from norga.engine.joint import joint_task
-from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
 from norga.metrics import AccuracyMatrix
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-
 from engine_fixtures import make_tasks, run_fixture, tiny_config
+
 from norga.commands.methods import setting_rows
 from norga.config import NonNegativeFloat  # noqa: F401 - the test method's settings are annotated with it
 from norga.config_io import dump_config, load_config

@@ -6,10 +6,14 @@ import hashlib
 import pytest
 import timm
 import torch
+from prompted_fixture import Prompted
 
 from norga.nn import PromptedViT, TaskPrompts
-from prompted_fixture import Prompted
-from norga.official import OfficialCheckpointError, load_official_checkpoint, read_official_checkpoint
+from norga.official import (
+    OfficialCheckpointError,
+    load_official_checkpoint,
+    read_official_checkpoint,
+)
 
 LAYERS, SLOTS, LP, CLASSES = 2, 3, 4, 5
 ARCH = dict(img_size=32, patch_size=8, depth=3)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from norga.nn import IdentityGate, NoRGaGate, fused_prefix_attention, reference_prefix_attention
+from norga.nn import (
+    IdentityGate,
+    NoRGaGate,
+    fused_prefix_attention,
+    reference_prefix_attention,
+)
 
 B, H, N, LP, D = 3, 4, 19, 5, 16
 

@@ -5,8 +5,15 @@ import re
 from collections import Counter
 
 import pytest
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    TRAIN_PER_CLASS,
+    make_model,
+    make_tasks,
+    tiny_config,
+)
 
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, TRAIN_PER_CLASS, make_model, make_tasks, tiny_config
 from norga.engine.banner import format_banner
 from norga.engine.loop import run_experiment
 from norga.engine.progress import Progress

@@ -4,7 +4,12 @@ when the slot's parameters change."""
 from __future__ import annotations
 
 import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, make_engine, make_tasks, tiny_config
+from engine_fixtures import (
+    NUM_TASKS,
+    make_engine,
+    make_tasks,
+    tiny_config,
+)
 
 from norga.engine.features import PromptedFeatureMemo
 from norga.engine.loop import Engine

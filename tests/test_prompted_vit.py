@@ -6,10 +6,10 @@ from contextlib import ExitStack
 import pytest
 import timm
 import torch
+from prompted_fixture import Prompted
 from torch.nn.functional import cross_entropy
 
 from norga.nn import PrefixAttention, PromptedViT, TaskPrompts
-from prompted_fixture import Prompted
 
 SMALL_VITS = {
     "vit_tiny_32px": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3)),

@@ -8,7 +8,14 @@ from matplotlib import colormaps
 from PIL import Image
 
 from norga.metrics import AccuracyMatrix
-from norga.report import CMAP, UNEVALUATED, curve_figure, matrix_figure, plot_run, text_colour
+from norga.report import (
+    CMAP,
+    UNEVALUATED,
+    curve_figure,
+    matrix_figure,
+    plot_run,
+    text_colour,
+)
 
 
 def partial_matrix(num_tasks: int = 5, upto: int = 2) -> AccuracyMatrix:

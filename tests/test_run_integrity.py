@@ -11,7 +11,14 @@ import shutil
 
 import pytest
 import torch
-from engine_fixtures import CLASSES_PER_TASK, NUM_TASKS, FailingDataset, make_model, make_tasks, tiny_config
+from engine_fixtures import (
+    CLASSES_PER_TASK,
+    NUM_TASKS,
+    FailingDataset,
+    make_model,
+    make_tasks,
+    tiny_config,
+)
 
 from norga.config import OptimConfig
 from norga.engine import run_dir as run_dir_module

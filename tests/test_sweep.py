@@ -12,7 +12,16 @@ from norga.cli import main
 from norga.config_io import ConfigError
 from norga.sweep import aggregate
 from norga.sweep.directory import COMPLETE, FAILED, MANIFEST, SWEEP_YAML, SweepDirectory
-from norga.sweep.spec import MAX_NAME, SweepSpec, Trial, expand, load_spec, spec_from_grid, trial_config, trial_names
+from norga.sweep.spec import (
+    MAX_NAME,
+    SweepSpec,
+    Trial,
+    expand,
+    load_spec,
+    spec_from_grid,
+    trial_config,
+    trial_names,
+)
 
 # t quantile 0.975 with 2 degrees of freedom, from a printed table of Student's t (4.3027)
 T_975_DF2 = 4.302652729911275

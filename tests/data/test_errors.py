@@ -7,8 +7,14 @@ import pickle
 import numpy as np
 import pytest
 
-from norga.data import (DataLayoutError, DatasetNotFoundError, build_benchmark, make_split_manifest, read_manifest,
-                        write_manifest)
+from norga.data import (
+    DataLayoutError,
+    DatasetNotFoundError,
+    build_benchmark,
+    make_split_manifest,
+    read_manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture
