@@ -14,7 +14,7 @@ from norga.config_io import ConfigError, load_config
 from norga.data.manifest import build_parser as manifest_parser
 
 SOURCE = Path(norga.__file__).resolve().parent
-COMMANDS = ("run", "compare", "quickstart", "presets", "pretrain")
+COMMANDS = ("run", "compare", "quickstart", "sweep", "methods", "presets", "pretrain")
 #: A suggested command line: `norga SUB ...` up to a backtick, a comment, the end of a sentence or a bracket.
 #: ("norga run: ..." is an error's prefix, not a command line.)
 COMMAND_LINE = re.compile(r"\bnorga (?:%s)\b(?!:)(?:(?!\. )[^`#\n()])*" % "|".join(COMMANDS))
@@ -83,6 +83,8 @@ def own_parser_flags(path: Path) -> set[str]:
     if path.name == "cli.py":
         return option_strings(build_parser())
     command = LIBRARY_OF.get(path.name, path.stem if path.parent.name == "commands" else None)
+    if path.parent.name == "sweep":  # norga/sweep/*: the modules behind `norga sweep`
+        command = "sweep"
     if command in COMMANDS:
         return option_strings(sub_parser(command))
     if path.name in ("manifest.py", "split_manifest.py"):

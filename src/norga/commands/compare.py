@@ -11,12 +11,12 @@ from norga.config_io import ConfigError, load_config
 EPILOG = """examples:
   norga compare quickstart --methods norga,hide,linear_probe,ncm
   norga compare quickstart --methods norga,linear_probe --joint-upper-bound      # adds norga-joint, linear_probe-joint
-  norga compare tiny_smoke --methods norga,hide --set hide:wtp.train.epochs=2   # METHOD:key=value: that method only
-  norga compare quickstart --methods norga --joint-upper-bound --set norga-joint:wtp.train.epochs=15  # joint run only
+  norga compare tiny_smoke --methods norga,hide --set hide:hide.wtp.train.epochs=2   # METHOD:key=value: that method only
+  norga compare quickstart --methods norga --joint-upper-bound --set norga-joint:norga.wtp.train.epochs=15  # joint run only
   norga compare --resume runs/compare-quickstart-20261124-141524.123-4567        # skips finished methods
 
 Each method runs into DIR/LABEL (same preset, backbone and seed); DIR gets compare.json, compare.csv and
-compare.png. A method name implies its defining settings (hide: prompt.gate=null)."""
+compare.png. Each method reads its own section of the config (hide: HiDe-Prompt, no gate)."""
 
 
 def add_parser(subparsers) -> None:

@@ -12,12 +12,12 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="run one continual-learning experiment (a preset or YAML file) into a run directory",
         description="Run an experiment: both official stages per task in one run, checkpointed after every "
-        "epoch. Example: norga run cifar100_sup21k_norga --set data.root=/data --set wtp.train.epochs=5. "
+        "epoch. Example: norga run cifar100_sup21k_norga --set data.root=/data --set norga.wtp.train.epochs=5. "
         "Data parallel on N processes: torchrun --nproc_per_node=N -m norga run ... (gloo on CPU, nccl on GPU).",
     )
     parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set prompt.gate=tanh (repeatable)")
+                        help="override a config value, e.g. --set norga.gate=tanh (repeatable)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue an interrupted run (with --set: change learning rates, epochs still ahead, "
                         "eval.batch_size or data.workers; recorded in the run directory)")
