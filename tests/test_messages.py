@@ -18,7 +18,7 @@ COMMANDS = ("run", "compare", "quickstart", "sweep", "methods", "presets", "pret
 #: A suggested command line: `norga SUB ...` up to a backtick, a comment, the end of a sentence or a bracket.
 #: ("norga run: ..." is an error's prefix, not a command line.)
 COMMAND_LINE = re.compile(r"\bnorga (?:%s)\b(?!:)(?:(?!\. )[^`#\n()])*" % "|".join(COMMANDS))
-FOREIGN = re.compile(r"torchrun [^`]*?-m |python -m norga\.data\.manifest [^`.]*")  # other programs' command lines
+FOREIGN = re.compile(r"torchrun [^`]*?-m |python -m norga\.data\.manifest [^`.]*|ray start [^`)]*")  # other programs' command lines
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 SET_VALUE = re.compile(r"--set[ =]([\w.:-]+)=(\S+?)(?=[\s,;)`'\"]|\.(?:\s|$)|$)")
 PLACEHOLDER = "PLACEHOLDER"
@@ -87,6 +87,8 @@ def own_parser_flags(path: Path) -> set[str]:
         command = "sweep"
     if command in COMMANDS:
         return option_strings(sub_parser(command))
+    if path.name == "resume_changes.py":  # what `norga run --resume` may change
+        return option_strings(sub_parser("run"))
     if path.name in ("manifest.py", "split_manifest.py"):
         return option_strings(manifest_parser())
     return set.intersection(*(option_strings(sub_parser(name)) for name in ("run", "compare", "quickstart")))

@@ -163,5 +163,5 @@ def test_an_old_or_foreign_state_file_is_refused(tmp_path):
     state = load_checkpoint(directory / "state.pt")
     del state["run"]
     torch.save(state, directory / "state.pt")
-    with pytest.raises(CheckpointError, match="not a norga run state of format"):
+    with pytest.raises(CheckpointError, match="is not a run state of norga's format"):
         run(tmp_path, "run", config, resume=True)

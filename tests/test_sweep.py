@@ -228,7 +228,7 @@ def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
     reopened = SweepDirectory.open(first.path)
     assert reopened.spec == sweep and reopened.trials == first.trials
     with first.lock():
-        with pytest.raises(ConfigError, match="another norga sweep is running"):
+        with pytest.raises(ConfigError, match="another sweep \(norga\) is running"):
             with reopened.lock():
                 pass
     with reopened.lock():  # released

@@ -12,7 +12,7 @@ from norga.config_io import ConfigError, describe_type
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("methods", help="list the registered methods and their settings",
                                    description="Every registered method, its settings section and defaults. "
-                                   "Set one with --set METHOD.KEY=VALUE, e.g. --set norga.gate=tanh.")
+                                   "A run sets one with `norga run PRESET --set METHOD.KEY=VALUE`, e.g. `--set norga.gate=tanh`.")
     parser.add_argument("name", nargs="?", help="a method to show in full (every setting, its type and default)")
     parser.set_defaults(handler=handle)
 
@@ -45,7 +45,7 @@ def describe(name: str, full: bool) -> str:
     doc = (cls.__doc__ or "").strip().splitlines()[0]
     lines = [f"{name:13s} {doc}"]
     if full:
-        lines.append(f"  settings: section `{name}:` in a preset, or --set {name}.KEY=VALUE")
+        lines.append(f"  settings: section `{name}:` in a preset, or `norga run PRESET --set {name}.KEY=VALUE`")
         for key, kind, default in setting_rows(cls.Settings):
             lines.append(f"  {name}.{key:36s} {default!r:24}  {kind}")
     return "\n".join(lines)

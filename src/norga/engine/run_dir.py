@@ -246,7 +246,7 @@ class RunDirectory:
         record = state.get("run") if isinstance(state, dict) else None
         if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
             found = record.get("format") if isinstance(record, dict) else "none"
-            raise CheckpointError(f"{self.path / STATE} is not a norga run state of format {STATE_FORMAT} (found "
+            raise CheckpointError(f"{self.path / STATE} is not a run state of norga's format {STATE_FORMAT} (found "
                                   f"{found}): it was written by another norga version or is not a norga run's state; "
                                   "start a new run")
         return record

@@ -102,7 +102,7 @@ class SweepDirectory:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError(f"another norga sweep is running in {self.path}: wait for it, or stop it "
+                raise ConfigError(f"another sweep (norga) is running in {self.path}: wait for it, or stop it "
                                   "first") from None
             handle.write(f"{os.getpid()}\n")
             handle.flush()

@@ -33,7 +33,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"norga sweep runs its trials on Ray, which is not installed: {INSTALL_HINT}") from None
+        raise ConfigError(f"sweeps run their trials on Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
 
 
