@@ -48,7 +48,7 @@ def test_not_a_terminal_gets_one_timestamped_line_per_epoch_and_evaluation(tmp_p
     epochs = [EPOCH_LINE.match(line) for line in body]
     evaluations = [EVALUATED.match(line) for line in body]
     other = [line for line, e, v in zip(body, epochs, evaluations, strict=True) if not e and not v]
-    assert all(re.match(rf"^{STAMP} NoRGa · synthetic · task \d/{NUM_TASKS} evaluated before TAP: ", line)
+    assert all(re.match(rf"^{STAMP} NoRGa · synthetic · task \d/{NUM_TASKS} evaluated before tap: ", line)
                for line in other), other
     assert [int(v.group(1)) for v in evaluations if v] == list(range(1, NUM_TASKS + 1))
     seen = Counter((e.group(1), e.group(2), int(e.group(3)), int(e.group(4))) for e in epochs if e)
@@ -56,7 +56,7 @@ def test_not_a_terminal_gets_one_timestamped_line_per_epoch_and_evaluation(tmp_p
     for task, phase, _, total in seen:  # and every epoch of every phase
         assert {epoch for t, p, epoch, _ in seen if (t, p) == (task, phase)} == set(range(1, total + 1))
     assert {phase for _, phase, _, _ in seen} >= {"tii_train", "wtp_train", "tap"}
-    batches = -(-CLASSES_PER_TASK * TRAIN_PER_CLASS // tiny_config().wtp.train.batch_size)
+    batches = -(-CLASSES_PER_TASK * TRAIN_PER_CLASS // tiny_config().settings.wtp.train.batch_size)
     assert any("wtp_train epoch 1/2  loss" in line and f" {batches} batches in " in line for line in body)
     log = (tmp_path / "run" / "log.txt").read_text()
     for line in body:  # log.txt reads the same
