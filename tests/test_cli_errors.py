@@ -4,6 +4,7 @@ input or an unusable environment, 130 with the resume command for Ctrl-C (on a g
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -48,8 +49,12 @@ def copy_of(finished, tmp_path):
     return tmp_path / "run"
 
 
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d |^  ")  # the banner and timestamped progress lines
+
+
 def assert_one_line(result, code: int, *fragments: str) -> None:
-    lines = result.stderr.strip().splitlines()
+    """Exit `code` with one line of error on stderr (besides the run's banner and progress lines)."""
+    lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert result.returncode == code and len(lines) == 1, result.stderr[-3000:]
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
 
@@ -121,7 +126,8 @@ def test_ctrl_c_says_how_to_continue(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines() == [f"norga run: interrupted; continue with `norga run --resume {run}`"]
+    errors = [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+    assert errors == [f"norga run: interrupted; continue with `norga run --resume {run}`"]
 
 
 def test_one_line_of_an_error_raised_in_a_data_loader_worker():
