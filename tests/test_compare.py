@@ -159,7 +159,7 @@ def test_a_crash_while_the_last_checkpoint_is_written_never_leaves_a_stale_row(t
     from norga.engine import run_dir as run_dir_module
 
     config = tiny_config(method="linear_probe")
-    config.linear_probe.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
+    config.settings.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
     monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: make_tasks()))
     expected = run_method(MethodRun("linear_probe", config, tmp_path / "straight" / "linear_probe"))
 

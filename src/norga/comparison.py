@@ -115,7 +115,7 @@ def _finished(directory: Path) -> bool:
     if not results_path.is_file() or not state_path.is_file():
         return False
     state = load_checkpoint(state_path)
-    steps = len(state["matrices"]["accuracy"]["correct"])
+    steps = len(state["matrices"]["accuracy"]["correct"][0])  # training steps: the matrix's columns (1 when joint)
     results = load_json(results_path)
     return (state["position"] == {"task": steps, "phase": 0, "epoch": 0} and bool(results.get("complete"))
             and results.get("matrices") == state["matrices"])
