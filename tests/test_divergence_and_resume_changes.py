@@ -29,7 +29,7 @@ class InjectedCrash(RuntimeError):
 
 def probe_config(lr=0.01, epochs=3):
     config = tiny_config(method="linear_probe")
-    config.linear_probe.train = OptimConfig(epochs=epochs, lr=lr, batch_size=4)
+    config.settings.train = OptimConfig(epochs=epochs, lr=lr, batch_size=4)
     return config
 
 

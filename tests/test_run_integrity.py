@@ -34,7 +34,7 @@ OUTPUTS = ("results.json", "accuracy_matrix.csv", "before_tap_matrix.csv", "task
 def probe_config(**changes):
     """linear_probe on cached frozen features: a few seconds a run, every kind of file a run writes."""
     config = tiny_config(method="linear_probe", **changes)
-    config.linear_probe.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
+    config.settings.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
     return config
 
 
