@@ -90,7 +90,7 @@ def test_a_resume_may_lower_a_learning_rate_mid_phase_and_the_change_is_recorded
     changes = json.loads((directory / "environment.json").read_text())["resume_changes"]
     assert changes == [{"at": {"task": 1, "phase": 0, "epoch": 1}, "time": changes[0]["time"],
                         "changes": {"linear_probe.train.lr": {"from": 0.01, "to": 0.001}}}]
-    assert load_config(directory / "config.yaml").linear_probe.train.lr == 0.001
+    assert load_config(directory / "config.yaml").settings.train.lr == 0.001
     assert "linear_probe.train.lr: 0.01 -> 0.001" in (directory / "log.txt").read_text()
 
 
@@ -109,7 +109,7 @@ def test_a_resume_refuses_changes_that_are_not_safe(tmp_path):
     with pytest.raises(InjectedCrash):
         run(tmp_path, config, after_epoch=crash_at(Position(1, 0, 1)))
     other = probe_config()
-    other.linear_probe.train.batch_size = 8
+    other.settings.train.batch_size = 8
     with pytest.raises(ConfigError, match="--resume cannot change linear_probe.train.batch_size"):
         run(tmp_path, other, resume=True)
 
