@@ -12,7 +12,7 @@ from norga.config_io import ConfigError, describe_type
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("methods", help="list the registered methods and their settings",
                                    description="Every registered method, its settings section and defaults. "
-                                   "A run sets one with `norga run PRESET --set METHOD.KEY=VALUE`, e.g. `--set norga.gate=tanh`.")
+                                   "A run sets one with `norga run PRESET --set METHOD.KEY=VALUE`, e.g. `norga run quickstart --set norga.gate=tanh`.")
     parser.add_argument("name", nargs="?", help="a method to show in full (every setting, its type and default)")
     parser.set_defaults(handler=handle)
 

@@ -247,7 +247,7 @@ class RunDirectory:
         if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
             found = record.get("format") if isinstance(record, dict) else "none"
             raise CheckpointError(f"{self.path / STATE} is not a run state of norga's format {STATE_FORMAT} (found "
-                                  f"{found}): it was written by another norga version or is not a norga run's state; "
+                                  f"{found}): it was written by another norga version or is not the state of a run; "
                                   "start a new run")
         return record
 
