@@ -1,6 +1,7 @@
 """What a run shows while it runs: bars over batches on a terminal, timestamped lines elsewhere, the banner."""
 
 import io
+import json
 import re
 from collections import Counter
 
@@ -110,3 +111,20 @@ def test_banner_names_run_directory_method_benchmark_backbone_precision_device()
     assert resumed[0].endswith("resuming the run") and "  resuming at    task 2, phase 3, epoch 1" in resumed
     assert format_banner({"backbone": {**facts["backbone"], "weights": "none"}})[2] == (
         "  weights   random (backbone.weights=none)")
+
+
+def test_task_committed_is_called_once_per_task_after_its_results_are_on_disk(tmp_path):
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            super().__init__("off")
+            self.committed: list[tuple[int, int]] = []
+
+        def task_committed(self, task: int) -> None:
+            finished = json.loads((tmp_path / "run" / "results.json").read_text())["tasks_finished"]
+            self.committed.append((task, finished))
+
+    recorder = Recorder()
+    config = tiny_config()
+    run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / "run", progress=recorder,
+                   records=RECORDS)
+    assert recorder.committed == [(task, task + 1) for task in range(NUM_TASKS)]

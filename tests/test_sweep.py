@@ -228,13 +228,32 @@ def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
     reopened = SweepDirectory.open(first.path)
     assert reopened.spec == sweep and reopened.trials == first.trials
     with first.lock():
-        with pytest.raises(ConfigError, match="another sweep \(norga\) is running"):
+        with pytest.raises(ConfigError, match=r"another sweep \(norga\) is running"):
             with reopened.lock():
                 pass
     with reopened.lock():  # released
         pass
     with pytest.raises(FileNotFoundError, match="not a sweep directory"):
         SweepDirectory.open(tmp_path)
+
+
+def test_a_worker_attempt_counts_once_its_file_is_in_place_not_while_it_is_being_written(tmp_path, capsys):
+    from norga.sweep.executor import ATTEMPTS, _record_starts
+
+    sweep = spec(seed=[0])
+    trials = expand(sweep)
+    directory = SweepDirectory.create(tmp_path / "s", sweep, trials, ["norga"], [0])
+    folder = directory.path / ATTEMPTS / trials[0].id
+    folder.mkdir(parents=True)
+    (folder / f".{1:020d}-4242.0123456789abcdef.tmp").write_text("")  # a worker's atomic write, mid-way
+    _record_starts(directory, [trials[0].id])
+    assert directory.trial(trials[0].id)["attempts"] == 0 and directory.trial(trials[0].id)["status"] == "pending"
+    (folder / f"{2:020d}-4343").write_text("10.0.0.7")
+    _record_starts(directory, [trials[0].id])
+    entry = directory.trial(trials[0].id)
+    assert entry["attempts"] == 1 and entry["status"] == "running"
+    assert entry["worker"] == {"pid": 4343, "node": "10.0.0.7"}
+    assert "attempt 1, pid 4343 on 10.0.0.7" in capsys.readouterr().err
 
 
 def test_the_documented_specs_expand_as_they_say(tmp_path):

@@ -239,6 +239,7 @@ class Engine:
             self._commit_task(task)
             self.progress.result(evaluation_line(task, self.num_tasks, "", self.matrices["accuracy"],
                                                  self.matrices.get("task_identity")))
+            self.progress.task_committed(task)
         return self.matrices
 
     # ------------------------------------------------------------- evaluation

@@ -210,6 +210,10 @@ class Progress:
         """A line that stays in every mode (kept for callers that print notes)."""
         self._event(line)
 
+    def task_committed(self, task: int) -> None:
+        """Called once task `task` (0-based) is learnt, evaluated and on disk; shows nothing (a hook for
+        subclasses)."""
+
     def _event(self, text: str, *, bars: bool = True, lines: bool = True, prefix: bool = True,
                stamp: bool = True) -> None:
         """`text` to the stream where this mode shows it (`bars` / `lines`), and to the log file as in lines mode."""

@@ -104,10 +104,12 @@ def run_trials(directory: SweepDirectory, configs: dict[str, RunConfig], resourc
 
 
 def _record_starts(directory: SweepDirectory, trial_ids) -> None:
-    """Trials with attempt files the manifest has not counted yet are running (again)."""
+    """Trials with attempt files the manifest has not counted yet are running (again). A worker writes its
+    attempt file atomically: the hidden temporary file beside it is not an attempt yet."""
     for trial_id in trial_ids:
         folder = directory.path / ATTEMPTS / trial_id
-        attempts = sorted(folder.iterdir()) if folder.is_dir() else []
+        attempts = sorted(path for path in folder.iterdir() if not path.name.startswith(".")) \
+            if folder.is_dir() else []
         if len(attempts) <= directory.trial(trial_id)["attempts"]:
             continue
         pid, node = int(attempts[-1].name.split("-")[1]), attempts[-1].read_text()
@@ -161,18 +163,18 @@ def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int) -> 
 def _progress(trial_id: str) -> Progress:
     target, _, rest = os.environ.get(KILL_HOOK, "").partition(":")
     marker, _, times = rest.partition(":")
-    return KillAfterTask(marker, int(times or 1)) if target == trial_id and marker else Progress(enabled=False)
+    return KillAfterTask(marker, int(times or 1)) if target == trial_id and marker else Progress("off")
 
 
 class KillAfterTask(Progress):
-    """`KILL_HOOK`'s progress: the engine calls `write` after each task's checkpoint; while fewer than `times`
-    marker files exist, the call creates the next one and SIGKILLs this process (a worker dying mid-trial)."""
+    """`KILL_HOOK`'s progress: after each committed task, while fewer than `times` marker files exist, it creates
+    the next one and SIGKILLs this process (a worker dying mid-trial)."""
 
     def __init__(self, marker: str, times: int) -> None:
-        super().__init__(enabled=False)
+        super().__init__("off")
         self.marker, self.times = marker, times
 
-    def write(self, line: str) -> None:
+    def task_committed(self, task: int) -> None:
         for kill in range(1, self.times + 1):
             try:
                 os.close(os.open(f"{self.marker}.{kill}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
