@@ -176,7 +176,7 @@ class Engine:
             if stored_phases is not None and [phase.name for phase in phases] != stored_phases:
                 raise ConfigError(f"--set {describe_changes(changes)} changes the phases of task {at.task + 1}, which "
                                   "is under way: resume without it")
-            if at.phase < len(phases) and 0 < phases[at.phase].epochs < at.epoch:
+            if at.phase < len(phases) and phases[at.phase].epochs < at.epoch:
                 raise ConfigError(f"--set {describe_changes(changes)} leaves phase {phases[at.phase].name} of task "
                                   f"{at.task + 1} {phases[at.phase].epochs} epochs, but {at.epoch} have already run: "
                                   f"give at least {at.epoch}")

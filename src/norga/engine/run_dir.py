@@ -109,9 +109,13 @@ class RunDirectory:
             raise FileNotFoundError(f"{self.path} is not a run directory that can be resumed (no {STATE} or {CONFIG}): "
                                     "give the folder `norga run` created, e.g. runs/NAME-YYYYMMDD-HHMMSS...")
         self.lock = RunLock(self.path)
-        removed = remove_temporaries(self.path)
-        self.run_id = self.read_environment().get("run_id")
-        self._settle_heavy_state()
+        try:
+            removed = remove_temporaries(self.path)
+            self.run_id = self.read_environment().get("run_id")
+            self._settle_heavy_state()
+        except BaseException:
+            self.close()
+            raise
         if removed:
             logging.getLogger("norga").info("removed %d temporary files an interrupted write left", len(removed))
 
