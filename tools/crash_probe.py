@@ -53,6 +53,7 @@ def norga(args: list[str], env: dict[str, str] | None = None, log: Path | None =
     The child is a real process: a kill point SIGKILLs it, however far it got.
     """
     log = log or Path(tempfile.mkstemp(prefix="crash_probe-", suffix=".err")[1])
+    sys.stdout.flush()  # a child must not inherit (and repeat) what the probe has yet to print
     pid = os.fork()
     if pid == 0:  # the child: run the command line, never return into the probe
         code = 1
@@ -138,6 +139,7 @@ def in_child(function, *args):
     """``function(*args)`` (a JSON-able result) computed in a forked child."""
     handle, path = tempfile.mkstemp(prefix="crash_probe-", suffix=".json")
     os.close(handle)
+    sys.stdout.flush()
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -173,7 +175,8 @@ def main() -> int:
     points = [(p, d) for p, d in list_kill_points(run_args, reference) if p.split(":")[0] in args.events.split(",")
               and (not p.startswith("tmp:") or int(p.split(":")[1]) % args.tmp_stride == 1 % args.tmp_stride)
               and (args.points is None or p in args.points.split(","))]
-    print(f"{len(points)} kill points of `norga {' '.join(run_args)}` (uninterrupted: {time.perf_counter() - start:.0f} s)")
+    print(f"{len(points)} kill points of `norga {' '.join(run_args)}` "
+          f"(uninterrupted: {time.perf_counter() - start:.0f} s)")
     print(f"{'kill point':<12} {'where':<52} {'then':<8} outcome")
     failures = 0
     for index, (point, detail) in enumerate(points):
