@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
 from norga.config import SHARED_KEYS
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE = 4, 6, 3, 16
+REAL = os.environ.get("NORGA_DATA")
+NEEDS_FASHION_MNIST = pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
+                                         reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
 
 
 def write_image_folder(root: Path, seed: int = 0) -> Path:

@@ -4,10 +4,10 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from cli_fixture import NEEDS_FASHION_MNIST
 from engine_fixtures import (
     CLASSES_PER_TASK,
     NUM_TASKS,
@@ -177,8 +177,7 @@ REAL = os.environ.get("NORGA_DATA")
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
+@NEEDS_FASHION_MNIST
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_smoke_preset_runs_each_baseline_on_real_fashion_mnist(tmp_path, method):
     from norga.config_io import load_config

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fixture import NEEDS_FASHION_MNIST
 
 REAL = os.environ.get("NORGA_DATA")
 
@@ -36,8 +37,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
+@NEEDS_FASHION_MNIST
 def test_smoke_run_on_real_fashion_mnist_and_resume_refuses_a_finished_overwrite(tmp_path):
     run_dir = tmp_path / "smoke"
     result = norga("run", "tiny_smoke", "--run-dir", str(run_dir), "--quiet")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fixture import NEEDS_FASHION_MNIST
 from engine_fixtures import (
     NUM_TASKS,
     FailingDataset,
@@ -25,8 +26,6 @@ from norga.engine import build as engine_build
 from norga.engine.context import TaskDatasets
 
 REAL = os.environ.get("NORGA_DATA")
-NEEDS_FASHION_MNIST = pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                                         reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
 
 
 def norga(*args):
@@ -121,6 +120,10 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
         ComparisonDirectory(tmp_path / "crashed", {"request": 2})
 
 
+def by_label_task_il(directory, label: str) -> float:
+    return json.loads((directory / label / "results.json").read_text())["task_incremental_accuracy"]
+
+
 @pytest.mark.realdata
 @NEEDS_FASHION_MNIST
 def test_compare_on_real_fashion_mnist_writes_table_plot_and_record(tmp_path):
@@ -129,10 +132,11 @@ def test_compare_on_real_fashion_mnist_writes_table_plot_and_record(tmp_path):
                    "--set", "linear_probe:linear_probe.train.epochs=2", "--dir", str(directory), "--quiet")
     assert result.returncode == 0, result.stderr
     table = result.stdout.splitlines()
-    assert table[0].split()[:6] == ["method", "FA", "CA", "FFM", "task-id", "time"]
+    assert table[0].split()[:7] == ["method", "FA", "CA", "FFM", "task-id", "task-IL", "time"]
     rows = {line.split()[0]: line.split() for line in table[1:4]}
     assert set(rows) == {"linear_probe", "ncm", "ncm-joint"}
-    assert rows["ncm"][4] == "—" and rows["ncm-joint"][2:5] == ["—", "—", "—"]  # undefined, not invented
+    assert rows["ncm"][4] == "—" and rows["ncm-joint"][2:6] == ["—", "—", "—", "—"]  # undefined, not invented
+    assert float(rows["ncm"][5]) == pytest.approx(by_label_task_il(directory, "ncm"), abs=0.005)
     record = json.loads((directory / "compare.json").read_text())
     assert record["complete"] and [r["label"] for r in record["results"]] == ["linear_probe", "ncm", "ncm-joint"]
     by_label = {r["label"]: r for r in record["results"]}

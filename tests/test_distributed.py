@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_fixture import NEEDS_FASHION_MNIST
 from ddp_worker import ddp_config, run
 from engine_fixtures import PATCH, SIZE, WIDTH, make_engine, tiny_config
 
@@ -143,8 +144,7 @@ def test_a_distributed_run_resumes_after_a_crash_to_the_same_results(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
+@NEEDS_FASHION_MNIST
 def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_results(tmp_path):
     overrides = ["--set", "norga.wtp.train.batch_size=15", "--set", "norga.tii.train.batch_size=15", "--quiet"]
     single = subprocess.run([sys.executable, "-m", "norga", "run", "tiny_smoke", "--run-dir", str(tmp_path / "one"),

@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_fixture import NEEDS_FASHION_MNIST
 
 from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.backbones import create_backbone
@@ -31,8 +31,7 @@ def test_shipped_weights_load_strictly_with_their_card():
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                    reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
+@NEEDS_FASHION_MNIST
 def test_quickstart_runs_both_methods_offline(tmp_path):
     result = subprocess.run([sys.executable, "-m", "norga", "quickstart", "--output-dir", str(tmp_path), "--quiet"],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

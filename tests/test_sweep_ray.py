@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fixture import NEEDS_FASHION_MNIST
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[sweep]'")
 REAL = os.environ.get("NORGA_DATA")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.realdata,
-    pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
-                       reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data"),
+    NEEDS_FASHION_MNIST,
 ]
 
 GRID = ["tiny_smoke", "--set", "data.test_per_class=20"]

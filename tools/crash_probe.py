@@ -35,7 +35,8 @@ from norga.engine import kill_points
 from norga.engine.run_dir import RunDirectory  # noqa: F401 - imports timm and the engine once, before forking
 
 PROBE_SETTINGS = ["data.num_tasks=2", "data.train_per_class=10", "data.test_per_class=20"]
-COMPARED = ("results.json", "accuracy_matrix.csv", "before_tap_matrix.csv", "task_identity_matrix.csv")
+COMPARED = ("results.json", "accuracy_matrix.csv", "before_tap_matrix.csv", "task_identity_matrix.csv",
+            "task_incremental_matrix.csv")
 
 
 @dataclass

@@ -61,6 +61,7 @@ class MethodResult:
     joint: bool
     metrics: dict[str, float | None]
     task_identity_accuracy: float | None
+    task_incremental_accuracy: float | None  # each image's true task given; None in a joint run
     matrix: AccuracyMatrix
     run_dir: Path
     status: str  # ran | resumed (time counts this invocation only) | finished earlier
@@ -72,7 +73,8 @@ class MethodResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "joint": self.joint, "metrics": self.metrics,
-                "task_identity_accuracy": self.task_identity_accuracy, "wall_seconds": self.wall_seconds,
+                "task_identity_accuracy": self.task_identity_accuracy,
+                "task_incremental_accuracy": self.task_incremental_accuracy, "wall_seconds": self.wall_seconds,
                 "status": self.status, "run_dir": str(self.run_dir), "average_accuracy_after_each_step": self.curve}
 
 
@@ -82,7 +84,8 @@ def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> Meth
     if not results.get("complete"):
         raise RuntimeError(f"{run.run_dir / 'results.json'} is not complete after the run finished")
     return MethodResult(run.label, results["method"], results.get("joint", False), results["metrics"],
-                        results["task_identity_accuracy"], AccuracyMatrix.from_dict(results["matrices"]["accuracy"]),
+                        results["task_identity_accuracy"], results.get("task_incremental_accuracy"),
+                        AccuracyMatrix.from_dict(results["matrices"]["accuracy"]),
                         run.run_dir, status, wall_seconds)
 
 
@@ -222,9 +225,10 @@ CSV_METRICS = ("final_average_accuracy", "sample_weighted_final_accuracy", "cumu
 def _write_csv(results: Sequence[MethodResult], path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["label", "method", "joint", *CSV_METRICS, "task_identity_accuracy", "wall_seconds", "status",
-                         "run_dir"])
+        writer.writerow(["label", "method", "joint", *CSV_METRICS, "task_identity_accuracy",
+                         "task_incremental_accuracy", "wall_seconds", "status", "run_dir"])
         for r in results:
-            values = [r.metrics.get(name) for name in CSV_METRICS] + [r.task_identity_accuracy, r.wall_seconds]
+            values = [r.metrics.get(name) for name in CSV_METRICS] + [r.task_identity_accuracy,
+                                                                       r.task_incremental_accuracy, r.wall_seconds]
             writer.writerow([r.label, r.method, r.joint, *("" if v is None else f"{v:.4f}" for v in values), r.status,
                              str(r.run_dir)])

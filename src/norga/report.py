@@ -151,15 +151,18 @@ def format_metric(value: float | None) -> str:
 
 
 def format_comparison_table(results: Sequence[MethodResult]) -> str:
-    """One line per method: FA, CA, FFM, task-identity accuracy (— where undefined), wall time, run directory."""
+    """One line per method: FA, CA, FFM, task-identity and task-incremental accuracy (— where undefined), wall
+    time, run directory."""
     width = max([len("method"), *(len(r.label) for r in results)])
-    lines = [f"{'method':{width}s} {'FA':>7s} {'CA':>7s} {'FFM':>7s} {'task-id':>8s} {'time s':>7s}  run directory"]
+    lines = [f"{'method':{width}s} {'FA':>7s} {'CA':>7s} {'FFM':>7s} {'task-id':>8s} {'task-IL':>8s} {'time s':>7s}"
+             "  run directory"]
     for r in results:
         m = r.metrics
         seconds = "—" if r.wall_seconds is None else f"{r.wall_seconds:.1f}"
         lines.append(f"{r.label:{width}s} {format_metric(m['final_average_accuracy']):>7s} "
                      f"{format_metric(m['cumulative_average_accuracy']):>7s} {format_metric(m['forgetting']):>7s} "
-                     f"{format_metric(r.task_identity_accuracy):>8s} {seconds:>7s}  {r.run_dir}")
+                     f"{format_metric(r.task_identity_accuracy):>8s} {format_metric(r.task_incremental_accuracy):>8s} "
+                     f"{seconds:>7s}  {r.run_dir}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,6 @@ def refuse_under_torchrun(command: str) -> None:
                           "experiment data-parallel with `torchrun --nproc_per_node=N -m norga run PRESET`")
 
 
-from norga.commands import compare, methods, presets, pretrain, quickstart, run, sweep  # noqa: E402
+from norga.commands import compare, evaluate, methods, presets, pretrain, quickstart, run, sweep  # noqa: E402
 
-SUBCOMMANDS = (quickstart, run, compare, sweep, methods, presets, pretrain)
+SUBCOMMANDS = (quickstart, run, evaluate, compare, sweep, methods, presets, pretrain)

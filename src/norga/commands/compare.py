@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="run several methods on one benchmark; one table, one plot, compare.json",
         description="Run methods one after another on the same preset (benchmark, backbone, seed), each into its "
-        "own run directory, then print one table (FA, CA, FFM, task-identity accuracy, wall time) and write one plot.",
+        "own run directory, then print one table (FA, CA, FFM, task-identity and task-incremental accuracy, wall "
+        "time) and write one plot.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", help="preset name (see `norga presets`) or a YAML file")

@@ -103,5 +103,8 @@ def print_summary(run_dir: Path, matrices: dict) -> None:
     print(f"run directory: {run_dir}")
     print(format_matrix(accuracy, last))
     task_identity = None if identity is None else identity.final_average_accuracy(last)
+    within = matrices.get("task_incremental")
+    task_incremental = None if within is None else within.final_average_accuracy(last)
     print(f"FA {format_metric(m['final_average_accuracy'])}  CA {format_metric(m['cumulative_average_accuracy'])}  "
-          f"FFM {format_metric(m['forgetting'])}  task-identity {format_metric(task_identity)}")
+          f"FFM {format_metric(m['forgetting'])}  task-identity {format_metric(task_identity)}  "
+          f"task-incremental {format_metric(task_incremental)}")

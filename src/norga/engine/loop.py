@@ -16,7 +16,7 @@ from norga.engine.checkpoint import CheckpointError
 from norga.engine.context import RunContext, TaskDatasets
 from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.engine.divergence import TrainingDiverged
-from norga.engine.features import FeatureSet
+from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.joint import training_schedule
 from norga.engine.kill_points import kill_point
 from norga.engine.progress import Progress, evaluation_line
@@ -24,14 +24,11 @@ from norga.engine.resume_changes import check_resume_changes, describe_changes, 
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
 from norga.methods import method_class
-from norga.methods.base import ContinualMethod, ImageIds
+from norga.methods.base import ContinualMethod
 from norga.metrics import AccuracyMatrix
 from norga.nn import PromptedViT
 
 log = logging.getLogger("norga")
-
-NO_TASK = -1  # a method that infers no task
-
 
 @dataclass
 class Position:
@@ -81,10 +78,11 @@ class Engine:
         self.after_epoch = after_epoch  # test hook: called after each checkpointed epoch
 
     def matrix_names(self) -> list[str]:
-        """The accuracy matrix, the task-identity one if the method infers tasks (not in a joint run: one task
-        is trivial), and the method's own extra matrices."""
+        """The accuracy matrix, the task-identity one if the method infers tasks, the task-incremental one (each
+        image's true task given; neither in a joint run, where one task is trivial), and the method's own."""
         identity = ["task_identity"] if self.method.infers_tasks and not self.joint else []
-        return ["accuracy", *identity, *self.method.extra_matrices]
+        within_task = [] if self.joint else ["task_incremental"]
+        return ["accuracy", *identity, *within_task, *self.method.extra_matrices]
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -235,7 +233,8 @@ class Engine:
                         self.method.run_phase(task, phase, first_epoch, on_epoch_end)
                 self._checkpoint(task, index + 1, 0)
             with self.progress.phase(task, self.num_tasks, "evaluate", summary=False):
-                self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"))
+                self.evaluate(task, self.matrices["accuracy"], self.matrices.get("task_identity"),
+                              self.matrices.get("task_incremental"))
             self._commit_task(task)
             self.progress.result(evaluation_line(task, self.num_tasks, "", self.matrices["accuracy"],
                                                  self.matrices.get("task_identity")))
@@ -243,30 +242,12 @@ class Engine:
         return self.matrices
 
     # ------------------------------------------------------------- evaluation
-    @torch.inference_mode()
-    def evaluate(self, task: int, matrix: AccuracyMatrix, identity: AccuracyMatrix | None = None) -> None:
-        """Accuracy on the test set of every task seen so far (all tasks in a joint run), after learning `task`.
-
-        `identity` (the task-identity matrix) is given for methods that infer tasks, outside joint runs.
-        """
-        self.context.model.eval()
-        for seen in range(matrix.tested(task)):
-            frozen = self.context.frozen_test_features(seen)
-
-            def predict(images: torch.Tensor, labels: torch.Tensor, rows: slice,
-                        seen: int = seen, frozen: FeatureSet = frozen) -> tuple[torch.Tensor, ...]:
-                ids = ImageIds(("test", seen), torch.arange(rows.start, rows.stop), len(frozen.labels))
-                prediction = self.method.predict(images, task + 1, frozen.features[rows], ids)
-                if prediction.tasks is None and identity is not None:
-                    raise RuntimeError(f"method {self.config.method!r} infers tasks but its predict returned none")
-                tasks = prediction.tasks if prediction.tasks is not None else torch.full_like(labels, NO_TASK)
-                return prediction.classes, tasks, labels
-
-            classes, tasks, labels = self.context.map_batches(
-                self.context.test_tasks[seen].test, self.config.eval.batch_size, predict)
-            matrix.update(seen, task, int((classes == labels).sum()), len(labels))
-            if identity is not None:
-                identity.update(seen, task, int((tasks == seen).sum()), len(labels))
+    def evaluate(self, task: int, matrix: AccuracyMatrix, identity: AccuracyMatrix | None = None,
+                 within_task: AccuracyMatrix | None = None) -> None:
+        """Accuracy on the test set of every task seen so far (all tasks in a joint run), after learning `task`
+        (`evaluation.evaluate_seen_tasks`)."""
+        evaluate_seen_tasks(self.context, self.method, task, self.config.eval.batch_size, matrix, identity,
+                            within_task)
 
 
 def open_run(

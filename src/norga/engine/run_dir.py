@@ -18,8 +18,16 @@ import torch
 
 from norga import __version__
 from norga.config import RunConfig
-from norga.engine.checkpoint import (CheckpointError, StorageError, load_checkpoint, load_json, remove_temporaries,
-                                     save_checkpoint, storage_message, write_json)
+from norga.engine.checkpoint import (
+    CheckpointError,
+    StorageError,
+    load_checkpoint,
+    load_json,
+    remove_temporaries,
+    save_checkpoint,
+    storage_message,
+    write_json,
+)
 from norga.engine.run_lock import LOCK_FILE, RunLock
 from norga.metrics import AccuracyMatrix
 
@@ -293,7 +301,8 @@ class RunDirectory:
         The record holds the method's own resolved settings and what it adds (`ContinualMethod.compat`,
         `run_record`), and nothing of another method's.
         """
-        accuracy, identity = matrices["accuracy"], matrices.get("task_identity")
+        accuracy, identity, within_task = (matrices["accuracy"], matrices.get("task_identity"),
+                                           matrices.get("task_incremental"))
         results = {
             "method": config.method,
             "settings": dataclasses.asdict(config.settings),
@@ -303,6 +312,8 @@ class RunDirectory:
             "metrics": metrics_of(accuracy, upto),
             # null where the method infers no task (e.g. linear_probe, ncm) or in a joint run (trivial)
             "task_identity_accuracy": None if identity is None else identity.final_average_accuracy(upto),
+            # each image's true task given (its prompts, its classes); null in a joint run
+            "task_incremental_accuracy": None if within_task is None else within_task.final_average_accuracy(upto),
             "compat": {
                 "normalization": config.data.normalization,
                 "fiveds_transform_carryover": config.data.fiveds_transform_carryover,

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
+from norga.methods.training import masked_logits
+
 if TYPE_CHECKING:
     from norga.engine.context import RunContext
 
@@ -28,12 +30,19 @@ class Phase:
     evaluate: str | None = None
 
 
+#: Which prompts `ContinualMethod.predict` uses (`slots`): the method's own choice, each image's true task's, or
+#: none (the frozen backbone through the same head). A method lists those it has in `slot_modes`.
+SLOT_MODES = ("predicted", "true", "none")
+
+
 @dataclass
 class Prediction:
-    """Predicted classes and, where the method infers it, predicted tasks, for a batch of images."""
+    """Predicted classes over the seen classes, predicted tasks (where the method infers them) and, when the
+    true tasks were given, the classes predicted among each image's true task's classes (task-incremental)."""
 
     classes: Tensor
     tasks: Tensor | None = None
+    within_task: Tensor | None = None
 
 
 class ImageIds(NamedTuple):
@@ -67,6 +76,11 @@ class ContinualMethod(ABC):
         """Whether `predict` returns predicted tasks (recorded as the task-identity matrix)."""
         return False
 
+    @property
+    def slot_modes(self) -> tuple[str, ...]:
+        """The `SLOT_MODES` `predict` accepts; a method without prompts has only its own ("predicted")."""
+        return ("predicted",)
+
     @abstractmethod
     def phases(self, task: int) -> list[Phase]: ...
 
@@ -76,10 +90,28 @@ class ContinualMethod(ABC):
 
     @abstractmethod
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None) -> Prediction:
+                image_ids: ImageIds | None = None, slots: str = "predicted",
+                true_tasks: Tensor | None = None) -> Prediction:
         """Classes (and tasks, if inferred) of `images` after `seen_tasks` tasks; the engine passes the images'
         cached frozen-backbone features as `frozen_features` and their identity as `image_ids` (for methods
-        that memoise per-image work)."""
+        that memoise per-image work).
+
+        `slots` (one of `slot_modes`) says whose prompts the images get. With `true_tasks` (each image's task)
+        the prediction also holds `within_task`: the classes predicted with the true task's prompts (none with
+        ``slots="none"``) among that task's classes only.
+        """
+
+    # ------------------------------------------------------------ predictions
+    def seen_classes(self, logits: Tensor, seen_tasks: int) -> Tensor:
+        """The argmax of `logits`, over the seen tasks' classes when ``eval.mask_final_logits`` (official)."""
+        if self.ctx.config.eval.mask_final_logits:
+            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
+        return logits.argmax(dim=1).cpu()
+
+    def within_task_classes(self, logits: Tensor, true_tasks: Tensor) -> Tensor:
+        """The argmax of each row of `logits` over the classes of that image's true task."""
+        own = self.ctx.class_to_task.to(logits.device)[None, :] == true_tasks.to(logits.device)[:, None]
+        return masked_logits(logits, own).argmax(dim=1).cpu()
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

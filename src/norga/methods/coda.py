@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
 from norga.engine.context import RunContext
 from norga.engine.seeding import generator
-from norga.methods.registry import register_method
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
+from norga.methods.registry import register_method
 from norga.nn import Prefix
 from norga.nn.coda_pool import CodaPool
 from norga.nn.gates import GateKind, GateTrainTasks
@@ -55,7 +55,8 @@ class CodaPrompt(QueryPromptMethod):
     def begin_task(self, task: int) -> None:
         self.prompts["pool"].init_task(task, generator(self.ctx.config.seed, "coda", task))
 
-    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool) -> PromptedPass:
+    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool,
+                 given_tasks: Tensor | None = None) -> PromptedPass:
         pool: CodaPool = self.prompts["pool"]
         prefixes = {layer: Prefix(k, v, self.gate_of(layer))
                     for layer, (k, v) in zip(self.layers, pool.prefixes(query, task, train))}

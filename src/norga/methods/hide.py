@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from norga.config import Count, Fraction, NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt, TAPConfig, Temperature
+from norga.config import (
+    Count,
+    Fraction,
+    NonNegativeFloat,
+    OptimConfig,
+    PositiveFloat,
+    PositiveInt,
+    TAPConfig,
+    Temperature,
+)
 from norga.engine.context import RunContext, TrainBatch
 from norga.engine.features import PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
@@ -245,34 +254,54 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         logits = masked_logits(self.tii(frozen_features.to(self.ctx.device)), self.ctx.class_mask_until(seen_tasks - 1))
         return self.ctx.class_to_task[logits.argmax(dim=1).cpu()]
 
+    @property
+    def slot_modes(self) -> tuple[str, ...]:
+        return ("predicted", "true", "none")
+
     @torch.inference_mode()
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None) -> Prediction:
+                image_ids: ImageIds | None = None, slots: str = "predicted",
+                true_tasks: Tensor | None = None) -> Prediction:
         """Frozen pass -> predicted task -> prompted pass with that task's slot -> class.
 
         With `image_ids` the prompted features are memoised per (image, slot) while the slot is unchanged
-        (``cache_prompted_features``, correct prefix layout only): before- and after-TAP evaluations and later
-        tasks' evaluations reuse them.
+        (``cache_prompted_features``, correct prefix layout only): before- and after-TAP evaluations, later
+        tasks' evaluations and the true-task (task-incremental) pass reuse them.
         """
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
-        tasks = self.predict_tasks(frozen_features, seen_tasks)
-        slots = tasks
-        if self.settings.batchwise_prompt:  # official compat (P2): the batch's majority task for all
-            slots = torch.full_like(tasks, int(torch.mode(tasks).values))
+        tasks = self.predict_tasks(frozen_features, seen_tasks) if slots == "predicted" else None
+        chosen = {"predicted": tasks, "true": true_tasks, "none": None}[slots]
+        if slots == "predicted" and self.settings.batchwise_prompt:  # official compat (P2): the batch's majority
+            chosen = torch.full_like(tasks, int(torch.mode(tasks).values))
         images = images.to(self.ctx.device)
+        logits = self._logits(images, chosen, image_ids)
+        within = None
+        if true_tasks is not None:
+            if chosen is not None and not torch.equal(chosen.cpu(), true_tasks.cpu()):
+                logits_given_task = self._logits(images, true_tasks, image_ids)
+            else:
+                logits_given_task = logits
+            within = self.within_task_classes(logits_given_task, true_tasks)
+        return Prediction(self.seen_classes(logits, seen_tasks), tasks, within)
 
-        def encode(mask: Tensor) -> Tensor:
-            return self.encode(images[mask.to(images.device)], slots[mask].to(self.ctx.device))
-
-        if self.prompted_memo is not None and image_ids is not None:
-            features = self.prompted_memo.features(image_ids.dataset, image_ids.rows, slots, image_ids.size, encode)
+    def _logits(self, images: Tensor, slots: Tensor | None, image_ids: ImageIds | None) -> Tensor:
+        """Head logits of `images` prompted with slot ``slots[b]`` for sample b (None: no prompts)."""
+        if slots is None:
+            with self.ctx.autocast():
+                features = self.model.forward_features(images).float()
         else:
-            features = encode(torch.ones(len(slots), dtype=torch.bool))
-        logits = self.model.classify(features.to(self.ctx.device).float()).float()
-        if self.ctx.config.eval.mask_final_logits:
-            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
-        return Prediction(logits.argmax(dim=1).cpu(), tasks)
+            slots = slots.cpu()
+
+            def encode(mask: Tensor) -> Tensor:
+                return self.encode(images[mask.to(images.device)], slots[mask].to(self.ctx.device))
+
+            if self.prompted_memo is not None and image_ids is not None:
+                features = self.prompted_memo.features(image_ids.dataset, image_ids.rows, slots, image_ids.size,
+                                                       encode)
+            else:
+                features = encode(torch.ones(len(slots), dtype=torch.bool))
+        return self.model.classify(features.to(self.ctx.device).float()).float()
 
     def _slot_version(self, slot: int) -> tuple[int, ...]:
         """In-place version counters of everything a slot's prompted features depend on (slot, gates, fc_norm)."""

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
 from norga.engine.context import RunContext
-from norga.methods.registry import register_method
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
+from norga.methods.registry import register_method
 from norga.nn import Prefix, PrefixPool
-from norga.nn.prompt_keys import PromptKeys
 from norga.nn.gates import GateKind, GateTrainTasks
+from norga.nn.prompt_keys import PromptKeys
 from norga.nn.token_pool import TokenPool
 
 
@@ -112,9 +112,17 @@ class KeyedPromptMethod(QueryPromptMethod):
             for source, target in zip(previous, current):
                 self.prompts["e"].copy_slot(source, target)
 
-    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool) -> PromptedPass:
+    @property
+    def task_keyed(self) -> bool:
+        """DualPrompt's and S-Prompt++'s slots belong to tasks (when the pool holds every task's)."""
+        return self.settings.train_selection == "task" and self.task_slots(self.num_tasks - 1) is not None
+
+    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool,
+                 given_tasks: Tensor | None = None) -> PromptedPass:
         forced = None
-        if train and self.settings.train_selection == "task" and (slots := self.task_slots(task)) is not None:
+        if given_tasks is not None:
+            forced = torch.stack([torch.tensor(list(self.task_slots(int(t)))) for t in given_tasks]).to(query.device)
+        elif train and self.settings.train_selection == "task" and (slots := self.task_slots(task)) is not None:
             forced = torch.tensor([list(slots)], device=query.device)
         selection = self.prompts["key"].select(query, self.top_k, forced, batchwise=self.settings.batchwise_prompt)
         prefixes: dict[int, Prefix] = {}

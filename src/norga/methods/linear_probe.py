@@ -15,7 +15,7 @@ from norga.config import OptimConfig
 from norga.engine.context import RunContext
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
 from norga.methods.registry import register_method
-from norga.methods.training import PhaseTraining, masked_logits
+from norga.methods.training import PhaseTraining
 
 
 @dataclass
@@ -51,13 +51,13 @@ class LinearProbe(PhaseTraining, ContinualMethod):
 
     @torch.inference_mode()
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None) -> Prediction:
+                image_ids: ImageIds | None = None, slots: str = "predicted",
+                true_tasks: Tensor | None = None) -> Prediction:
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         logits = self.head(frozen_features.to(self.ctx.device))
-        if self.ctx.config.eval.mask_final_logits:
-            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
-        return Prediction(logits.argmax(dim=1).cpu())
+        within = None if true_tasks is None else self.within_task_classes(logits, true_tasks)
+        return Prediction(self.seen_classes(logits, seen_tasks), within_task=within)
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self._optimizer_state()}

@@ -69,12 +69,14 @@ class NearestClassMean(ContinualMethod):
 
     @torch.inference_mode()
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None) -> Prediction:
+                image_ids: ImageIds | None = None, slots: str = "predicted",
+                true_tasks: Tensor | None = None) -> Prediction:
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
-        scores = nearness(frozen_features.float().cpu(), self.means, self.metric)
-        allowed = self.ctx.class_mask_until(seen_tasks - 1).cpu() & self.known
-        return Prediction(masked_logits(scores, allowed).argmax(dim=1))
+        scores = masked_logits(nearness(frozen_features.float().cpu(), self.means, self.metric), self.known)
+        allowed = self.ctx.class_mask_until(seen_tasks - 1).cpu()
+        within = None if true_tasks is None else self.within_task_classes(scores, true_tasks)
+        return Prediction(masked_logits(scores, allowed).argmax(dim=1), within_task=within)
 
     def state_dict(self) -> dict[str, Any]:
         return {"means": self.means.clone(), "known": self.known.clone()}

@@ -81,8 +81,19 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         """Prepare `task`'s prompts before its first epoch (sequential or orthogonal initialisation)."""
 
     @abstractmethod
-    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool) -> PromptedPass:
-        """Logits of `images` with prompts built from `query`; `task` is the one training, or the last seen."""
+    def prompted(self, images: Tensor, query: Tensor, task: int, train: bool,
+                 given_tasks: Tensor | None = None) -> PromptedPass:
+        """Logits of `images` with prompts built from `query`; `task` is the one training, or the last seen.
+        `given_tasks` (methods with task-keyed prompts only) gives each image its task's prompts instead."""
+
+    @property
+    def task_keyed(self) -> bool:
+        """Whether each task has prompts of its own (then ``slots="true"`` means something)."""
+        return False
+
+    @property
+    def slot_modes(self) -> tuple[str, ...]:
+        return ("predicted", "true", "none") if self.task_keyed else ("predicted", "none")
 
     def gate_of(self, layer: int) -> ScoreGate:
         return self.prompts["gates"][str(layer)]
@@ -123,16 +134,33 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
     # ------------------------------------------------------------- inference
     @torch.inference_mode()
     def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None) -> Prediction:
-        """Query = frozen CLS feature (cached by the engine) -> prompts -> prompted pass -> class."""
+                image_ids: ImageIds | None = None, slots: str = "predicted",
+                true_tasks: Tensor | None = None) -> Prediction:
+        """Query = frozen CLS feature (cached by the engine) -> prompts -> prompted pass -> class.
+
+        Task-incremental (`true_tasks`): task-keyed methods run the batch again with each image's true task's
+        prompts where any image chose another task's; the others restrict the same logits to the true task.
+        """
+        images = images.to(self.ctx.device)
         query = self.ctx.frozen_encode(images) if frozen_features is None else frozen_features.to(self.ctx.device)
+        given = true_tasks if slots == "true" else None
+        out = self._pass(images, query, seen_tasks, slots, given)
+        tasks = out.tasks.cpu() if out.tasks is not None and slots == "predicted" else None
+        within = None
+        if true_tasks is not None:
+            logits = out.logits
+            if self.task_keyed and slots == "predicted" and not torch.equal(out.tasks.cpu(), true_tasks.cpu()):
+                logits = self._pass(images, query, seen_tasks, "true", true_tasks).logits
+            within = self.within_task_classes(logits, true_tasks)
+        return Prediction(self.seen_classes(out.logits, seen_tasks), tasks, within)
+
+    def _pass(self, images: Tensor, query: Tensor, seen_tasks: int, slots: str,
+              given_tasks: Tensor | None) -> PromptedPass:
         with self.ctx.autocast():
-            out = self.prompted(images.to(self.ctx.device), query, seen_tasks - 1, train=False)
-        logits = out.logits.float()
-        if self.ctx.config.eval.mask_final_logits:
-            logits = masked_logits(logits, self.ctx.class_mask_until(seen_tasks - 1))
-        tasks = out.tasks.cpu() if out.tasks is not None else None
-        return Prediction(logits.argmax(dim=1).cpu(), tasks)
+            if slots == "none":
+                return PromptedPass(self.model(images).logits.float())
+            out = self.prompted(images, query, seen_tasks - 1, train=False, given_tasks=given_tasks)
+        return out._replace(logits=out.logits.float())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 
 from norga.engine.checkpoint import atomic_write, load_json, write_json
 
-#: results.json key -> short label. Keys are read from `metrics`, else from the top level (task identity);
-#: a key a run does not record (task-incremental accuracy, until the engine records it) stays None, shown "—".
+#: results.json key -> short label. Keys are read from `metrics`, else from the top level (task identity and
+#: task-incremental accuracy); a key a run does not record (e.g. task identity in a joint run) stays None, "—".
 METRICS = {"final_average_accuracy": "FA", "cumulative_average_accuracy": "CA", "forgetting": "FFM",
            "task_identity_accuracy": "task-id", "task_incremental_accuracy": "task-IL"}
 GROUP_KEYS = ("method", "setting", "benchmark")
