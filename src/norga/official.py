@@ -115,30 +115,26 @@ def load_official_checkpoint(
             report.backbone_keys_checked += 1
         else:
             unknown.append(key)
+    trained_missing = [k for k in backbone_state if k.startswith(TRAINED_PREFIXES) and k not in state]
+    if any(k.startswith("fc_norm.") for k in trained_missing):
+        raise OfficialCheckpointError(
+            f"{path} has no trained fc_norm but the model has one ({listed(trained_missing)} missing): build the "
+            "model on a backbone without fc_norm, as the checkpoint's")
     if unknown:
         hint = ("the checkpoint has a trained fc_norm (MoCo v3 variant): build the backbone with one, e.g. 'mocov3'"
                 if any(k.startswith("fc_norm.") for k in unknown) else
                 "was it written for another architecture or method?")
         raise OfficialCheckpointError(f"{path} has keys this model has no place for: {listed(unknown)}; {hint}")
-    _refuse_missing(path, [k for k in backbone_state if k.startswith(TRAINED_PREFIXES) and k not in state],
-                    [k for k in backbone_state if check_backbone and not k.startswith(TRAINED_PREFIXES)
-                     and k not in state])
+    if trained_missing:
+        raise OfficialCheckpointError(f"{path} lacks the trained weights {listed(trained_missing)}: not a complete "
+                                      "official checkpoint of the prompt stage")
+    frozen_missing = [k for k in backbone_state if check_backbone and k not in state]
+    if frozen_missing:
+        raise OfficialCheckpointError(
+            f"{path} lacks backbone keys {listed(frozen_missing)} to check the model's against: was it written for "
+            "another architecture? Pass check_backbone=False to load the prompts anyway")
     apply_copies(copies)
     return report
-
-
-def _refuse_missing(path: str | Path, trained: list[str], frozen: list[str]) -> None:
-    if any(k.startswith("fc_norm.") for k in trained):
-        raise OfficialCheckpointError(
-            f"{path} has no trained fc_norm but the model has one ({listed(trained)} missing): build the model "
-            "on a backbone without fc_norm, as the checkpoint's")
-    if trained:
-        raise OfficialCheckpointError(f"{path} lacks the trained weights {listed(trained)}: not a complete official "
-                                      "checkpoint of the prompt stage")
-    if frozen:
-        raise OfficialCheckpointError(
-            f"{path} lacks backbone keys {listed(frozen)} to check the model's against: was it written for another "
-            "architecture? Pass check_backbone=False to load the prompts anyway")
 
 
 def apply_copies(copies: list[tuple[Tensor, Tensor]]) -> None:
