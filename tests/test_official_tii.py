@@ -15,8 +15,9 @@ from official_fixtures import (
     save_tii_stage,
 )
 
+from norga.nn import PromptedViT, TaskPrompts
 from norga.official import OfficialCheckpointError, official_task_checkpoints
-from norga.official_tii import load_official_tii_checkpoint
+from norga.official_tii import load_official_task, load_official_tii_checkpoint
 from norga.tii import TaskIdentityModel
 
 #: CIFAR / ImageNet-R / CUB ([2]), 5-datasets ([4, 4]: a middle LayerNorm), MoCo v3 (fc_norm instead of mlp.norm)
@@ -128,3 +129,27 @@ def test_both_stages_files_of_a_task_by_the_official_layout(tmp_path):
         official_task_checkpoints(tmp_path / "elsewhere", prompt_dir, 1)
     with pytest.raises(ValueError, match="start at 1"):
         official_task_checkpoints(tii_dir, prompt_dir, 0)
+
+
+def test_both_stages_of_a_task_load_into_a_norga_model_all_or_nothing(tmp_path):
+    tii_dir, prompt_dir = tmp_path / "tii_run", tmp_path / "prompt_run"
+    tii_state = write_tii(tii_dir / "checkpoint" / "task2_checkpoint.pth")
+    prompt_state = {**backbone_keys(official_backbone()), "head.weight": torch.randn(CLASSES, WIDTH),
+                    "head.bias": torch.randn(CLASSES), "e_prompt.prompt": torch.randn(2, 2, 3, 4, 3, 64),
+                    "e_prompt.act_scale": torch.rand(2, 2, 1, 1)}
+    save_prompt_stage(prompt_dir / "checkpoint" / "task2_checkpoint.pth", prompt_state, gate_act="tanh")
+    host = PromptedViT(official_backbone(), num_classes=CLASSES).eval()
+    prompts = TaskPrompts(host, 3, 4, [0, 1], gate="tanh")
+    tii = TaskIdentityModel(WIDTH, CLASSES, [2])
+    reports = load_official_task(host, prompts, tii, tii_dir, prompt_dir, 2)
+    assert reports["task_identity"].stage == "task_identity" and reports["prompt"].stage == "prompt"
+    assert torch.equal(tii.head.weight, tii_state["head.weight"])
+    assert torch.equal(prompts.pool.prompts, prompt_state["e_prompt.prompt"])
+
+    save_prompt_stage(prompt_dir / "checkpoint" / "task2_checkpoint.pth", {**prompt_state, "g_prompt": torch.zeros(1)},
+                      gate_act="tanh")
+    fresh = TaskIdentityModel(WIDTH, CLASSES, [2])
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(OfficialCheckpointError, match=r"no place for: \['g_prompt'\]"):
+        load_official_task(host, prompts, fresh, tii_dir, prompt_dir, 2)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

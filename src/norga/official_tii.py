@@ -6,7 +6,7 @@ Sequential starting with its Linear: ``mlp.net.0.0`` is the first Linear, the mi
 ``mlp.net.<k//2>.2``), the MLP's outer LayerNorm ``mlp.norm.*`` (absent with MoCo v3's fc_norm, which is
 ``fc_norm.*`` then) and the ``head.*`` over all classes (NORGA_SPEC §1.7). Every key is accounted for: loaded into
 the `TaskIdentityModel`, checked against the backbone, or on an explicit ignore list; anything else is an
-error, and so is a key of the model that the file lacks.
+error, and so is a key of the model that the file lacks. `load_official_task` loads both stages of a task.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from norga.official import (
     check_same_backbone,
     checked_copy,
     listed,
+    load_official_checkpoint,
+    official_task_checkpoints,
     read_official_payload,
 )
+from norga.nn.prompted_vit import PromptedViT
+from norga.nn.task_prompts import TaskPrompts
 from norga.tii import TaskIdentityModel
 
 #: Official first-stage keys with no effect on the task-identity model, and why (none known so far).
@@ -118,3 +122,20 @@ def _mismatch(unknown: list[str], missing: list[str], has_fc_norm: bool, fix: st
     if has_fc_norm and any(k.startswith("mlp.norm.") for k in unknown):
         return "; ".join(parts) + "; the checkpoint has no fc_norm: build it with fc_norm=False"
     return "; ".join(parts) + f"; {fix}"
+
+
+def load_official_task(model: PromptedViT, prompts: TaskPrompts, tii: TaskIdentityModel, tii_output_dir: str | Path,
+                       prompt_output_dir: str | Path, task: int, *, check_backbone: bool = True
+                       ) -> dict[str, OfficialCheckpointReport]:
+    """Both official stages of task `task` (1-based) into a HiDe-Prompt / NoRGa model: the task-identity model
+    from the first run's ``--output_dir``, prompts, gates, head (and fc_norm) from the second's; all or nothing."""
+    files = official_task_checkpoints(tii_output_dir, prompt_output_dir, task)
+    saved = {k: v.clone() for k, v in tii.state_dict().items()}
+    reports = {"task_identity": load_official_tii_checkpoint(tii, files["task_identity"],
+                                                             model.backbone if check_backbone else None)}
+    try:
+        reports["prompt"] = load_official_checkpoint(model, prompts, files["prompt"], check_backbone=check_backbone)
+    except Exception:
+        tii.load_state_dict(saved)
+        raise
+    return reports
