@@ -6,6 +6,15 @@ import hashlib
 import pytest
 import timm
 import torch
+from official_fixtures import (
+    assert_matches_reference,
+    backbone_keys,
+    official_backbone,
+    reference_class_token,
+    reference_logits,
+    save_prompt_stage,
+    trained_norm,
+)
 from prompted_fixture import Prompted
 
 from norga.nn import PromptedViT, TaskPrompts
@@ -145,3 +154,67 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
     torch.save(payload, path)
     with pytest.raises(OfficialCheckpointError, match="cannot read"):
         read_official_checkpoint(path)
+
+
+# ------------------------------------------------------- MoCo v3 (fc_norm) and strictness
+def fc_norm_model(gate="gelu", seed=0):
+    host = PromptedViT(official_backbone(seed, fc_norm=True), num_classes=CLASSES, train_fc_norm=True).eval()
+    model = Prompted(host, TaskPrompts(host, SLOTS, LP, range(LAYERS), gate=gate or "none"))
+    model.backbone, model.pool, model.gates = host.backbone, model.prompts.pool, model.prompts.gates
+    return model
+
+
+def write_moco_prompt_stage(path, drop=()):
+    """The prompt stage on MoCo v3 as the official code saves it: no final norm, a trained fc_norm and head."""
+    state = backbone_keys(official_backbone(0, fc_norm=True))
+    assert not any(key.startswith("norm.") for key in state)  # the official fc_norm variant drops the final norm
+    state.update(trained_norm("fc_norm", 192))
+    state["head.weight"], state["head.bias"] = torch.randn(CLASSES, 192) / 14, 0.1 * torch.randn(CLASSES)
+    state["e_prompt.prompt"] = torch.empty(LAYERS, 2, SLOTS, LP, 3, 64).uniform_(-1, 1)
+    state["e_prompt.act_scale"] = torch.rand(LAYERS, 2, 1, 1) + 0.5
+    for key in drop:
+        state.pop(key)
+    save_prompt_stage(path, state, gate_act="gelu")
+    return state
+
+
+def test_moco_prompt_stage_loads_the_trained_fc_norm_and_computes_what_its_weights_define(tmp_path):
+    path = tmp_path / "checkpoint" / "task3_checkpoint.pth"
+    state = write_moco_prompt_stage(path)
+    model = fc_norm_model()
+    report = load(model, path)
+    assert {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} <= set(report.loaded)
+    assert torch.equal(model.backbone.fc_norm.weight, state["fc_norm.weight"])
+    unchecked = fc_norm_model()
+    load(unchecked, path, check_backbone=False)  # the trained fc_norm is loaded, not dropped with the checks
+    assert torch.equal(unchecked.backbone.fc_norm.bias, state["fc_norm.bias"])
+    x, slots = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        out = model(x, slots)
+        cls = reference_class_token(state, x, depth=3, prompt={"layers": [0, 1], "slots": slots, "gate_act": "gelu"})
+        assert_matches_reference(out.features, cls)  # the official "pre_logits": before fc_norm
+        assert_matches_reference(out.logits, reference_logits(state, cls))
+
+
+def test_fc_norm_mismatches_missing_keys_and_shapes_are_refused_before_anything_loads(tmp_path):
+    moco = tmp_path / "moco.pth"
+    write_moco_prompt_stage(moco)
+    plain = tmp_path / "plain.pth"
+    write_official(plain, gate_act="gelu")
+    missing = tmp_path / "missing.pth"
+    write_moco_prompt_stage(missing, drop=("head.bias",))
+    partial = tmp_path / "partial.pth"
+    write_moco_prompt_stage(partial, drop=("blocks.1.attn.qkv.bias",))
+    cases = [
+        (make_model(gate="gelu"), moco, "no place for: \\['fc_norm.bias', 'fc_norm.weight'\\].*build the backbone with one"),
+        (fc_norm_model(), plain, "no trained fc_norm but the model has one"),
+        (fc_norm_model(), missing, "lacks the trained weights \\['head.bias'\\]"),
+        (fc_norm_model(), partial, "lacks backbone keys \\['blocks.1.attn.qkv.bias'\\].*check_backbone=False"),
+    ]
+    for model, path, match in cases:
+        before = {k: v.clone() for k, v in [*model.host.state_dict().items(), *model.prompts.state_dict().items()]}
+        with pytest.raises(OfficialCheckpointError, match=match):
+            load(model, path)
+        after = {**model.host.state_dict(), **model.prompts.state_dict()}
+        assert all(torch.equal(before[k], after[k]) for k in before), path  # nothing half-loaded
+    load(fc_norm_model(), partial, check_backbone=False)

@@ -37,12 +37,16 @@ class ResidualMLP(nn.Module):
 
 
 class TaskIdentityModel(nn.Module):
-    """Maps frozen backbone features to logits over all classes; the predicted class gives the task."""
+    """Maps frozen backbone features to logits over all classes; the predicted class gives the task.
+
+    With `fc_norm` (a backbone with MoCo v3's fc_norm, officially) the mapping has no outer LayerNorm and the
+    model's own ``fc_norm`` (a LayerNorm with eps 1e-6, the ViT's norm layer) sits before the head.
+    """
 
     def __init__(self, dim: int, num_classes: int, hidden: Sequence[int] = (2,), fc_norm: bool = False) -> None:
         super().__init__()
         self.mapping = ResidualMLP(dim, hidden, final_norm=not fc_norm)
-        self.fc_norm = nn.LayerNorm(dim) if fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if fc_norm else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
 
     def embed(self, features: Tensor) -> Tensor:

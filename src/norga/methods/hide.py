@@ -112,7 +112,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                                    gate=self._gate(), prefix_layout=settings.prefix_layout,
                                    generator=context.init_generator).to(context.device)
         self.prompts.freeze()
-        self.tii = TaskIdentityModel(self.model.embed_dim, context.num_classes, settings.tii.mlp_hidden).to(context.device)
+        self.tii = TaskIdentityModel(self.model.embed_dim, context.num_classes, settings.tii.mlp_hidden,
+                                     fc_norm=self.model.has_fc_norm).to(context.device)  # official MoCo v3 variant
         self.tii_gaussians = ClassGaussians()
         self.prompt_gaussians = ClassGaussians()
         self.optimizer: torch.optim.Optimizer | None = None
@@ -215,9 +216,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             self.prompt_gaussians.add_class(label, encoded.features[encoded.labels == label])
 
     def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        head = self.model.backbone.head
+        """TAP of the prompted model's classifier: the head, and fc_norm where the backbone has one (official)."""
         self._tap(task, start_epoch, on_epoch_end, self.settings.wtp.tap, self.prompt_gaussians,
-                  list(head.parameters()), head, "tap", f"{self.name}.wtp.tap.lr")
+                  self.model.head_parameters(), self.model.classify, "tap", f"{self.name}.wtp.tap.lr")
 
     # ------------------------------------------------------------------ shared
     def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key,
@@ -304,9 +305,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return self.model.classify(features.to(self.ctx.device).float()).float()
 
     def _slot_version(self, slot: int) -> tuple[int, ...]:
-        """In-place version counters of everything a slot's prompted features depend on (slot, gates, fc_norm)."""
-        params = [self.prompts.pool.slots[slot], *self.prompts.gates.parameters(),
-                  *self.model.backbone.fc_norm.parameters()]
+        """In-place version counters of everything a slot's prompted features depend on (slot, gates; fc_norm is
+        applied after the memo, by `PromptedViT.classify`)."""
+        params = [self.prompts.pool.slots[slot], *self.prompts.gates.parameters()]
         return tuple((id(param), param._version) for param in params)
 
     # ------------------------------------------------------------ run record

@@ -32,7 +32,7 @@ _NO_GATE = IdentityGate()
 
 
 class PromptedOutput(NamedTuple):
-    """Pre-logits (CLS token after the final norm, as timm's ``forward_head(pre_logits=True)``) and logits."""
+    """Features (CLS token after the final norm, before ``fc_norm``; see `PromptedViT.forward_features`) and logits."""
 
     features: Tensor
     logits: Tensor
@@ -46,6 +46,11 @@ class PromptedViT(nn.Module):
     (prompt tuning). Blocks that take prefixes get `PrefixAttention` (`install_prefix_layers`), which reuses
     the block's own weights, so the plain frozen forward (no prompts) is the same module with no second
     backbone copy. Trainable here: the classifier head (and ``fc_norm`` with `train_fc_norm`).
+
+    Features are read before ``fc_norm`` and `classify` applies it, as the official code does (its
+    "pre_logits"): with a trainable fc_norm (MoCo v3) the features of the frozen pass stay frozen, and the
+    class statistics and losses on features see the un-normalised class token. Without fc_norm (Identity)
+    this is timm's ``forward_head(pre_logits=True)``.
     """
 
     def __init__(
@@ -111,6 +116,11 @@ class PromptedViT(nn.Module):
         return self.backbone.num_features
 
     @property
+    def has_fc_norm(self) -> bool:
+        """Whether a norm sits between the features and the head (timm ``fc_norm``, e.g. MoCo v3's)."""
+        return not isinstance(self.backbone.fc_norm, nn.Identity)
+
+    @property
     def attention_impl(self) -> str:
         return self._attention_impl
 
@@ -138,7 +148,8 @@ class PromptedViT(nn.Module):
         prefixes: Mapping[int, Prefix] | None = None,
         prompt_tokens: Mapping[int, Tensor] | None = None,
     ) -> Tensor:
-        """Pre-logits of images `x` with the prompts given (none: the plain frozen backbone).
+        """Features of images `x` with the prompts given (none: the plain frozen backbone): the pooled token
+        before ``fc_norm`` (timm's pre-logits, without fc_norm).
 
         `prefixes` maps a block index to a `Prefix` for that block (its attention must be a prefix attention:
         `install_prefix_layers`); `prompt_tokens` maps a block index to tokens (B or 1, N, dim) prepended to
@@ -155,7 +166,7 @@ class PromptedViT(nn.Module):
                 stack.enter_context(_prepended(self._block_at(index), prompt))
             features = self.backbone.forward_features(x)
         prepended = sum(prompt.shape[1] for prompt in tokens.values())
-        return self.backbone.forward_head(features[:, prepended:], pre_logits=True)
+        return self.backbone.pool(features[:, prepended:])
 
     def _block_at(self, index: int) -> nn.Module:
         if not 0 <= index < self.depth:
@@ -170,8 +181,8 @@ class PromptedViT(nn.Module):
         return attention
 
     def classify(self, features: Tensor) -> Tensor:
-        """Logits of the classifier head over all classes from pre-logits."""
-        return self.backbone.head(self.backbone.head_drop(features))
+        """Logits over all classes from `forward_features`' features: fc_norm (if any), then the head."""
+        return self.backbone.head(self.backbone.head_drop(self.backbone.fc_norm(features)))
 
     def forward(self, x: Tensor, *args, **kwargs) -> PromptedOutput:
         """Pre-logits and logits; the arguments are those of `forward_features`."""
