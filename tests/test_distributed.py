@@ -156,6 +156,14 @@ def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_res
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert two["matrices"] == one["matrices"]
     assert json.loads((tmp_path / "two" / "environment.json").read_text())["processes"] == 2
+    evaluated = torchrun("norga", "evaluate", str(tmp_path / "one"), "--quiet", module=True)  # 2 processes
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.count("written:") == 1  # only rank 0 writes and reports
+    (record,) = [json.loads(path.read_text()) for path in (tmp_path / "one" / "evaluations").glob("*.json")]
+    for name in ("accuracy", "task_incremental", "task_identity"):  # what the one process recorded, image for image
+        stored = one["matrices"][name]
+        assert [row[name] for row in record["per_task"]] == [
+            100 * correct[-1] / total[-1] for correct, total in zip(stored["correct"], stored["total"], strict=True)]
 
 
 # ------------------------------------------------------------------ what cannot be split

@@ -169,6 +169,16 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         reevaluated(tmp_path / "a" / "run", task=1)
 
 
+def test_a_checkpoint_without_the_class_statistics_is_refused_not_evaluated_without_them(tmp_path):
+    finished(tmp_path, "norga")
+    path = tmp_path / "run" / "checkpoints" / "task3.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["prompt_gaussians"]
+    torch.save(checkpoint, path)
+    with pytest.raises(Exception, match="task3.pt lacks prompt_gaussians"):
+        reevaluated(tmp_path / "run")
+
+
 @NEEDS_FASHION_MNIST
 def test_norga_evaluate_prints_the_table_writes_the_record_and_refuses_bad_requests(tmp_path):
     run_dir = tmp_path / "run"

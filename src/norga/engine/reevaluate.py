@@ -131,8 +131,12 @@ def reevaluate(run_dir: Path, model, tasks, num_classes: int, stored: RunConfig,
     path = run_dir / "checkpoints" / f"task{task + 1}.pt"
     checkpoint = load_checkpoint(path)
     _check_belongs(checkpoint, run_dir, stored, path)
+    missing = [key for key in method.heavy_state_dict() if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} (the method's class statistics): restore it from "
+                              "the run")
     method.load_state_dict(checkpoint["method"])
-    method.load_heavy_state_dict({key: checkpoint[key] for key in method.heavy_state_dict() if key in checkpoint})
+    method.load_heavy_state_dict({key: checkpoint[key] for key in method.heavy_state_dict()})
     matrices = {"accuracy": AccuracyMatrix(len(tasks), joint=joint)}
     if not joint:
         if slots == "predicted" and method.infers_tasks:
