@@ -22,8 +22,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--task", type=int, metavar="K", help="the checkpoint after task K (default: the last one)")
     parser.add_argument("--slots", choices=SLOT_MODES, default="predicted",
                         help="whose prompts each test image gets: the method's own choice (predicted, default), its "
-                        "true task's (true), or none: the frozen backbone through the same head (none); "
-                        "`norga methods NAME` lists a method's")
+                        "true task's (true: HiDe-Prompt, NoRGa, DualPrompt, S-Prompt++), or none: the frozen "
+                        "backbone through the same head (none: the prompt methods)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="evaluate with another eval.*, prefix_layout, batchwise_prompt, data.root, device or "
                         "amp (repeatable); what was trained cannot change")
