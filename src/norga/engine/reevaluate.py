@@ -35,9 +35,9 @@ from norga.metrics import AccuracyMatrix
 
 #: Dotted-key patterns an evaluation may set differently from the run: they change how it is evaluated, not
 #: what was trained.
-EVALUATION_SAFE = ("eval.*", "*.prefix_layout", "*.batchwise_prompt", "*.cache_prompted_features", "data.root",
-                   "data.workers", "data.download", "device", "amp", "compile", "attention_impl",
-                   "cache_frozen_features", "cache_features_on_disk")
+EVALUATION_SAFE = ("eval.*", "*.prefix_layout", "*.batchwise_prompt", "*.task_identity_counts",
+                   "*.cache_prompted_features", "data.root", "data.workers", "data.download", "device", "amp",
+                   "compile", "attention_impl", "cache_frozen_features", "cache_features_on_disk")
 EVALUATIONS = "evaluations"
 COLUMNS = {"accuracy": "class-IL", "task_incremental": "task-IL", "task_identity": "task-id"}
 
