@@ -137,13 +137,13 @@ def test_an_earlier_task_and_a_named_output_folder(official, capsys, tmp_path):
     record, path = record_of(evaluate(capsys, official, "--task", "1", "--slots", "true", "--output", tmp_path / "mine",
                                       "--set", "eval.batch_size=1"))
     assert path.startswith(str(tmp_path / "mine")) and record["after_task"] == 1 and len(record["per_task"]) == 1
-    (within, task_il, _, ties, images), = reference(official, 1)
+    (_, task_il, _, ties, images), = reference(official, 1)
     assert abs(record["per_task"][0]["task_incremental"] * images / 100 - task_il) <= ties + 1e-6
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (("--set", "norga.prompt.length=3"), r"'e_prompt.prompt' is shaped \(2, 2, 2, 4, 3, 64\) .* --set "
-                                         r"norga.prompt.length"),
+    (("--set", "norga.prompt.length=3"), (r"'e_prompt.prompt' is shaped \(2, 2, 2, 4, 3, 64\) .* --set "
+                                          r"norga.prompt.length")),
     (("--set", "method=l2p"), "give a hide or norga preset"),
     (("--task", "3"), "the preset's benchmark has tasks 1 to 2"),
 ])
