@@ -22,8 +22,8 @@ FOREIGN = re.compile(r"torchrun [^`]*?-m |python -m norga\.data\.manifest [^`.]*
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 SET_VALUE = re.compile(r"--set[ =]([\w.:-]+)=(\S+?)(?=[\s,;)`'\"]|\.(?:\s|$)|$)")
 PLACEHOLDER = "PLACEHOLDER"
-LIBRARY_OF = {"comparison.py": "compare", "reevaluate.py": "evaluate"}  # modules behind one command: their
-# messages name its options
+LIBRARY_OF = {"comparison.py": "compare", "reevaluate.py": "evaluate", "official_evaluation.py": "evaluate"}
+#: (modules behind one command: their messages name its options)
 
 
 def message_strings(path: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from norga.engine.divergence import TrainingDiverged
 from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.joint import training_schedule
 from norga.engine.kill_points import kill_point
-from norga.engine.progress import Progress, evaluation_line
+from norga.engine.progress import Progress, evaluation_line, warnings_logged
 from norga.engine.resume_changes import check_resume_changes, describe_changes, identity_hash
 from norga.engine.run_dir import RunDirectory
 from norga.engine.seeding import seed_everything
@@ -185,8 +186,12 @@ class Engine:
     # ------------------------------------------------------------------- loop
     def run(self) -> dict[str, AccuracyMatrix]:
         """Run (the rest of) every task; the run directory is released at the end, however it ends."""
+        started = time.perf_counter()
         try:
-            return self._run_tasks()
+            with warnings_logged(log):
+                matrices = self._run_tasks()
+            self.progress.note(f"run finished in {time.perf_counter() - started:.1f} s")
+            return matrices
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error}; {self._after_divergence(error)}", error.setting) from error
         finally:
@@ -238,6 +243,10 @@ class Engine:
             self._commit_task(task)
             self.progress.result(evaluation_line(task, self.num_tasks, "", self.matrices["accuracy"],
                                                  self.matrices.get("task_identity")))
+            for name in ("task_incremental", "task_identity"):  # per seen task, for log.txt
+                if name in self.matrices:
+                    self.progress.note(evaluation_line(task, self.num_tasks, name.replace("_", "-"),
+                                                       self.matrices[name], summary=False))
             self.progress.task_committed(task)
         return self.matrices
 

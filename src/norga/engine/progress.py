@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO, TypeVar
@@ -79,7 +80,7 @@ class PhaseTracker:
         self.epoch_seconds.append(seconds)
         self.epoch, self.epoch_started, self.last_logs = epoch + 1, now, dict(logs)
         left = self.seconds_left()
-        values = "  ".join(f"{key} {float(value):.4f}" for key, value in logs.items())
+        values = format_logs(logs)
         work = f"{plural(self.epoch_batches, 'batch')} in " if self.epoch_batches else ""
         rate = f" ({self.epoch_batches / seconds:.1f} batches/s)" if seconds > 0 and self.epoch_batches else ""
         eta = f", phase done in ~{clock(left)}" if left is not None and epoch + 1 < self.epochs else ""
@@ -97,12 +98,13 @@ class PhaseTracker:
         if self.epoch_bar is not None:
             self.epoch_bar.close()
         if self.epochs and ran:
-            values = "  ".join(f"{key} {float(value):.4f}" for key, value in self.last_logs.items())
+            values = format_logs(self.last_logs)
             self.progress._event(f"{self.description}: {plural(ran, 'epoch')} in {seconds:.1f} s  {values}",
-                                 lines=False)
-        elif not self.epochs and self.batches and self.summary:
-            self.progress._event(f"{self.description}: {plural(self.batches, 'batch')} in {seconds:.1f} s",
-                                 lines=False)
+                                 lines=False, logged=True)
+        elif not self.epochs:  # steps and evaluations: their time in log.txt; on the stream in bars mode
+            work = f"{plural(self.batches, 'batch')} in " if self.batches else ""
+            self.progress._event(f"{self.description}: {work}{seconds:.1f} s", lines=False,
+                                 bars=bool(self.batches and self.summary), logged=True)
 
 
 class Progress:
@@ -195,7 +197,7 @@ class Progress:
     def _bar_postfix(tracker: PhaseTracker | None) -> str:
         if tracker is None:
             return ""
-        values = [f"{key} {float(value):.4f}" for key, value in tracker.last_logs.items()]
+        values = [format_logs({key: value}) for key, value in tracker.last_logs.items()]
         left = tracker.seconds_left()
         if left is not None and tracker.epochs:
             values.append(f"phase ~{clock(left)} left")
@@ -214,16 +216,49 @@ class Progress:
         """Called once task `task` (0-based) is learnt, evaluated and on disk; shows nothing (a hook for
         subclasses)."""
 
+    def note(self, line: str) -> None:
+        """A line for log.txt only (details a reader needs afterwards that the stream leaves out)."""
+        self._event(line, bars=False, lines=False, logged=True)
+
     def _event(self, text: str, *, bars: bool = True, lines: bool = True, prefix: bool = True,
-               stamp: bool = True) -> None:
-        """`text` to the stream where this mode shows it (`bars` / `lines`), and to the log file as in lines mode."""
+               stamp: bool = True, logged: bool | None = None) -> None:
+        """`text` to the stream where this mode shows it (`bars` / `lines`), and to the log file as in lines mode
+        (or where `logged` says)."""
         line = f"{self.prefix} · {text}" if prefix and self.prefix else text
-        if lines:  # log.txt reads like the plain lines
+        if lines if logged is None else logged:  # log.txt reads like the plain lines
             log.info(line)
         if self.mode == "bars" and bars:
             tqdm.write(line, file=self.stream)
         elif self.mode == "lines" and lines:
             print(f"{timestamp()} {line}" if stamp else line, file=self.stream, flush=True)
+
+
+@contextmanager
+def warnings_logged(logger: logging.Logger) -> Iterator[None]:
+    """Every Python warning shown while the body runs also goes to `logger` (the run's log.txt), as
+    ``WARNING UserWarning: message (file:line)``; it is still shown where it would have been."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logger.warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def format_logs(logs: dict) -> str:
+    """An epoch's logs for a line: ``loss 0.1234  lr 0.015`` (a list: one value per parameter group)."""
+    def number(key: str, value: float) -> str:
+        return f"{float(value):.3g}" if key == "lr" else f"{float(value):.4f}"
+
+    def values(key: str, value) -> str:
+        return ",".join(number(key, v) for v in value) if isinstance(value, list) else number(key, value)
+
+    return "  ".join(f"{key} {values(key, value)}" for key, value in logs.items())
 
 
 def evaluation_line(task: int, num_tasks: int, stage: str, matrix, identity=None, summary: bool = True) -> str:

@@ -35,9 +35,9 @@ from norga.metrics import AccuracyMatrix
 
 #: Dotted-key patterns an evaluation may set differently from the run: they change how it is evaluated, not
 #: what was trained.
-EVALUATION_SAFE = ("eval.*", "*.prefix_layout", "*.batchwise_prompt", "*.cache_prompted_features", "data.root",
-                   "data.workers", "data.download", "device", "amp", "compile", "attention_impl",
-                   "cache_frozen_features", "cache_features_on_disk")
+EVALUATION_SAFE = ("eval.*", "*.prefix_layout", "*.batchwise_prompt", "*.task_identity_counts",
+                   "*.cache_prompted_features", "data.root", "data.workers", "data.download", "device", "amp",
+                   "compile", "attention_impl", "cache_frozen_features", "cache_features_on_disk")
 EVALUATIONS = "evaluations"
 COLUMNS = {"accuracy": "class-IL", "task_incremental": "task-IL", "task_identity": "task-id"}
 
@@ -109,6 +109,37 @@ def last_checkpointed_task(run_dir: Path, num_tasks: int) -> int:
     return done[-1]
 
 
+def evaluation_method(model, tasks, num_classes: int, config: RunConfig, slots: str = "predicted",
+                      device: torch.device | None = None, dist: Distributed = SINGLE_PROCESS,
+                      init_generator: torch.Generator | None = None):
+    """The method `config` names, freshly built on `model` and `tasks` for an evaluation with `slots`."""
+    seed_everything(config.seed)
+    context = RunContext(config, model.to(device or "cpu"), training_schedule(tasks, config.data.joint), num_classes,
+                         device or torch.device("cpu"), workers=config.data.workers, test_tasks=tasks, dist=dist,
+                         init_generator=init_generator)
+    method = method_class(config.method)(context, config.settings)
+    if slots not in method.slot_modes:
+        raise ConfigError(f"--slots {slots}: {config.method} has {', '.join(method.slot_modes)} only")
+    return method
+
+
+def measure(method, task: int, slots: str, config: RunConfig) -> tuple[list[int], dict[str, list[float]]]:
+    """Every seen test task after `task` through `method` (its state loaded): images and accuracies per matrix."""
+    context, joint = method.ctx, config.data.joint
+    num_test = len(context.test_tasks)
+    matrices = {"accuracy": AccuracyMatrix(num_test, joint=joint)}
+    if not joint:
+        if slots == "predicted" and method.infers_tasks:
+            matrices["task_identity"] = AccuracyMatrix(num_test)
+        matrices["task_incremental"] = AccuracyMatrix(num_test)
+    evaluate_seen_tasks(context, method, task, config.eval.batch_size, matrices["accuracy"],
+                        matrices.get("task_identity"), matrices.get("task_incremental"), slots=slots)
+    seen = matrices["accuracy"].tested(task)
+    images = [int(matrices["accuracy"].total[i, task]) for i in range(seen)]
+    return images, {name: [float(v) for v in matrices[name].accuracies()[:seen, task]]
+                    for name in COLUMNS if name in matrices}
+
+
 def reevaluate(run_dir: Path, model, tasks, num_classes: int, stored: RunConfig, config: RunConfig,
                changes: dict[str, tuple], task: int | None = None, slots: str = "predicted",
                device: torch.device | None = None, dist: Distributed = SINGLE_PROCESS,
@@ -116,15 +147,8 @@ def reevaluate(run_dir: Path, model, tasks, num_classes: int, stored: RunConfig,
     """Evaluate `run_dir`'s checkpoint after `task` (0-based; None: the last) on `model` and `tasks` (built from
     `config` by `build_run`), with `slots` (one of the method's `slot_modes`)."""
     run_dir = Path(run_dir)
-    seed_everything(config.seed)
-    joint = config.data.joint
-    context = RunContext(config, model.to(device or "cpu"), training_schedule(tasks, joint), num_classes,
-                         device or torch.device("cpu"), workers=config.data.workers, test_tasks=tasks, dist=dist,
-                         init_generator=init_generator)
-    method = method_class(config.method)(context, config.settings)
-    if slots not in method.slot_modes:
-        raise ConfigError(f"--slots {slots}: {config.method} has {', '.join(method.slot_modes)} only")
-    steps = len(context.tasks)
+    method = evaluation_method(model, tasks, num_classes, config, slots, device, dist, init_generator)
+    steps = len(method.ctx.tasks)
     task = last_checkpointed_task(run_dir, steps) if task is None else task
     if not 0 <= task < steps:
         raise ConfigError(f"--task {task + 1}: the run has tasks 1 to {steps}")
@@ -137,21 +161,12 @@ def reevaluate(run_dir: Path, model, tasks, num_classes: int, stored: RunConfig,
                               "the run")
     method.load_state_dict(checkpoint["method"])
     method.load_heavy_state_dict({key: checkpoint[key] for key in method.heavy_state_dict()})
-    matrices = {"accuracy": AccuracyMatrix(len(tasks), joint=joint)}
-    if not joint:
-        if slots == "predicted" and method.infers_tasks:
-            matrices["task_identity"] = AccuracyMatrix(len(tasks))
-        matrices["task_incremental"] = AccuracyMatrix(len(tasks))
-    evaluate_seen_tasks(context, method, task, config.eval.batch_size, matrices["accuracy"],
-                        matrices.get("task_identity"), matrices.get("task_incremental"), slots=slots)
-    seen = matrices["accuracy"].tested(task)
-    evaluation = Evaluation(run_dir, task, steps, slots, changes, config.eval.batch_size,
-                            images=[int(matrices["accuracy"].total[i, task]) for i in range(seen)])
-    ordered = [name for name in COLUMNS if name in matrices]
-    evaluation.accuracies = {name: [float(v) for v in matrices[name].accuracies()[:seen, task]] for name in ordered}
-    stored_matrices = checkpoint.get("matrices", {})
+    images, accuracies = measure(method, task, slots, config)
+    evaluation = Evaluation(run_dir, task, steps, slots, changes, config.eval.batch_size, images=images,
+                            accuracies=accuracies)
+    stored_matrices, seen = checkpoint.get("matrices", {}), len(images)
     evaluation.recorded = {name: [float(v) for v in AccuracyMatrix.from_dict(stored_matrices[name]).accuracies()
-                                  [:seen, task]] for name in ordered if name in stored_matrices}
+                                  [:seen, task]] for name in accuracies if name in stored_matrices}
     return evaluation
 
 
@@ -172,9 +187,11 @@ def _check_belongs(checkpoint: dict, run_dir: Path, stored: RunConfig, path: Pat
                               f"directory's {ENVIRONMENT} says {run_id[:12]}): restore this run's own checkpoints")
 
 
-def write_evaluation(evaluation: Evaluation) -> Path:
-    """``evaluations/taskK-SLOTS-STAMP.json`` and ``.csv`` in the run directory; returns the JSON's path."""
-    stem = evaluation.run_dir / EVALUATIONS / f"task{evaluation.task + 1}-{evaluation.slots}-{run_stamp()}"
+def write_evaluation(evaluation: Evaluation, directory: Path | None = None) -> Path:
+    """``taskK-SLOTS-STAMP.json`` and ``.csv`` in `directory` (default: the run directory's ``evaluations/``);
+    returns the JSON's path."""
+    directory = evaluation.run_dir / EVALUATIONS if directory is None else Path(directory)
+    stem = directory / f"task{evaluation.task + 1}-{evaluation.slots}-{run_stamp()}"
     write_json(evaluation.to_dict(), stem.with_suffix(".json"))
     write_text(evaluation.to_csv(), stem.with_suffix(".csv"))
     return stem.with_suffix(".json")

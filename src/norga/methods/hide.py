@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Subset
 
 from norga.config import (
     Count,
@@ -36,6 +37,7 @@ from norga.methods.registry import register_method
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn import TaskPrompts
 from norga.nn.gates import GateTrainTasks, NoRGaGate, ScoreGateKind
+from norga.nn.prompt_keys import majority_vote
 from norga.tii import TaskIdentityModel
 
 
@@ -78,6 +80,13 @@ class HiDeSettings:
     wtp: WTPSettings = field(default_factory=WTPSettings)
     prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (§1.6)
     batchwise_prompt: bool = False  # official majority vote of the task id per test batch (P2), compat only
+    #: with batchwise_prompt: task-identity accuracy counts each image's own predicted task (own) or, as the
+    #: official code does, the batch's voted slot it was prompted with (voted)
+    task_identity_counts: Literal["own", "voted"] = "own"
+    #: prompted class statistics from sequential mixed-class batches of eval.batch_size (eval), or, as the
+    #: official code does, from each class's images alone in shuffled batches of wtp.train.batch_size
+    #: (official; with prefix_layout=official a sample's features depend on its place in the batch)
+    class_stats_batches: Literal["eval", "official"] = "eval"
     cache_prompted_features: bool = True  # memoise prompted test features per (image, slot); correct layout only
 
 
@@ -87,6 +96,13 @@ class NoRGaSettings(HiDeSettings):
 
     gate: ScoreGateKind = "tanh"  # σ, a registered gate kind (norga.nn.gates.GATE_KINDS)
     gate_train_tasks: GateTrainTasks = "first"  # official: α, τ trained on the first task only
+
+
+def official_class_order(labels: Tensor, label: int, rng: torch.Generator) -> Tensor:
+    """The rows of class `label` in `labels`, shuffled by `rng`: the official per-class statistics loader (a
+    RandomSampler over the class's training images, test transform)."""
+    rows = torch.nonzero(labels == label).flatten()
+    return rows[torch.randperm(len(rows), generator=rng)]
 
 
 def contrastive_loss(features: Tensor, prototypes: Tensor | None, temperature: float) -> Tensor:
@@ -211,7 +227,17 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             self.prompts.pool.commit_blend(task, self.settings.prompt.momentum)
 
     def _prompt_stats(self, task: int) -> None:
-        encoded = self.ctx.encode_dataset(self.ctx.tasks[task].train_eval, lambda images: self.encode(images, task))
+        dataset = self.ctx.tasks[task].train_eval
+        if self.settings.class_stats_batches == "official":
+            labels = self.ctx.frozen_train_features(task).labels
+            for label in self.ctx.classes(task):
+                order = official_class_order(labels, label, generator(self.ctx.config.seed, "prompt_stats", task,
+                                                                      label))
+                encoded = self.ctx.map_batches(Subset(dataset, order.tolist()), self.settings.wtp.train.batch_size,
+                                               lambda images, _, rows: (self.encode(images, task),))[0]
+                self.prompt_gaussians.add_class(label, encoded)
+            return
+        encoded = self.ctx.encode_dataset(dataset, lambda images: self.encode(images, task))
         for label in self.ctx.classes(task):
             self.prompt_gaussians.add_class(label, encoded.features[encoded.labels == label])
 
@@ -274,7 +300,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         tasks = self.predict_tasks(frozen_features, seen_tasks) if slots == "predicted" else None
         chosen = {"predicted": tasks, "true": true_tasks, "none": None}[slots]
         if slots == "predicted" and self.settings.batchwise_prompt:  # official compat (P2): the batch's majority
-            chosen = torch.full_like(tasks, int(torch.mode(tasks).values))
+            chosen = majority_vote(tasks[:, None], 1)[:, 0]  # ties: the lowest task id, as the official on CUDA
+            if self.settings.task_identity_counts == "voted":
+                tasks = chosen
         images = images.to(self.ctx.device)
         logits = self._logits(images, chosen, image_ids)
         within = None
@@ -318,7 +346,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return None
 
     def compat(self) -> dict[str, Any]:
-        return {"prefix_layout": self.settings.prefix_layout, "batchwise_prompt": self.settings.batchwise_prompt}
+        s = self.settings
+        return {"prefix_layout": s.prefix_layout, "batchwise_prompt": s.batchwise_prompt,
+                "task_identity_counts": s.task_identity_counts, "class_stats_batches": s.class_stats_batches}
 
     def run_record(self) -> dict[str, Any]:
         return {"gate": self._gate()}

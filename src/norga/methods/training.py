@@ -78,7 +78,14 @@ class PhaseTraining:
         phase) before anything is checkpointed, then report the epoch."""
         total = float(self.ctx.dist.all_sum(total) if sharded else total)
         self._guard.check(total, lr_key, cfg.lr, epoch, self.ctx.dist if sharded else None)
-        on_epoch_end(epoch, {"loss": total})
+        on_epoch_end(epoch, {"loss": total, **self._epoch_lr()})
+
+    def _epoch_lr(self) -> dict[str, float | list[float]]:
+        """The learning rate the epoch ran at (``lr``; one per parameter group where the groups' differ)."""
+        if self.optimizer is None:
+            return {}
+        rates = [float(group["lr"]) for group in self.optimizer.param_groups]
+        return {"lr": rates[0] if len(set(rates)) == 1 else rates}
 
     def _fit_classifier(
         self,
