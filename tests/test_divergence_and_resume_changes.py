@@ -126,3 +126,27 @@ def test_safe_keys_are_named_by_pattern_and_leave_the_identity_unchanged():
     assert identity_hash(tiny_config(**{"wtp.train.batch_size": 5})) != identity_hash(stored)
     with pytest.raises(ConfigError, match="cannot change norga.prompt.length, seed"):
         check_resume_changes(stored, tiny_config(**{"prompt.length": 9, "seed": 1}))
+
+
+def test_a_setting_added_later_at_its_default_leaves_the_identity_of_earlier_runs_and_the_method_always_counts():
+    import dataclasses
+
+    from norga.config import RunConfig
+    from norga.methods import METHODS
+
+    stored = tiny_config()
+    before = identity_hash(stored)
+    norga = METHODS["norga"]
+    later = dataclasses.make_dataclass("LaterSettings", [("new_switch", bool, dataclasses.field(default=False))],
+                                       bases=(norga.Settings,))
+    original = norga.Settings
+    try:
+        norga.Settings = later  # a norga with one more setting, whose default keeps today's behaviour
+        upgraded = RunConfig(**{**{f.name: getattr(stored, f.name) for f in dataclasses.fields(stored)},
+                                "settings": later(**dataclasses.asdict(stored.settings) | {"new_switch": False})})
+        assert identity_hash(upgraded) == before
+        upgraded.settings.new_switch = True
+        assert identity_hash(upgraded) != before  # set away from its default, it defines the run
+    finally:
+        norga.Settings = original
+    assert identity_hash(RunConfig(method="norga")) != identity_hash(RunConfig(method="hide"))

@@ -17,6 +17,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from norga.io_utils import sha256_file
+from norga.nn.prompted_vit import PromptedViT
+from norga.nn.task_prompts import TaskPrompts
 from norga.official import (
     PROMPT_KEY,
     OfficialCheckpointError,
@@ -29,8 +31,6 @@ from norga.official import (
     official_task_checkpoints,
     read_official_payload,
 )
-from norga.nn.prompted_vit import PromptedViT
-from norga.nn.task_prompts import TaskPrompts
 from norga.tii import TaskIdentityModel
 
 #: Official first-stage keys with no effect on the task-identity model, and why (none known so far).

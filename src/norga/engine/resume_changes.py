@@ -48,8 +48,26 @@ def check_resume_changes(stored: RunConfig, requested: RunConfig) -> dict[str, t
 
 
 def identity_hash(config: RunConfig) -> str:
-    """sha256 of the config without the settings a resume may change: equal for every resume of one run."""
-    return hashlib.sha256(json.dumps(_without_safe(config.to_dict()), sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the settings that define the run: equal for every resume of one run.
+
+    Settings a resume may change are left out, and so are those at their default: a setting a later norga adds
+    (at a default that keeps the earlier behaviour) leaves the hash of the runs made before it as it was.
+    """
+    defining = _not_default(_without_safe(config.to_dict()), RunConfig(method=config.method).to_dict())
+    defining["method"] = config.method  # its defaults are those of its method: the method always counts
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _not_default(data: dict, defaults: dict) -> dict:
+    kept = {}
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict):
+            if inner := _not_default(value, default if isinstance(default, dict) else {}):
+                kept[key] = inner
+        elif key not in defaults or value != default:
+            kept[key] = value
+    return kept
 
 
 def _without_safe(data: dict, prefix: str = "") -> dict:
