@@ -57,24 +57,34 @@ def handle(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         return handle_official(args)
     stored, config, changes = evaluation_config(args.run_dir, args.overrides)
+    from norga.engine.reevaluate import reevaluate
+    from norga.engine.run_dir import RunDirectory
+
+    def evaluate(built, dist):
+        RunDirectory(args.run_dir, create=False, write=False).check_benchmark(built.records)
+        return reevaluate(args.run_dir, built.model, built.tasks, built.num_classes, stored, config, changes,
+                          task=None if args.task is None else args.task - 1, slots=args.slots,
+                          device=built.device, dist=dist, init_generator=built.init_generator)
+
+    return evaluate_and_report(config, evaluate, args.output)
+
+
+def evaluate_and_report(config, evaluate, output) -> int:
+    """Build `config`'s model and data (each process of a torchrun job), ``evaluate(built, dist)``, then on
+    rank 0 write the record (to `output`, default the run's evaluations/) and print its table."""
     from norga.engine.build import build_run, resolve_device
     from norga.engine.distributed import init_distributed, shutdown_distributed
-    from norga.engine.reevaluate import format_evaluation, reevaluate, write_evaluation
-    from norga.engine.run_dir import RunDirectory
+    from norga.engine.reevaluate import format_evaluation, write_evaluation
 
     dist = init_distributed(resolve_device(config.device).type)
     finished = False
     try:
-        built = build_run(config)
-        RunDirectory(args.run_dir, create=False, write=False).check_benchmark(built.records)
-        evaluation = reevaluate(args.run_dir, built.model, built.tasks, built.num_classes, stored, config, changes,
-                                task=None if args.task is None else args.task - 1, slots=args.slots,
-                                device=built.device, dist=dist, init_generator=built.init_generator)
+        evaluation = evaluate(build_run(config), dist)
         finished = True
     finally:
         shutdown_distributed(clean=finished)
     if dist.is_main:
-        path = write_evaluation(evaluation, args.output)
+        path = write_evaluation(evaluation, output)
         print(format_evaluation(evaluation))
         print(f"written: {path} (and .csv)")
     return 0
@@ -96,23 +106,11 @@ def handle_official(args: argparse.Namespace) -> int:
     from norga.engine.official_evaluation import default_output, evaluate_official, official_config
 
     stored, config, changes = official_config(args.preset, args.overrides)
-    from norga.engine.build import build_run, resolve_device
-    from norga.engine.distributed import init_distributed, shutdown_distributed
-    from norga.engine.reevaluate import format_evaluation, write_evaluation
 
-    dist = init_distributed(resolve_device(config.device).type)
-    finished = False
-    try:
-        built = build_run(config)
-        evaluation = evaluate_official(args.tii_dir, args.prompt_dir, args.preset, built.model, built.tasks,
-                                       built.num_classes, stored, config, changes,
-                                       task=None if args.task is None else args.task - 1, slots=args.slots,
-                                       device=built.device, dist=dist, init_generator=built.init_generator)
-        finished = True
-    finally:
-        shutdown_distributed(clean=finished)
-    if dist.is_main:
-        path = write_evaluation(evaluation, args.output or default_output(args.prompt_dir))
-        print(format_evaluation(evaluation))
-        print(f"written: {path} (and .csv)")
-    return 0
+    def evaluate(built, dist):
+        return evaluate_official(args.tii_dir, args.prompt_dir, args.preset, built.model, built.tasks,
+                                 built.num_classes, stored, config, changes,
+                                 task=None if args.task is None else args.task - 1, slots=args.slots,
+                                 device=built.device, dist=dist, init_generator=built.init_generator)
+
+    return evaluate_and_report(config, evaluate, args.output or default_output(args.prompt_dir))
