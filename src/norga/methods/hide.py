@@ -304,21 +304,22 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             if self.settings.task_identity_counts == "voted":
                 tasks = chosen
         images = images.to(self.ctx.device)
-        logits = self._logits(images, chosen, image_ids)
+        logits = self._logits(images, chosen, image_ids, frozen_features)
         within = None
         if true_tasks is not None:
             if chosen is not None and not torch.equal(chosen.cpu(), true_tasks.cpu()):
-                logits_given_task = self._logits(images, true_tasks, image_ids)
+                logits_given_task = self._logits(images, true_tasks, image_ids, frozen_features)
             else:
                 logits_given_task = logits
             within = self.within_task_classes(logits_given_task, true_tasks)
         return Prediction(self.seen_classes(logits, seen_tasks), tasks, within)
 
-    def _logits(self, images: Tensor, slots: Tensor | None, image_ids: ImageIds | None) -> Tensor:
-        """Head logits of `images` prompted with slot ``slots[b]`` for sample b (None: no prompts)."""
+    def _logits(self, images: Tensor, slots: Tensor | None, image_ids: ImageIds | None,
+                frozen_features: Tensor) -> Tensor:
+        """Head logits of `images` prompted with slot ``slots[b]`` for sample b (None: no prompts, i.e. their
+        `frozen_features`, which are already computed)."""
         if slots is None:
-            with self.ctx.autocast():
-                features = self.model.forward_features(images).float()
+            features = frozen_features
         else:
             slots = slots.cpu()
 

@@ -157,8 +157,8 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
     def _pass(self, images: Tensor, query: Tensor, seen_tasks: int, slots: str,
               given_tasks: Tensor | None) -> PromptedPass:
         with self.ctx.autocast():
-            if slots == "none":
-                return PromptedPass(self.model(images).logits.float())
+            if slots == "none":  # the frozen backbone's features are the query, already computed
+                return PromptedPass(self.model.classify(query).float())
             out = self.prompted(images, query, seen_tasks - 1, train=False, given_tasks=given_tasks)
         return out._replace(logits=out.logits.float())
 
