@@ -18,8 +18,8 @@ def voting(tmp_path, monkeypatch, tasks_per_call, **changes):
     method, used, calls = engine.method, [], iter(range(10**6))
     monkeypatch.setattr(method, "predict_tasks", lambda frozen, seen: tasks_per_call(next(calls), len(frozen)))
     real = method._logits
-    monkeypatch.setattr(method, "_logits", lambda images, slots, ids: used.append(slots.clone()) or real(images, slots,
-                                                                                                          ids))
+    monkeypatch.setattr(method, "_logits", lambda images, slots, *rest: used.append(slots.clone()) or real(images, slots,
+                                                                                                            *rest))
     return engine, used
 
 
