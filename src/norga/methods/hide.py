@@ -45,7 +45,7 @@ from norga.tii import TaskIdentityModel
 class TaskPromptSettings:
     """The per-task prefix prompts: length, prompted blocks and HiDe-Prompt's prompt momentum."""
 
-    length: PositiveInt = 5
+    length: Count = 5  # 0: the same pipeline without prompts (prompt training trains the head alone)
     layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     momentum: Fraction = 0.01
 
@@ -124,21 +124,27 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def __init__(self, context: RunContext, settings: HiDeSettings) -> None:
         super().__init__(context, settings)
         self.model = context.model
-        self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length, settings.prompt.layers,
-                                   gate=self._gate(), prefix_layout=settings.prefix_layout,
-                                   generator=context.init_generator).to(context.device)
-        self.prompts.freeze()
+        self.prompts: TaskPrompts | None = None  # prompt.length 0: the pipeline without prompts
+        if settings.prompt.length > 0:
+            self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length,
+                                       settings.prompt.layers, gate=self._gate(), prefix_layout=settings.prefix_layout,
+                                       generator=context.init_generator).to(context.device)
+            self.prompts.freeze()
         self.tii = TaskIdentityModel(self.model.embed_dim, context.num_classes, settings.tii.mlp_hidden,
                                      fc_norm=self.model.has_fc_norm).to(context.device)  # official MoCo v3 variant
         self.tii_gaussians = ClassGaussians()
         self.prompt_gaussians = ClassGaussians()
         self.optimizer: torch.optim.Optimizer | None = None
         self._saved_optimizer: dict | None = None
-        memoise = settings.cache_prompted_features and settings.prefix_layout == "correct"
+        memoise = self.prompts is not None and settings.cache_prompted_features and settings.prefix_layout == "correct"
         self.prompted_memo = PromptedFeatureMemo(self._slot_version) if memoise else None
 
     def _gate(self) -> str:
         return self.gate_kind
+
+    def _prefixes(self, slots: Tensor | int, batch_size: int, momentum: float = 0.0) -> dict | None:
+        """The ``prefixes`` of a forward pass with `slots` (None without prompts: the frozen backbone's pass)."""
+        return None if self.prompts is None else self.prompts.prefixes(slots, batch_size, momentum)
 
     def _gate_schedule(self) -> str:
         return "none"
@@ -191,12 +197,14 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     # ---------------------------------------------------------- prompt training
     def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
         s, model = self.settings, self.model
-        if start_epoch == 0 and task > 0:
-            self.prompts.pool.copy_slot(task - 1, task)
-        prompt_params = self.prompts.train_slot(task, self._gate_schedule())
+        prompt_params = []
+        if self.prompts is not None:
+            if start_epoch == 0 and task > 0:
+                self.prompts.pool.copy_slot(task - 1, task)
+            prompt_params = self.prompts.train_slot(task, self._gate_schedule())
         head = model.head_parameters()
-        self._phase_optimizer([{"params": prompt_params}, {"params": head, "lr_scale": s.wtp.head_lr_scale}],
-                              s.wtp.train, start_epoch)
+        groups = [{"params": prompt_params}] if prompt_params else []
+        self._phase_optimizer([*groups, {"params": head, "lr_scale": s.wtp.head_lr_scale}], s.wtp.train, start_epoch)
         momentum = s.prompt.momentum if task > 0 else 0.0
         allowed = self.ctx.class_mask(task)
         prototypes = self.prompt_gaussians.means(self.ctx.classes_before(task)) if task > 0 else None
@@ -207,12 +215,13 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             total = 0.0
             for batch in self.ctx.train_loader(task, epoch, s.wtp.train.batch_size):
                 with self.ctx.autocast():
-                    out = model(batch.images, prefixes=self.prompts.prefixes(task, len(batch.images), momentum))
+                    out = model(batch.images, prefixes=self._prefixes(task, len(batch.images), momentum))
                     loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
                 total += self._step(loss, params, s.wtp.train)
             self._end_epoch(epoch, total, s.wtp.train, on_epoch_end, lr_key=f"{self.name}.wtp.train.lr")
         model.eval()
-        self.prompts.freeze()
+        if self.prompts is not None:
+            self.prompts.freeze()
 
     def _prompt_loss(self, logits: Tensor, features: Tensor, batch: TrainBatch, allowed: Tensor,
                      prototypes: Tensor | None) -> Tensor:
@@ -223,7 +232,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return ce + s.contrastive_weight * self.ctx.replicated_term(contrastive)
 
     def _commit_momentum(self, task: int) -> None:
-        if task > 0 and self.settings.prompt.momentum > 0:
+        if self.prompts is not None and task > 0 and self.settings.prompt.momentum > 0:
             self.prompts.pool.commit_blend(task, self.settings.prompt.momentum)
 
     def _prompt_stats(self, task: int) -> None:
@@ -272,7 +281,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def encode(self, images: Tensor, slots: Tensor | int) -> Tensor:
         """Prompted pre-logits of `images` with slot ``slots[b]`` for sample b (an int: one slot for all)."""
         with self.ctx.autocast():
-            return self.model.forward_features(images, prefixes=self.prompts.prefixes(slots, len(images))).float()
+            return self.model.forward_features(images, prefixes=self._prefixes(slots, len(images))).float()
 
     @torch.inference_mode()
     def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
@@ -317,8 +326,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _logits(self, images: Tensor, slots: Tensor | None, image_ids: ImageIds | None,
                 frozen_features: Tensor) -> Tensor:
         """Head logits of `images` prompted with slot ``slots[b]`` for sample b (None: no prompts, i.e. their
-        `frozen_features`, which are already computed)."""
-        if slots is None:
+        `frozen_features`, which are already computed; so also without prompts)."""
+        if slots is None or self.prompts is None:
             features = frozen_features
         else:
             slots = slots.cpu()
@@ -356,16 +365,22 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     @classmethod
     def summary(cls, settings: HiDeSettings) -> str:
-        return (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}, prompt epochs "
+        prompts = (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}" if settings.prompt.length
+                   else "no prompts (Lp 0)")
+        return (f"{prompts}, prompt epochs "
                 f"{settings.wtp.train.epochs} (lr {settings.wtp.train.lr:g}), TII epochs {settings.tii.train.epochs}")
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {**self._model_and_optimizer_state(), "prompts": self.prompts.state_dict(), "tii": self.tii.state_dict()}
+        prompts = {} if self.prompts is None else self.prompts.state_dict()
+        return {**self._model_and_optimizer_state(), "prompts": prompts, "tii": self.tii.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_trainable_model_state(state["model"])
-        self.prompts.load_state_dict(state["prompts"])
+        if self.prompts is not None:
+            self.prompts.load_state_dict(state["prompts"])
+        elif state["prompts"]:
+            raise ValueError("checkpoint has prompts, but this pipeline has none (prompt.length 0)")
         self.tii.load_state_dict(state["tii"])
         self._saved_optimizer = state["optimizer"]
 
@@ -385,6 +400,12 @@ class NoRGa(HiDePrompt):
     name = "norga"
     Settings = NoRGaSettings
 
+    def __init__(self, context: RunContext, settings: NoRGaSettings) -> None:
+        if settings.prompt.length == 0:
+            raise ValueError("norga.prompt.length=0 leaves no prompt scores for the gate to act on: for the pipeline "
+                             "without prompts use --set method=hide --set hide.prompt.length=0")
+        super().__init__(context, settings)
+
     def _gate(self) -> str:
         return self.settings.gate
 
@@ -398,7 +419,7 @@ class NoRGa(HiDePrompt):
         """The gate kind and the learned α, τ of each prompted block."""
         gates = [{"block": block, "alpha": float(gate.alpha), "tau": float(gate.tau)}
                  for block, gate in zip(self.prompts.layers, self.prompts.gates) if isinstance(gate, NoRGaGate)]
-        return {"gate": self._gate(), "gates": gates}
+        return {**super().run_record(), "gates": gates}
 
     @classmethod
     def summary(cls, settings: NoRGaSettings) -> str:
