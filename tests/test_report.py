@@ -1,17 +1,20 @@
 """The pictures and tables of a run as a reader sees them: rendered pixels, tick labels, CSV cells."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib import colormaps
 from PIL import Image
 
+from norga.comparison import MethodResult
 from norga.metrics import AccuracyMatrix
 from norga.report import (
     CMAP,
     UNEVALUATED,
     curve_figure,
+    format_prompt_effect,
     matrix_figure,
     plot_run,
     text_colour,
@@ -95,3 +98,20 @@ def test_csv_leaves_cells_never_measured_empty(tmp_path):
     assert rows[2][1:] == ["", f"{matrix.accuracies()[1, 1]:.4f}", "0.0000", "", ""]  # measured 0 stays 0
     assert rows[5][1:] == [""] * 5
     assert matrix.to_dict()["accuracy"][1] == [None, pytest.approx(matrix.accuracies()[1, 1]), 0.0, None, None]
+
+
+def result_row(label, fa, task_il, gates=()):
+    return MethodResult(label, "hide", False, {"final_average_accuracy": fa}, None, task_il, AccuracyMatrix(2),
+                        Path(label), "ran", 1.0, list(gates))
+
+
+def test_the_prompt_effect_is_each_rows_gain_over_the_pipeline_without_prompts_and_the_gates_range():
+    gates = [{"block": 0, "alpha": 1.25, "tau": 0.5}, {"block": 3, "alpha": 0.75, "tau": 1.5}]
+    text = format_prompt_effect([result_row("NoRGa", 66.5, 97.25, gates), result_row("HiDe", 61.0, None)],
+                                result_row("No prompts", 63.0, 96.0))
+    lines = text.splitlines()
+    assert "No prompts" in lines[0]
+    assert lines[1].split() == ["NoRGa", "FA", "+3.50", "task-IL", "+1.25"]
+    assert lines[2].split() == ["HiDe", "FA", "-2.00", "task-IL", "—"]
+    assert lines[3] == "NoRGa's gates (blocks 0, 3) moved from alpha = tau = 1 to alpha 0.75..1.25, tau 0.50..1.50"
+    assert len(lines) == 4  # no gate line for a row without gates

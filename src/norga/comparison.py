@@ -66,6 +66,7 @@ class MethodResult:
     run_dir: Path
     status: str  # ran | resumed (time counts this invocation only) | finished earlier
     wall_seconds: float | None
+    gates: list[dict] = field(default_factory=list)  # NoRGa: each prompted block's learned alpha and tau
     curve: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> Meth
     return MethodResult(run.label, results["method"], results.get("joint", False), results["metrics"],
                         results["task_identity_accuracy"], results.get("task_incremental_accuracy"),
                         AccuracyMatrix.from_dict(results["matrices"]["accuracy"]),
-                        run.run_dir, status, wall_seconds)
+                        run.run_dir, status, wall_seconds, results.get("gates", []))
 
 
 def run_method(run: MethodRun, progress=None, previous_seconds: float | None = None) -> MethodResult:

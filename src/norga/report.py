@@ -166,6 +166,28 @@ def format_comparison_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
+def format_prompt_effect(results: Sequence[MethodResult], baseline: MethodResult) -> str:
+    """What the prompts add: each prompted row's FA and task-IL minus those of `baseline` (the same pipeline
+    without prompts), and how far each NoRGa row's gates moved from their start (alpha = tau = 1)."""
+    lines = [f"What the prompts add, against {baseline.label} (the same pipeline, settings and seed):"]
+    width = max(len(r.label) for r in results)
+
+    def gain(value: float | None, base: float | None) -> str:
+        return "—" if value is None or base is None else f"{value - base:+.2f}"
+
+    base_fa = baseline.metrics["final_average_accuracy"]
+    for r in results:
+        lines.append(f"  {r.label:{width}s}  FA {gain(r.metrics['final_average_accuracy'], base_fa)}"
+                     f"  task-IL {gain(r.task_incremental_accuracy, baseline.task_incremental_accuracy)}")
+    for r in results:
+        if r.gates:
+            alphas, taus = [g["alpha"] for g in r.gates], [g["tau"] for g in r.gates]
+            blocks = ", ".join(str(g["block"]) for g in r.gates)
+            lines.append(f"{r.label}'s gates (blocks {blocks}) moved from alpha = tau = 1 to alpha {min(alphas):.2f}"
+                         f"..{max(alphas):.2f}, tau {min(taus):.2f}..{max(taus):.2f}")
+    return "\n".join(lines)
+
+
 def plot_comparison(results: Sequence[MethodResult], path: Path, title: str | None = None) -> None:
     """Average accuracy on the seen tasks after each task, one line per method (joint runs: one star each); the
     same axes and size as a run's accuracy_curve.png."""

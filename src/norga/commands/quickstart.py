@@ -1,4 +1,4 @@
-"""`norga quickstart`: NoRGa and HiDe-Prompt side by side on Split Fashion-MNIST, offline, in minutes."""
+"""`norga quickstart`: NoRGa, HiDe-Prompt and their pipeline without prompts on Split Fashion-MNIST, offline."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import argparse
 from pathlib import Path
 
 PRESET = "quickstart"
-METHODS = {"NoRGa": "norga", "HiDe-Prompt": "hide"}  # label -> registered method (each reads its own section)
+#: label -> (registered method, its overrides); each method reads its own section of the preset
+ROWS = {"NoRGa": ("norga", ()), "HiDe-Prompt": ("hide", ()), "No prompts": ("hide", ("hide.prompt.length=0",))}
+BASELINE = "No prompts"  # HiDe-Prompt's pipeline, settings and seed with the prompts left out
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="run NoRGa and HiDe-Prompt on Split Fashion-MNIST with the shipped tiny backbone",
-        description="Offline: Split Fashion-MNIST (5 tasks x 2 classes) on norga's shipped ViT-Ti. Data from "
+        "quickstart", help="run NoRGa, HiDe-Prompt and their pipeline without prompts on Split Fashion-MNIST",
+        description="Offline: Split Fashion-MNIST (5 tasks x 2 classes) on norga's shipped ViT-Ti; shows what the "
+        "prompts add against the same pipeline without them. Data from "
         "--data-root, $NORGA_DATA or /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist).",
     )
     parser.add_argument("--data-root", help="folder holding fashion-mnist/ (the four IDX files)")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where the two run directories go")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where the three run directories go")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a quickstart config value for both methods")
+                        help="override a quickstart config value for every row")
     parser.add_argument("--quiet", action="store_true",
                         help="plain timestamped lines (one per epoch and evaluation) instead of progress bars")
     parser.set_defaults(handler=handle)
@@ -28,7 +31,7 @@ def handle(args: argparse.Namespace) -> int:
     from norga.commands import refuse_under_torchrun
     from norga.comparison import MethodRun, method_config, run_method
     from norga.engine.progress import Progress
-    from norga.report import format_comparison_table, format_matrix
+    from norga.report import format_comparison_table, format_matrix, format_prompt_effect
 
     refuse_under_torchrun("quickstart")
 
@@ -37,13 +40,16 @@ def handle(args: argparse.Namespace) -> int:
     stamp = run_stamp()
     overrides = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
     results = []
-    for label, method in METHODS.items():
-        run = MethodRun(label, method_config(PRESET, method, overrides),
-                        args.output_dir / f"quickstart-{label.lower()}-{stamp}")
+    for label, (method, method_overrides) in ROWS.items():
+        run = MethodRun(label, method_config(PRESET, method, overrides, method_overrides),
+                        args.output_dir / f"quickstart-{label.lower().replace(' ', '-')}-{stamp}")
         result = run_method(run, Progress.for_command(args.quiet, label))
         results.append(result)
         print(f"\n{label}: accuracy matrix (rows: test task, columns: after training task)")
         print(format_matrix(result.matrix, result.matrix.num_steps - 1))
     print()
     print(format_comparison_table(results))
+    baseline = next(r for r in results if r.label == BASELINE)
+    print()
+    print(format_prompt_effect([r for r in results if r is not baseline], baseline))
     return 0
