@@ -271,3 +271,16 @@ def test_the_documented_specs_expand_as_they_say(tmp_path):
     assert len(trials) == 2 * 3 * 2 - 3  # hide with 5 epochs excluded for each seed
     config = trial_config(load_spec(tmp_path / "spec.yaml"), trials[-1])
     assert (config.method, config.seed, config.data.train_per_class) == ("hide", 2, 100)
+
+
+def test_the_demo_spec_runs_five_rows_on_three_seeds_and_only_hide_goes_without_prompts():
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sweep_demo.yaml")
+    configs = [trial_config(spec, trial) for trial in expand(spec)]
+    rows = {(c.method, c.settings.prompt.length if c.method == "hide" else None) for c in configs}
+    assert rows == {("norga", None), ("hide", 5), ("hide", 0), ("dualprompt", None), ("ncm", None)}
+    assert len(configs) == 15 and {c.seed for c in configs} == {42, 0, 1}
+    assert all(c.data.test_per_class == 300 and c.data.benchmark == "fashion-mnist" for c in configs)
+    norga = next(c for c in configs if c.method == "norga")
+    assert norga.settings.prompt.length == 5 and norga.settings.gate == "sigmoid"
