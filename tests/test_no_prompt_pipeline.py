@@ -52,9 +52,10 @@ def test_its_prompt_stage_is_one_step_of_the_head_alone_on_the_frozen_features(t
                if "head" not in name)
 
 
-def test_its_class_statistics_are_those_of_the_frozen_features(tmp_path):
+def test_its_class_statistics_are_those_of_the_frozen_features_without_a_second_pass(tmp_path, monkeypatch):
     engine = no_prompts(tmp_path)
     method = engine.method
+    monkeypatch.setattr(method, "encode", lambda *args: pytest.fail("the frozen features were encoded again"))
     run_phases(engine, 0)
     for label in engine.context.classes(0):
         torch.testing.assert_close(method.prompt_gaussians.means([label])[0], method.tii_gaussians.means([label])[0],

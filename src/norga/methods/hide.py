@@ -28,7 +28,7 @@ from norga.config import (
     Temperature,
 )
 from norga.engine.context import RunContext, TrainBatch
-from norga.engine.features import PromptedFeatureMemo
+from norga.engine.features import FeatureSet, PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
@@ -185,9 +185,12 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                              f"{self.name}.tii.train.lr")
 
     def _tii_stats(self, task: int) -> None:
-        frozen = self.ctx.frozen_train_features(task)
+        self._add_class_statistics(self.tii_gaussians, self.ctx.frozen_train_features(task), task)
+
+    def _add_class_statistics(self, gaussians: ClassGaussians, encoded: FeatureSet, task: int) -> None:
+        """One Gaussian per class of `task` from the rows of `encoded` (features, labels) with that label."""
         for label in self.ctx.classes(task):
-            self.tii_gaussians.add_class(label, frozen.features[frozen.labels == label])
+            gaussians.add_class(label, encoded.features[encoded.labels == label])
 
     def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         self.tii.train()
@@ -237,6 +240,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     def _prompt_stats(self, task: int) -> None:
         dataset = self.ctx.tasks[task].train_eval
+        if self.prompts is None:  # without prompts the prompted features are the frozen ones, computed once
+            self._add_class_statistics(self.prompt_gaussians, self.ctx.frozen_train_features(task), task)
+            return
         if self.settings.class_stats_batches == "official":
             labels = self.ctx.frozen_train_features(task).labels
             for label in self.ctx.classes(task):
@@ -247,8 +253,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 self.prompt_gaussians.add_class(label, encoded)
             return
         encoded = self.ctx.encode_dataset(dataset, lambda images: self.encode(images, task))
-        for label in self.ctx.classes(task):
-            self.prompt_gaussians.add_class(label, encoded.features[encoded.labels == label])
+        self._add_class_statistics(self.prompt_gaussians, encoded, task)
 
     def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
         """TAP of the prompted model's classifier: the head, and fc_norm where the backbone has one (official)."""
