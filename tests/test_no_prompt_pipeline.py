@@ -11,9 +11,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import NUM_TASKS, make_engine, tiny_config
+from engine_fixtures import NUM_TASKS, TINY, make_engine, tiny_config
 from test_hide_pipeline import pipeline, run_phases, run_phases_named, slow_masked_ce, task_images
 
+from norga.cli import main
+from norga.config_io import ConfigError
 from norga.nn.prefix_attention import PrefixAttention
 
 
@@ -90,9 +92,13 @@ def test_a_whole_run_without_prompts_records_it_and_resumes_from_its_checkpoints
     again.method.load_state_dict(state)  # a checkpoint of the pipeline without prompts loads into one
 
 
-def test_norga_without_prompts_is_refused_with_the_setting_that_runs_it(tmp_path):
-    with pytest.raises(ValueError, match=r"method=hide --set hide.prompt.length=0"):
-        make_engine(tiny_config("norga", **{"prompt.length": 0}), tmp_path / "run")
+def test_norga_without_prompts_is_refused_at_config_load_with_the_setting_that_runs_it(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"method=hide --set hide.prompt.length=0"):
+        tiny_config("norga", **{"prompt.length": 0})
+    run = tmp_path / "run"
+    assert main(["run", str(TINY), "--set", "norga.prompt.length=0", "--run-dir", str(run)]) == 2
+    assert "norga.prompt.length=0 leaves no prompt scores" in capsys.readouterr().err
+    assert not run.exists()  # refused before any run directory is made
 
 
 def test_a_checkpoint_with_prompts_does_not_load_into_the_pipeline_without(tmp_path):

@@ -109,10 +109,18 @@ def build_config(data: dict) -> RunConfig:
         if key not in SHARED_KEYS:
             hint = f": moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else _suggest(str(key), [*SHARED_KEYS, *names])
             raise ConfigError(f"unknown config key {key!r}{hint}")
-    settings = {name: _build(_settings_class(name), value, name) for name, value in sections.items()}
+    settings = {name: _checked(_build(_settings_class(name), value, name), name) for name, value in sections.items()}
     shared = _build(RunConfig, data, "", RunConfig(method=method, settings=_settings_class(method)()))
     shared.settings = settings.get(method, shared.settings)
     return shared
+
+
+def _checked(settings: Any, section: str) -> Any:
+    """A method's settings after its own cross-field check (``check(section)``, raising ConfigError), if it has one."""
+    check = getattr(settings, "check", None)
+    if callable(check):
+        check(section)
+    return settings
 
 
 def parse_override(override: str) -> tuple[str, Any]:

@@ -27,6 +27,7 @@ from norga.config import (
     TAPConfig,
     Temperature,
 )
+from norga.config_io import ConfigError
 from norga.engine.context import RunContext, TrainBatch
 from norga.engine.features import FeatureSet, PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
@@ -96,6 +97,12 @@ class NoRGaSettings(HiDeSettings):
 
     gate: ScoreGateKind = "tanh"  # σ, a registered gate kind (norga.nn.gates.GATE_KINDS)
     gate_train_tasks: GateTrainTasks = "first"  # official: α, τ trained on the first task only
+
+    def check(self, section: str) -> None:
+        """A gate needs prompt scores: the pipeline without prompts is HiDe-Prompt's (checked at config load)."""
+        if self.prompt.length == 0:
+            raise ConfigError(f"{section}.prompt.length=0 leaves no prompt scores for the gate to act on: for the "
+                              "pipeline without prompts use --set method=hide --set hide.prompt.length=0")
 
 
 def official_class_order(labels: Tensor, label: int, rng: torch.Generator) -> Tensor:
@@ -404,12 +411,6 @@ class NoRGa(HiDePrompt):
 
     name = "norga"
     Settings = NoRGaSettings
-
-    def __init__(self, context: RunContext, settings: NoRGaSettings) -> None:
-        if settings.prompt.length == 0:
-            raise ValueError("norga.prompt.length=0 leaves no prompt scores for the gate to act on: for the pipeline "
-                             "without prompts use --set method=hide --set hide.prompt.length=0")
-        super().__init__(context, settings)
 
     def _gate(self) -> str:
         return self.settings.gate
