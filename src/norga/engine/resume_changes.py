@@ -59,9 +59,10 @@ def identity_hash(config: RunConfig) -> str:
 
 
 def _not_default(data: dict, defaults: dict) -> dict:
+    """The entries of `data` that differ from `defaults` (nested dicts compared key by key)."""
     kept = {}
     for key, value in data.items():
-        default = defaults.get(key) if isinstance(defaults, dict) else None
+        default = defaults.get(key)
         if isinstance(value, dict):
             if inner := _not_default(value, default if isinstance(default, dict) else {}):
                 kept[key] = inner
