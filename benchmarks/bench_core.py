@@ -38,13 +38,15 @@ def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str |
     return (lambda: attend(q, k, v, pk, pv, score_gate, dim**-0.5).backward(grad_out)), batch
 
 
-def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100):
+def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100, amp: bool = False):
     """A randomly initialised prompt host of `model_kind` with NoRGa task prompts (tanh gate, blocks 0-4) and its
-    input image size."""
+    input image size; with `amp` its frozen weights are held in bf16 (as `norga.engine.RunContext` does)."""
     from norga.nn import PromptedViT, TaskPromptedViT, TaskPrompts
 
     name, kwargs, _, size, length = MODEL_KINDS[model_kind]
     host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=num_classes, attention_impl=impl)
+    if amp:
+        host.hold_frozen_weights_in(torch.bfloat16)
     return TaskPromptedViT(host, TaskPrompts(host, num_slots, length, range(min(5, host.depth)), gate="tanh")), size
 
 
@@ -56,9 +58,10 @@ def autocast(amp: bool) -> contextlib.AbstractContextManager:
 def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool = False, compile: bool = False):
     """One optimizer step on prompts, gate and head of a prompted ViT with a frozen backbone.
 
-    `amp`: forward under bf16 autocast; `compile`: `compile_model` (torch.compile) the model first.
+    `amp`: forward under bf16 autocast, the frozen weights held in bf16 as a run does; `compile`: `compile_model`
+    (torch.compile) the model first.
     """
-    model, size = prompted_model(impl, model_kind)
+    model, size = prompted_model(impl, model_kind, amp=amp)
     model.train()
     batch = batch or MODEL_KINDS[model_kind][2]
     prompts = model.prompts.train_slot(1, "all")

@@ -51,7 +51,7 @@ def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, co
     """Task-identity pass (frozen forward -> TII MLP) then the prompted pass with each sample's predicted slot."""
     from norga.tii import TaskIdentityModel
 
-    model, size = prompted_model(impl, model_kind)
+    model, size = prompted_model(impl, model_kind, amp=amp)
     model.eval()
     tii = TaskIdentityModel(model.host.embed_dim, 100).eval()
     class_to_task = torch.arange(100) // 10

@@ -106,6 +106,47 @@ def test_bf16_autocast_is_close_to_fp32():
     assert bf_features.dtype == torch.float32 and bf_grads["prompts.pool.slots.1"].dtype == torch.float32  # fp32 master copies
 
 
+def _frozen_matmul_weights(model: Prompted) -> dict[str, torch.Tensor]:
+    return {name: param for module_name, module in model.named_modules() if isinstance(module, (torch.nn.Linear,
+            torch.nn.Conv2d)) for name, param in module.named_parameters(module_name, recurse=False) if not param.requires_grad}
+
+
+def _casts(model: Prompted, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many dtype conversions (``aten::_to_copy``) one autocast training step makes."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step(model, images, labels, autocast=True)
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+
+
+def test_frozen_weights_held_in_bf16_compute_exactly_what_autocast_computes_without_recasting_them():
+    recast = tiny_model()
+    held = copy.deepcopy(recast)
+    frozen = _frozen_matmul_weights(held)
+    fp32_bytes = sum(param.nbytes for param in frozen.values())
+    assert held.host.hold_frozen_weights_in(torch.bfloat16) == len(frozen) > 0
+    assert {param.dtype for param in frozen.values()} == {torch.bfloat16}
+    assert sum(param.nbytes for param in frozen.values()) * 2 == fp32_bytes  # their memory halves
+    kept = {name: param.dtype for name, param in held.named_parameters() if name not in frozen}
+    assert kept and set(kept.values()) == {torch.float32}  # norms, embeddings, prompts, gates, head
+    assert "host.backbone.pos_embed" in kept and "host.backbone.head.weight" in kept
+    assert held.host.hold_frozen_weights_in(torch.bfloat16) == 0  # idempotent
+    for seed in (5, 6):
+        images, labels = batch(seed)
+        # autocast rounds each fp32 weight to bf16 at every call; held in bf16 they are that rounding, done once,
+        # so a step is bit-identical: any difference means the held copy is not what autocast would use.
+        for got, want in zip(step(held, images, labels, autocast=True), step(recast, images, labels, autocast=True)):
+            if isinstance(want, dict):
+                assert all(torch.equal(got[name], want[name]) for name in want)
+            else:
+                assert torch.equal(got, want)
+    images, labels = batch(7)
+    assert _casts(recast, images, labels) - _casts(held, images, labels) >= len(frozen)  # no weight re-cast
+    with pytest.raises(RuntimeError):  # documented: outside autocast an fp32 input meets bf16 weights
+        held.host.forward_features(images)
+
+
 # ---------------------------------------------------------------------------------- amp resolution
 @pytest.mark.parametrize(("native", "requested", "expected"),
                          [(True, "auto", "bf16"), (False, "auto", "none"), (True, "bf16", "bf16"),

@@ -79,6 +79,8 @@ class RunContext:
         #: stream here (after the backbone and head), so a run's prompts are a function of the seed alone.
         self.init_generator = init_generator or generator(config.seed, "init")
         self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
+        if config.amp == "bf16":  # else autocast re-casts the frozen weights at every forward
+            model.hold_frozen_weights_in(torch.bfloat16)
         self.tasks = list(tasks)  # what the method trains on, task after task
         self.test_tasks = list(test_tasks) if test_tasks is not None else self.tasks  # what is evaluated (joint: differ)
         self.num_classes = num_classes
@@ -238,6 +240,8 @@ class RunContext:
 
     # --------------------------------------------------------------- misc
     def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the run's amp is bf16 (every pass through the model must enter it: the frozen
+        matmul weights are held in bf16 then), else nothing."""
         if self.config.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -137,6 +137,26 @@ class PromptedViT(nn.Module):
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(name.startswith(trainable))
 
+    def hold_frozen_weights_in(self, dtype: torch.dtype) -> int:
+        """Hold the frozen backbone's matmul weights (``Linear`` and ``Conv2d`` weights and biases without
+        ``requires_grad``) in `dtype`, for autocast to that dtype; returns how many tensors were converted.
+
+        Autocast casts a layer's fp32 weight on every call and caches only casts of trainable leaves, so a
+        frozen fp32 backbone is re-cast at each forward. Converted once, the layers compute exactly what
+        autocast computed (the same rounding of the same weights) and copy nothing; their memory halves.
+        Norms, position embeddings, the class token and every trainable parameter stay fp32, so the residual
+        stream, the prompts and the head are as before. The model then needs autocast: outside it, an fp32
+        input meets a bf16 weight and torch refuses the product.
+        """
+        converted = 0
+        for module in self.backbone.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in module.parameters(recurse=False):
+                    if not param.requires_grad and param.dtype != dtype:
+                        param.data = param.data.to(dtype)
+                        converted += 1
+        return converted
+
     def head_parameters(self) -> list[nn.Parameter]:
         """The host's trainable parameters: the classifier head (and fc_norm when trained)."""
         return [p for p in self.backbone.parameters() if p.requires_grad]
