@@ -8,6 +8,7 @@ which only means something in a fresh process: `in_subprocess` runs one measurem
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -16,6 +17,34 @@ import time
 from collections.abc import Callable
 
 import torch
+
+
+#: ISA extensions that decide this project's speed, in the order a reader compares machines by.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The machine a benchmark ran on: CPU model, the ISA extensions of `ISA_FLAGS` it has, whether norga sees
+    native bf16, torch's kernel capability, logical CPUs and the load average when asked (other work sharing it)."""
+    from norga.engine.precision import cpu_flags, native_bf16
+
+    try:
+        with open(cpuinfo) as handle:
+            models = [line.partition(":")[2].strip() for line in handle if line.startswith("model name")]
+    except OSError:
+        models = []
+    flags = cpu_flags(cpuinfo)
+    return {"cpu": models[0] if models else "unknown", "isa": [flag for flag in ISA_FLAGS if flag in flags],
+            "native_bf16": native_bf16("cpu"), "capability": torch.backends.cpu.get_cpu_capability(),
+            "logical_cpus": os.cpu_count(), "load_average": [round(value, 2) for value in os.getloadavg()],
+            "torch": torch.__version__}
+
+
+def machine_line(facts: dict, threads: int) -> str:
+    """One header line naming the machine of `machine()` and the threads used."""
+    return (f"machine: {facts['cpu']}, ISA {' '.join(facts['isa']) or 'none of ' + ' '.join(ISA_FLAGS)}, "
+            f"native bf16 {'yes' if facts['native_bf16'] else 'no'}, torch {facts['torch']} ({facts['capability']}), "
+            f"{threads} of {facts['logical_cpus']} CPUs, load average {facts['load_average'][0]:.2f}")
 
 
 def rss_mb() -> float:

@@ -16,7 +16,7 @@ import json
 
 import torch
 from _timing import in_subprocess as _in_subprocess
-from _timing import median_ms, peak_mb
+from _timing import machine, machine_line, median_ms, peak_mb
 
 MODEL_KINDS = {  # timm name, timm kwargs, default training batch, image size, prompt length
     "vit_base_224": ("vit_base_patch16_224", {}, 8, 224, 20),
@@ -134,7 +134,7 @@ def main() -> None:
         cases.append((f"training step {model_kind} (prompts+gate+head, frozen backbone)", "train_step",
                       step_repeats, dict(model_kind=model_kind)))
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(machine_line(machine(), args.threads))
     print("| what | reference ms | fused ms | speed-up | reference img/s | fused img/s | ref peak MB | fused peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
+from _timing import machine, machine_line
 
 from norga.config import OptimConfig, RunConfig, TAPConfig
 from norga.engine.loop import Engine
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tasks = synthetic_tasks(num_tasks=5, classes_per_task=2, train_per_class=64, test_per_class=32, size=32)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.epochs} epochs per phase")
+    print(f"{machine_line(machine(), args.threads)}; {args.epochs} epochs per phase")
     print("| task-identity training | caching | wall s | frozen images encoded | FA |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
