@@ -40,7 +40,7 @@ def official(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, weights)
     preset = root / "tiny_official.yaml"
     preset.write_text(yaml.safe_dump({
-        "method": "norga", "seed": 1, "device": "cpu",
+        "method": "norga", "seed": 1, "device": "cpu", "amp": "none",  # compared with float64 up to fp32 near-ties
         "data": {"benchmark": "imagefolder", "root": str(write_image_folder(root / "images")), "num_tasks": TASKS},
         "backbone": {"name": "vit_tiny_patch16_224", "weights": str(weights),
                      "timm_kwargs": {"img_size": ARCH["img_size"], "patch_size": ARCH["patch_size"],

@@ -54,3 +54,39 @@ def test_the_quickstart_runs_three_rows_offline_and_the_prompts_measurably_matte
     assert gain >= MIN_FA_GAIN, f"the prompts add {gain:.2f} FA points, below {MIN_FA_GAIN}"
     assert f"FA {gain:+.2f}" in result.stdout  # the closing lines say it
     assert "NoRGa's gates (blocks" in result.stdout
+
+
+#: The bf16 guard's budget: the quickstart's benchmark and backbone with fewer images and epochs (bf16 is emulated,
+#: ~8x slower, on CPUs without native bf16, where this test runs it all the same).
+GUARD_BUDGET = ("data.train_per_class=30", "data.test_per_class=200", "norga.wtp.train.epochs=1",
+                "norga.tii.train.epochs=3", "norga.tii.tap.epochs=10", "norga.wtp.tap.epochs=3")
+#: bf16 rounds every matmul input to 8 significant bits (2^-9 relative); over training that moves the prompts and the
+#: statistics a little, and a cell changes only by the test images whose prediction was that close to a tie.
+#: Measured: see GUARD_MEASURED; the bounds are a few times that and far below what a broken bf16 path costs (a lost
+#: prompt or gate: the 10-point gap of the quickstart; wrong-scale features: chance, 50 % per task).
+GUARD_CELL_POINTS, GUARD_FA_POINTS = 4.0, 2.0
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@NEEDS_FASHION_MNIST
+def test_a_bf16_run_and_an_fp32_run_agree_on_the_accuracy_matrix(tmp_path):
+    results = {}
+    for amp in ("none", "bf16"):
+        run_dir = tmp_path / amp
+        command = [sys.executable, "-m", "norga", "run", "quickstart", "--quiet", "--run-dir", str(run_dir),
+                   "--set", f"amp={amp}", *(arg for setting in GUARD_BUDGET for arg in ("--set", setting))]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr
+        assert json.loads((run_dir / "environment.json").read_text())["precision"]["amp"] == amp  # what ran
+        results[amp] = json.loads((run_dir / "results.json").read_text())
+    matrices = {amp: results[amp]["matrices"]["accuracy"] for amp in results}
+    assert matrices["none"]["total"] == matrices["bf16"]["total"]  # the same test images in every cell
+    cells = [(row, column) for row, values in enumerate(matrices["none"]["accuracy"])
+             for column, value in enumerate(values) if value is not None]
+    assert len(cells) == 15  # 5 tasks: every seen task after every task
+    gaps = [abs(matrices["none"]["accuracy"][r][c] - matrices["bf16"]["accuracy"][r][c]) for r, c in cells]
+    assert max(gaps) <= GUARD_CELL_POINTS, gaps
+    fa = {amp: results[amp]["metrics"]["final_average_accuracy"] for amp in results}
+    assert abs(fa["none"] - fa["bf16"]) <= GUARD_FA_POINTS, fa
+    assert fa["none"] > 60  # a run that learnt something: agreement of two broken runs would mean nothing

@@ -19,9 +19,13 @@ import norga.engine.build
 from norga.cli import build_parser, main
 from norga.config_io import ConfigError, load_config
 from norga.data.registry import DEBIAN_FASHION_MNIST
+from norga.engine.precision import native_bf16
 
 SUGGESTED_SET = re.compile(r"--set ([\w.]+=\S+?)(?=[\s,;)]|\.(?:\s|$)|$)")
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+#: What the banner says of the default `amp: auto` on this CPU: bf16 where it is native, fp32 elsewhere.
+DEFAULT_PRECISION = ("bf16 autocast (amp auto: native bf16 here)" if native_bf16("cpu")
+                     else "fp32 (amp auto: no native bf16 here)")
 
 
 def error_of(capsys, *argv) -> str:
@@ -106,7 +110,8 @@ def test_a_run_prints_its_banner_and_plain_lines_and_resumes_from_its_directory_
                      f"fashion-mnist: 5 tasks × 2 classes, 40 training / 20 test images, from {data / 'fashion-mnist'}",
                      "vit_tiny_patch16_224 (timm vit_tiny_patch16_224, 32×32 input)",
                      "weights        random (backbone.weights=none)",
-                     "precision      fp32, compile off", f"device         cpu, {torch.get_num_threads()} thread"):
+                     f"precision      {DEFAULT_PRECISION}, compile off",
+                     f"device         cpu, {torch.get_num_threads()} thread"):
         assert expected in banner, banner
     body = [line for line in lines if not line.startswith("  ")][1:]
     assert body and all(re.match(rf"{STAMP} norga · fashion-mnist · task [1-5]/5 ", line) for line in body), body
