@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import torch
 
-
 #: ISA extensions that decide this project's speed, in the order a reader compares machines by.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
