@@ -146,7 +146,10 @@ def test_a_distributed_run_resumes_after_a_crash_to_the_same_results(tmp_path):
 @pytest.mark.realdata
 @NEEDS_FASHION_MNIST
 def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_results(tmp_path):
-    overrides = ["--set", "norga.wtp.train.batch_size=15", "--set", "norga.tii.train.batch_size=15", "--quiet"]
+    # amp none: the equality below is fp32's (one process and two differ by reduction order, ~2^-24); under bf16
+    # (the default where it is native) the two round differently at 2^-9 and a near-tie prediction may flip
+    overrides = ["--set", "norga.wtp.train.batch_size=15", "--set", "norga.tii.train.batch_size=15",
+                 "--set", "amp=none", "--quiet"]
     single = subprocess.run([sys.executable, "-m", "norga", "run", "tiny_smoke", "--run-dir", str(tmp_path / "one"),
                              *overrides], capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
