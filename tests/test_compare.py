@@ -120,6 +120,22 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
         ComparisonDirectory(tmp_path / "crashed", {"request": 2})
 
 
+def test_a_method_run_records_the_precision_asked_for_and_what_it_resolved_to(tmp_path, monkeypatch):
+    """`amp: auto` is resolved once, when the run is built: its record (and banner) say auto was asked for and
+    what it became here; run again, the method is found finished under the same settings."""
+    monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: make_tasks()))
+    directory = ComparisonDirectory(tmp_path / "comparison", {"request": 1})
+
+    def ncm_run():
+        return MethodRun("ncm", tiny_config(method="ncm", amp="auto"), directory.path / "ncm")
+
+    assert run_method(ncm_run()).status == "ran"
+    precision = json.loads((directory.path / "ncm" / "environment.json").read_text())["precision"]
+    assert precision["amp_requested"] == "auto"
+    assert precision["amp"] == ("bf16" if precision["native_bf16"] else "none")
+    assert run_method(ncm_run()).status == "finished earlier"
+
+
 def by_label_task_il(directory, label: str) -> float:
     return json.loads((directory / label / "results.json").read_text())["task_incremental_accuracy"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,10 @@ def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> Meth
 
 def run_method(run: MethodRun, progress=None, previous_seconds: float | None = None) -> MethodResult:
     """Run `run` into its directory, resume it if interrupted, or skip it if it finished (same config only)."""
-    from norga.engine.build import build_run, resolve_precision
+    from norga.engine.build import build_run
     from norga.engine.loop import run_experiment
 
     directory = run.run_dir
-    resolve_precision(run.config)  # as build_run will: a stored config.yaml holds the resolved amp, not `auto`
     resume = _check_existing(run)
     if resume and _finished(directory):
         return read_result(run, "finished earlier", previous_seconds)
@@ -136,8 +135,9 @@ def _check_existing(run: MethodRun) -> bool:
             run.config.data.root = stored.data.root
         elif stored.data.root is not None:  # the same folder, given relative or absolute
             run.config.data.root = str(Path(run.config.data.root).resolve())
-        if stored != run.config:
-            changed = _differences(stored.to_dict(), run.config.to_dict())
+        expected = _as_recorded(run.config)
+        if stored != expected:
+            changed = _differences(stored.to_dict(), expected.to_dict())
             raise ConfigError(f"{directory} was run with other settings ({', '.join(changed)}): "
                               "use a new comparison directory, or delete that run to redo it")
     if (directory / "state.pt").is_file():
@@ -148,6 +148,17 @@ def _check_existing(run: MethodRun) -> bool:
             (directory / name).unlink()
         return False
     raise FileExistsError(f"{directory} holds files but no checkpoint to resume: move it away or delete it")
+
+
+def _as_recorded(config: RunConfig) -> RunConfig:
+    """`config` as its run's config.yaml records it: ``amp: auto`` resolved for the device. A copy: `build_run`
+    resolves the run's own config, so that the run's record says what was asked for and what it became."""
+    from norga.engine.build import resolve_device
+    from norga.engine.precision import resolve_amp
+
+    if config.amp != "auto":
+        return config
+    return replace(config, amp=resolve_amp(config.amp, resolve_device(config.device)))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
