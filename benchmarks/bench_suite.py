@@ -40,13 +40,6 @@ VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight ba
 
 
 # ----------------------------------------------------------------------------------- device
-def native_bf16() -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively (norga's own check: AVX512-BF16 / AMX)."""
-    from norga.engine.precision import native_bf16 as check
-
-    return check(torch.device("cpu")), "norga.engine.precision.native_bf16"
-
-
 # --------------------------------------------------------------- measurements (subprocess)
 def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, compile: bool = False):
     """Task-identity pass (frozen forward -> TII MLP) then the prompted pass with each sample's predicted slot."""
@@ -254,8 +247,8 @@ def main() -> None:
         print(json.dumps(FUNCTIONS[spec.pop("function")](**spec)))
         return
 
-    has_bf16, source = native_bf16()
-    amp = has_bf16 if args.amp == "auto" else args.amp == "bf16"
+    facts = machine()  # its native_bf16 is norga's own check (AVX512-BF16 / AMX), what `amp: auto` follows
+    amp = facts["native_bf16"] if args.amp == "auto" else args.amp == "bf16"
     fast = {"amp": amp, "compile": args.compile}
     if args.profile:
         row = "train_vitb" if args.profile == "flops_vitb" else args.profile
@@ -267,10 +260,9 @@ def main() -> None:
     optional = {key: hasattr(RunConfig(), key) for key in ("cache_prompted_features", "compile")}
     measured_peaks = in_subprocess(__file__, args.threads, "peaks", quick=args.quick)
     dtype = "bf16" if amp else "fp32"
-    facts = machine()
     print(machine_line(facts, args.threads) + (", QUICK (smoke sizes, not the figures to quote)" if args.quick else ""))
     print(f"matmul peak: fp32 {measured_peaks['fp32']:.1f} GFLOP/s (2048²), bf16 {measured_peaks['bf16']:.1f} GFLOP/s "
-          f"({'1024' if not args.quick else '512'}²); native bf16 per {source}: {has_bf16}")
+          f"({'1024' if not args.quick else '512'}²)")
     from norga.nn import PromptedViT
 
     how = "PromptedViT.compiled()" if callable(getattr(PromptedViT, "compiled", None)) else "torch.compile per block"
@@ -300,7 +292,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"machine": facts, "load_average_after": load_after, "threads": args.threads, "quick": args.quick, "fast_path": {**fast, **optional},
-                       "native_bf16": [has_bf16, source], "peaks_gflops": measured_peaks,
+                       "peaks_gflops": measured_peaks,
                        "measurements": measured, "table": verdicts}, handle, indent=2)
 
 

@@ -127,11 +127,6 @@ def test_nan_loss_stops_with_a_clear_error_and_the_last_checkpoint_intact(tmp_pa
     assert state["position"]["task"] == 1 and heavy  # task 0 finished and saved, loadable
 
 
-def frozen_matmul_weights(engine) -> list[torch.Tensor]:
-    return [param for module in engine.context.model.modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-            for param in module.parameters(recurse=False) if not param.requires_grad]
-
-
 def test_bf16_autocast_run_completes_with_class_statistics_in_full_precision(tmp_path):
     """Under bf16 autocast, class means and covariances stay float32 and the Cholesky factors float64; the frozen
     matmul weights are held in bf16 (fp32 without amp)."""
@@ -143,8 +138,8 @@ def test_bf16_autocast_run_completes_with_class_statistics_in_full_precision(tmp
     accuracy = engine.run()["accuracy"].accuracies()
     assert ((accuracy >= 0) & (accuracy <= 100)).all() and accuracy[:, -1].sum() > 0
     assert autocast_calls and isinstance(entered(), torch.autocast)
-    assert {param.dtype for param in frozen_matmul_weights(engine)} == {torch.bfloat16}  # cast once, not per forward
-    assert {param.dtype for param in frozen_matmul_weights(make_engine(tiny_config(amp="none"), tmp_path / "fp32"))} \
+    assert {param.dtype for param in engine.context.model.frozen_matmul_parameters()} == {torch.bfloat16}  # cast once, not per forward
+    assert {param.dtype for param in make_engine(tiny_config(amp="none"), tmp_path / "fp32").context.model.frozen_matmul_parameters()} \
         == {torch.float32}
     for gaussians in (engine.method.tii_gaussians, engine.method.prompt_gaussians):
         state = gaussians.state_dict()

@@ -149,13 +149,16 @@ class PromptedViT(nn.Module):
         input meets a bf16 weight and torch refuses the product.
         """
         converted = 0
-        for module in self.backbone.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                for param in module.parameters(recurse=False):
-                    if not param.requires_grad and param.dtype != dtype:
-                        param.data = param.data.to(dtype)
-                        converted += 1
+        for param in self.frozen_matmul_parameters():
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                converted += 1
         return converted
+
+    def frozen_matmul_parameters(self) -> list[nn.Parameter]:
+        """The backbone's ``Linear`` and ``Conv2d`` weights and biases without ``requires_grad``."""
+        return [param for module in self.backbone.modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+                for param in module.parameters(recurse=False) if not param.requires_grad]
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The host's trainable parameters: the classifier head (and fc_norm when trained)."""
