@@ -53,8 +53,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process in MiB since it started or since `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak (VmHWM) again from the current RSS, so set-up transients do not count (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def median_ms(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
@@ -73,6 +80,7 @@ def median_ms(steps: dict[str, Callable[[], object]], warmup: int, repeats: int)
 
 def peak_mb(step: Callable[[], object], warmup: int) -> float:
     """Peak RSS above the current RSS while running `step` ``warmup + 1`` times (call in a fresh process)."""
+    reset_peak_rss()  # a set-up transient (e.g. fp32 weights before their bf16 copy) is not the step's
     base = rss_mb()
     for _ in range(warmup + 1):
         step()

@@ -19,6 +19,7 @@ from engine_fixtures import (
     tiny_config,
 )
 
+from norga.config_io import ConfigError
 from norga.engine.context import TaskDatasets
 from norga.engine.loop import run_experiment
 from norga.engine.optim import schedule_factor
@@ -111,7 +112,8 @@ def test_gate_and_layers_come_from_the_section(tmp_path, caplog):
     assert run.method.e_layers == [0, 1] and "this backbone has 2 blocks" in caplog.text
     gates = run.method.prompts["gates"]
     assert sorted(gates) == ["0", "1"] and all(isinstance(g, NoRGaGate) for g in gates.values())
-    with pytest.raises(ValueError, match="dualprompt.layers = \\[2, 3, 4\\] names no block .* --set dualprompt.layers"):
+    with pytest.raises(ConfigError, match=r"dualprompt.layers = \[2, 3, 4\] does not fit this 2-block backbone: "
+                                          r"set --set dualprompt.layers=\[...\] to blocks 0..1"):
         engine(tmp_path, tiny_config(method="dualprompt", **{"g_layers": [0], "layers": [2, 3, 4]}), "deep")
 
 

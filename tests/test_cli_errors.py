@@ -103,6 +103,17 @@ def test_a_full_disk(finished, tmp_path):
     assert_one_line(result, 2, "no space left on the device", f"then resume with `norga run --resume {small / 'run'}`")
 
 
+@pytest.mark.parametrize("sets, key", [
+    (["norga.prompt.layers=[0,3]"], "norga.prompt.layers"),
+    (["method=hide", "hide.prompt.layers=[0,4]"], "hide.prompt.layers"),
+])
+def test_prompt_blocks_the_backbone_lacks_are_one_line_and_leave_no_run_directory(finished, tmp_path, sets, key):
+    run = tmp_path / "run"
+    result = norga("run", finished[1], *[arg for value in sets for arg in ("--set", value)], "--run-dir", run, "--quiet")
+    assert_one_line(result, 2, f"{key} = [", "does not fit this 1-block backbone", f"--set {key}=[...] to blocks 0..0")
+    assert not run.exists()
+
+
 def test_a_decode_error_in_a_loader_worker_is_one_line_naming_the_file(tmp_path):
     data = write_image_folder(tmp_path / "data")
     broken = data / "train" / "class1" / "2.png"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 
@@ -84,6 +85,21 @@ def test_a_missing_last_task_checkpoint_and_stale_results_are_rewritten_by_the_r
     run(tmp_path, "run", config, resume=True)
     assert outputs(directory) == expected
     assert load_checkpoint(directory / "checkpoints" / f"task{NUM_TASKS}.pt")["position"]["task"] == NUM_TASKS
+
+
+def test_a_run_whose_method_cannot_be_built_leaves_no_run_directory(tmp_path):
+    config = tiny_config(**{"prompt.layers": [0, 2]})  # the tiny backbone has blocks 0 and 1
+    with pytest.raises(ConfigError, match=r"norga.prompt.layers = \[0, 2\] does not fit this 2-block backbone"):
+        run(tmp_path, "run", config)
+    assert not (tmp_path / "run").exists()
+    assert not [h for h in logging.getLogger("norga").handlers if str(tmp_path) in getattr(h, "baseFilename", "")]
+    given = tmp_path / "given"  # a folder the caller made stays, as empty as it was
+    given.mkdir()
+    with pytest.raises(ConfigError):
+        run(tmp_path, "given", config)
+    assert list(given.iterdir()) == []
+    run(tmp_path, "given", probe_config())  # and is a new run's directory once the settings fit
+    assert (given / "config.yaml").is_file() and (given / "results.json").is_file()
 
 
 def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened_again(tmp_path):

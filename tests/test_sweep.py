@@ -284,3 +284,21 @@ def test_the_demo_spec_runs_five_rows_on_three_seeds_and_only_hide_goes_without_
     assert all(c.data.test_per_class == 300 and c.data.benchmark == "fashion-mnist" for c in configs)
     norga = next(c for c in configs if c.method == "norga")
     assert norga.settings.prompt.length == 5 and norga.settings.gate == "sigmoid"
+
+
+def test_the_plot_labels_of_long_settings_do_not_run_into_each_other():
+    from norga.sweep.plot import sweep_figure
+
+    rows = [{"method": method, "setting": setting, "benchmark": "fashion-mnist", "seed": seed, "status": "complete",
+             **dict.fromkeys(aggregate.METRICS, 50.0 + seed)}
+            for method, setting in [("norga", "hide.prompt.length=5"), ("hide", "hide.prompt.length=5"),
+                                    ("hide", "hide.prompt.length=0"), ("dualprompt", "hide.prompt.length=5"),
+                                    ("ncm", "hide.prompt.length=5")] for seed in (0, 1)]
+    figure = sweep_figure(aggregate.summarize(rows), rows)
+    renderer = figure.canvas.get_renderer()
+    for axis in figure.axes:
+        boxes = [label.get_window_extent(renderer) for label in axis.get_xticklabels()]
+        assert len(boxes) == 5
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    import matplotlib.pyplot as plt
+    plt.close(figure)

@@ -300,9 +300,6 @@ def open_run(
         environment = {"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})}
         if resume:
             directory.check_benchmark(records or {})
-        else:
-            directory.write_config(config)
-            directory.write_environment(environment)
         engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress,
                         after_epoch, dist, init_generator)
         if resume:
@@ -310,8 +307,14 @@ def open_run(
             if not directory.read_environment():  # killed before it was written
                 directory.run_id = directory.run_id or uuid.uuid4().hex
                 directory.write_environment(environment)
+        else:  # once the method is built: a folder with a config.yaml is a run that `--resume` can continue
+            directory.write_config(config)
+            directory.write_environment(environment)
     except BaseException:
-        directory.close()
+        if resume:
+            directory.close()
+        else:  # e.g. a setting the backbone cannot take: no run directory is left behind
+            directory.discard()
         raise
     engine.progress.start({
         "run_dir": str(directory.path.resolve()), "method": config.method, "joint": engine.joint,

@@ -87,6 +87,7 @@ class RunDirectory:
         self.run_id: str | None = None
         self.config_hash: str | None = None  # set by the engine: the identity of the config (resume_changes)
         self.heavy_generation = 0  # how many times the class statistics were saved; state.pt names the current one
+        self.made_folder = False  # `_create` made the folder (so `discard` may remove it)
         if not write:
             self.run_id = self.read_environment().get("run_id")
             return
@@ -99,6 +100,7 @@ class RunDirectory:
     def _create(self) -> None:
         try:
             self.path.mkdir(parents=True)
+            self.made_folder = True
         except FileExistsError:
             if not self.path.is_dir():
                 raise FileExistsError(f"{self.path} exists and is not a directory: choose another run directory") from None
@@ -132,6 +134,16 @@ class RunDirectory:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def discard(self) -> None:
+        """Undo a new run that failed before it started (nothing but its log written): release the directory, close
+        its log and remove the folder if this object made it (a folder the caller gave stays, empty again)."""
+        self.close()
+        _detach_log(self.path / LOG)
+        if self.writable and not any(entry.name != LOG for entry in self.path.iterdir()):
+            (self.path / LOG).unlink(missing_ok=True)
+            if self.made_folder:
+                self.path.rmdir()
 
     def _attach_log(self) -> None:
         logger = logging.getLogger("norga")
@@ -335,6 +347,14 @@ class RunDirectory:
 
         plot_run(accuracy, self.path, upto, title=plot_title(config))
         return results
+
+
+def _detach_log(log_file: Path) -> None:
+    """Stop writing the norga logger to `log_file`."""
+    logger = logging.getLogger("norga")
+    for handler in [h for h in logger.handlers if getattr(h, "baseFilename", None) == str(log_file.resolve())]:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 class _BestEffortFileHandler(logging.FileHandler):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
+from norga.config_io import ConfigError
 from norga.methods.training import masked_logits
 
 if TYPE_CHECKING:
@@ -28,6 +29,12 @@ class Phase:
     name: str
     epochs: int = 0
     evaluate: str | None = None
+
+
+def unfitting_blocks(key: str, layers: list[int], depth: int) -> ConfigError:
+    """The refusal of setting `key`, prompted blocks `layers` that a `depth`-block backbone does not have."""
+    return ConfigError(f"{key} = {list(layers)} does not fit this {depth}-block backbone: set --set {key}=[...] "
+                       f"to blocks 0..{depth - 1}")
 
 
 #: Which prompts `ContinualMethod.predict` uses (`slots`): the method's own choice, each image's true task's, or

@@ -33,7 +33,7 @@ from norga.engine.features import FeatureSet, PromptedFeatureMemo
 from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.engine.seeding import generator
 from norga.gaussians import ClassGaussians, official_tap_batches
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
 from norga.methods.registry import register_method
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn import TaskPrompts
@@ -133,6 +133,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         self.model = context.model
         self.prompts: TaskPrompts | None = None  # prompt.length 0: the pipeline without prompts
         if settings.prompt.length > 0:
+            layers, depth = settings.prompt.layers, self.model.depth
+            if not layers or min(layers) < 0 or max(layers) >= depth:
+                raise unfitting_blocks(f"{self.name}.prompt.layers", layers, depth)
             self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length,
                                        settings.prompt.layers, gate=self._gate(), prefix_layout=settings.prefix_layout,
                                        generator=context.init_generator).to(context.device)

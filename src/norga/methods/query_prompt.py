@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from norga.engine.context import RunContext
 from norga.engine.optim import schedule_factor, set_epoch_lr
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
 from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
 
@@ -62,8 +62,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
     def _layers(self, layers: Sequence[int], name: str) -> list[int]:
         kept = fitting_layers(layers, self.model.depth, f"{self.name}.{name}")
         if layers and not kept:
-            raise ValueError(f"{self.name}.{name} = {list(layers)} names no block of this {self.model.depth}-block "
-                             f"backbone: set --set {self.name}.{name}=[...] to blocks below {self.model.depth}")
+            raise unfitting_blocks(f"{self.name}.{name}", layers, self.model.depth)
         return kept
 
     def _gates(self, layers: Sequence[int]) -> nn.ModuleDict:

@@ -19,12 +19,22 @@ SWEEP_PLOT = "sweep.png"
 
 
 def plot_sweep(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """One panel per metric that any trial recorded; nothing to draw gives a figure saying so."""
+    """`sweep_figure` written to `path` as PNG (atomically)."""
+    figure = sweep_figure(summary, rows)
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def sweep_figure(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> plt.Figure:
+    """One panel per metric that any trial recorded, bars labelled by what varies (each bar as wide as its label
+    needs, so long settings do not run into each other); nothing to draw gives a figure saying so."""
     metrics = [m for m in METRICS if any(g[m]["mean"] is not None for g in summary)]
     varying = [key for key in GROUP_KEYS if len({g[key] for g in summary}) > 1] or ["method"]
     labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
     panels = max(1, len(metrics))
-    figure, axes = plt.subplots(1, panels, figsize=(1.6 + 0.9 * max(1, len(summary)) * panels, 3.8), squeeze=False)
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    per_bar = max(0.9, 0.075 * longest)  # inches: a label line at font size 8 takes ~0.06 in a character
+    figure, axes = plt.subplots(1, panels, figsize=(1.6 + per_bar * max(1, len(summary)) * panels, 3.8), squeeze=False)
     if not metrics:
         axes[0][0].text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
         axes[0][0].set_axis_off()
@@ -45,5 +55,4 @@ def plot_sweep(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
     n = sorted({g["n"] for g in summary})
     figure.suptitle(f"mean ± sd over seeds (n = {', '.join(map(str, n)) or 0}); dots: single seeds", fontsize=9)
     figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+    return figure
