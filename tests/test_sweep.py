@@ -296,7 +296,9 @@ def test_the_plot_labels_of_long_settings_do_not_run_into_each_other():
                                     ("ncm", "hide.prompt.length=5")] for seed in (0, 1)]
     figure = sweep_figure(aggregate.summarize(rows), rows)
     renderer = figure.canvas.get_renderer()
-    for axis in figure.axes:
+    panels = [axis for axis in figure.axes if axis.axison]
+    assert [axis.get_title() for axis in panels] == [f"{label} (%)" for label in aggregate.METRICS.values()]
+    for axis in panels:
         boxes = [label.get_window_extent(renderer) for label in axis.get_xticklabels()]
         assert len(boxes) == 5
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -16,6 +16,7 @@ from norga.engine.checkpoint import atomic_write  # noqa: E402
 from norga.sweep.aggregate import GROUP_KEYS, METRICS, setting_label  # noqa: E402
 
 SWEEP_PLOT = "sweep.png"
+PANELS_PER_ROW = 3
 
 
 def plot_sweep(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -32,14 +33,19 @@ def sweep_figure(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
     varying = [key for key in GROUP_KEYS if len({g[key] for g in summary}) > 1] or ["method"]
     labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
     panels = max(1, len(metrics))
+    columns = min(panels, PANELS_PER_ROW)
     longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
     per_bar = max(0.9, 0.075 * longest)  # inches: a label line at font size 8 takes ~0.06 in a character
-    figure, axes = plt.subplots(1, panels, figsize=(1.6 + per_bar * max(1, len(summary)) * panels, 3.8), squeeze=False)
+    figure, grid = plt.subplots(-(-panels // columns), columns, squeeze=False,
+                                figsize=(1.6 + per_bar * max(1, len(summary)) * columns, 3.8 * -(-panels // columns)))
+    axes = list(grid.flat)
+    for unused in axes[panels:]:
+        unused.set_axis_off()
     if not metrics:
-        axes[0][0].text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
-        axes[0][0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
+        axes[0].set_axis_off()
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, metric in zip(axes[0], metrics, strict=False):
+    for axis, metric in zip(axes, metrics, strict=False):
         for x, group in enumerate(summary):
             stats = group[metric]
             if stats["mean"] is None:
