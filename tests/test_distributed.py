@@ -106,7 +106,12 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+#: The default suite checks the two-stage pipelines; the other methods' data-parallel runs are end-to-end (slow).
+IN_DEFAULT_SUITE = ("norga", "hide")
+
+
+@pytest.mark.parametrize("method", [name if name in IN_DEFAULT_SUITE else pytest.param(name, marks=pytest.mark.slow)
+                                    for name in sorted(METHODS)])
 def test_two_processes_match_one_process(tmp_path, method):
     expected = single_process(tmp_path / "single", method)
     result = torchrun(str(WORKER), str(tmp_path / "ddp"), method)
@@ -143,6 +148,7 @@ def test_a_distributed_run_resumes_after_a_crash_to_the_same_results(tmp_path):
     assert_close_states(final["heavy"], expected["heavy"], expected["optimizer_steps"], reduction_terms(ddp_config("norga")))
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @NEEDS_FASHION_MNIST
 def test_torchrun_norga_run_writes_one_run_directory_with_the_single_process_results(tmp_path):
