@@ -98,6 +98,11 @@ def test_a_run_whose_method_cannot_be_built_leaves_no_run_directory(tmp_path):
     with pytest.raises(ConfigError):
         run(tmp_path, "given", config)
     assert list(given.iterdir()) == []
+    (given / "log.txt").write_text("a run killed at its start\n")  # a log that was there before stays too
+    with pytest.raises(ConfigError):
+        run(tmp_path, "given", config)
+    assert [p.name for p in given.iterdir()] == ["log.txt"]
+    assert (given / "log.txt").read_text().startswith("a run killed at its start\n")
     run(tmp_path, "given", probe_config())  # and is a new run's directory once the settings fit
     assert (given / "config.yaml").is_file() and (given / "results.json").is_file()
 

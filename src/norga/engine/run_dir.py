@@ -87,12 +87,13 @@ class RunDirectory:
         self.run_id: str | None = None
         self.config_hash: str | None = None  # set by the engine: the identity of the config (resume_changes)
         self.heavy_generation = 0  # how many times the class statistics were saved; state.pt names the current one
-        self.made_folder = False  # `_create` made the folder (so `discard` may remove it)
+        self.made_folder = self.made_log = False  # what `_create` made (and so `discard` may remove)
         if not write:
             self.run_id = self.read_environment().get("run_id")
             return
         if create:
             self._create()
+            self.made_log = not (self.path / LOG).exists()
         else:
             self._open()
         self._attach_log()
@@ -136,14 +137,16 @@ class RunDirectory:
             self.lock = None
 
     def discard(self) -> None:
-        """Undo a new run that failed before it started (nothing but its log written): release the directory, close
-        its log and remove the folder if this object made it (a folder the caller gave stays, empty again)."""
+        """Undo a new run that failed before it wrote anything but its log: release the directory, close the log,
+        and remove the log and the folder if this object made them (a folder the caller gave stays as it was)."""
         self.close()
         _detach_log(self.path / LOG)
-        if self.writable and not any(entry.name != LOG for entry in self.path.iterdir()):
+        if not self.writable or any(entry.name != LOG for entry in self.path.iterdir()):
+            return
+        if self.made_log:
             (self.path / LOG).unlink(missing_ok=True)
-            if self.made_folder:
-                self.path.rmdir()
+        if self.made_folder and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def _attach_log(self) -> None:
         logger = logging.getLogger("norga")

@@ -34,10 +34,11 @@ def sweep_figure(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
     labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
     panels = max(1, len(metrics))
     columns = min(panels, PANELS_PER_ROW)
+    grid_rows = -(-panels // columns)
     longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
     per_bar = max(0.9, 0.075 * longest)  # inches: a label line at font size 8 takes ~0.06 in a character
-    figure, grid = plt.subplots(-(-panels // columns), columns, squeeze=False,
-                                figsize=(1.6 + per_bar * max(1, len(summary)) * columns, 3.8 * -(-panels // columns)))
+    figure, grid = plt.subplots(grid_rows, columns, squeeze=False,
+                                figsize=(1.6 + per_bar * max(1, len(summary)) * columns, 3.8 * grid_rows))
     axes = list(grid.flat)
     for unused in axes[panels:]:
         unused.set_axis_off()
