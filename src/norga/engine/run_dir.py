@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,6 @@ class RunDirectory:
             return
         if create:
             self._create()
-            self.made_log = not (self.path / LOG).exists()
         else:
             self._open()
         self._attach_log()
@@ -113,6 +113,7 @@ class RunDirectory:
             self.close()
             raise FileExistsError(f"run directory {self.path} already exists and is not empty: resume it with "
                                   f"`norga run --resume {self.path}` or choose another name")
+        self.made_log = not (self.path / LOG).exists()
         self.run_id = uuid.uuid4().hex
 
     def _open(self) -> None:
@@ -140,7 +141,8 @@ class RunDirectory:
         """Undo a new run that failed before it wrote anything but its log: release the directory, close the log,
         and remove the log and the folder if this object made them (a folder the caller gave stays as it was)."""
         self.close()
-        _detach_log(self.path / LOG)
+        log_file = str((self.path / LOG).resolve())
+        _close_run_logs(lambda name: name == log_file)
         if not self.writable or any(entry.name != LOG for entry in self.path.iterdir()):
             return
         if self.made_log:
@@ -152,10 +154,7 @@ class RunDirectory:
         logger = logging.getLogger("norga")
         logger.setLevel(logging.INFO)
         log_file = str((self.path / LOG).resolve())
-        for handler in [h for h in logger.handlers if getattr(h, "norga_run_log", False)]:
-            if handler.baseFilename != log_file:  # one run at a time: `norga compare` runs several in one process
-                logger.removeHandler(handler)
-                handler.close()
+        _close_run_logs(lambda name: name != log_file)  # one run at a time: `norga compare` runs several in one process
         if not any(getattr(h, "baseFilename", None) == log_file for h in logger.handlers):
             handler = _BestEffortFileHandler(log_file)
             handler.norga_run_log = True
@@ -352,10 +351,10 @@ class RunDirectory:
         return results
 
 
-def _detach_log(log_file: Path) -> None:
-    """Stop writing the norga logger to `log_file`."""
+def _close_run_logs(chosen: Callable[[str], bool]) -> None:
+    """Remove from the norga logger, and close, the run-log handlers whose file path `chosen` picks."""
     logger = logging.getLogger("norga")
-    for handler in [h for h in logger.handlers if getattr(h, "baseFilename", None) == str(log_file.resolve())]:
+    for handler in [h for h in logger.handlers if getattr(h, "norga_run_log", False) and chosen(h.baseFilename)]:
         logger.removeHandler(handler)
         handler.close()
 

@@ -3,6 +3,7 @@ seeds' own values as dots."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def sweep_figure(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
     labels = ["\n".join(setting_label(g[key]) if key == "setting" else str(g[key]) for key in varying) for g in summary]
     panels = max(1, len(metrics))
     columns = min(panels, PANELS_PER_ROW)
-    grid_rows = -(-panels // columns)
+    grid_rows = math.ceil(panels / columns)
     longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
     per_bar = max(0.9, 0.075 * longest)  # inches: a label line at font size 8 takes ~0.06 in a character
     figure, grid = plt.subplots(grid_rows, columns, squeeze=False,
