@@ -25,7 +25,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict:
     """The machine a benchmark ran on: CPU model, the ISA extensions of `ISA_FLAGS` it has, whether norga sees
     native bf16, torch's kernel capability, logical CPUs and the load average when asked (other work sharing it)."""
-    from norga.engine.precision import cpu_flags, native_bf16
+    from norga.runtime.precision import cpu_flags, native_bf16
 
     try:
         with open(cpuinfo) as handle:

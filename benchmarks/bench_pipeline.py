@@ -17,15 +17,17 @@ import timm
 import torch
 from _timing import machine, machine_line
 
-from norga.config import OptimConfig, RunConfig, TAPConfig
+from norga.config import OptimConfig, RunConfig
+from norga.config_io import default_config
 from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
+from norga.methods.hide import TAPConfig
 from norga.nn import PromptedViT
 from norga.synthetic import synthetic_tasks
 
 
 def config_for(epochs: int, cache: bool, augment: bool) -> RunConfig:
-    config = RunConfig(method="norga", seed=1, cache_frozen_features=cache)
+    config = default_config("norga", seed=1, cache_frozen_features=cache)
     s = config.settings
     s.gate = "sigmoid"
     s.tii.augment = augment

@@ -43,7 +43,7 @@ VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight ba
 # --------------------------------------------------------------- measurements (subprocess)
 def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, compile: bool = False):
     """Task-identity pass (frozen forward -> TII MLP) then the prompted pass with each sample's predicted slot."""
-    from norga.tii import TaskIdentityModel
+    from norga.methods.hide.task_identity import TaskIdentityModel
 
     model, size = prompted_model(impl, model_kind, amp=amp)
     model.eval()

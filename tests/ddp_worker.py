@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_fixtures import build, tiny_config  # noqa: E402
 
-from norga.engine.distributed import (  # noqa: E402
+from norga.engine.loop import Position, open_run  # noqa: E402
+from norga.runtime.distributed import (  # noqa: E402
     SINGLE_PROCESS,
     Distributed,
     init_distributed,
     shutdown_distributed,
 )
-from norga.engine.loop import Position, open_run  # noqa: E402
 
 
 class InjectedCrash(RuntimeError):

@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 from norga.config import SHARED_KEYS, RunConfig
 from norga.config_io import load_config, read_source
 from norga.engine.build import BuiltRun, build_run
-from norga.engine.context import TaskDatasets
 from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
+from norga.runtime.context import TaskDatasets
 from norga.synthetic import synthetic_tasks
 
 NUM_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, NOISE = 3, 2, 8, 4, 16, 0.5

@@ -19,12 +19,12 @@ from engine_fixtures import (
     tiny_config,
 )
 
-from norga.config_io import ConfigError
-from norga.engine.context import TaskDatasets
+from norga.config import ConfigError
 from norga.engine.loop import run_experiment
-from norga.engine.optim import schedule_factor
 from norga.engine.run_dir import RunDirectory
 from norga.nn import NoRGaGate
+from norga.runtime.context import TaskDatasets
+from norga.runtime.optim import schedule_factor
 
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 METHODS = ("l2p", "dualprompt", "sprompt", "coda")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from norga.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from norga.storage import atomic_write, load_checkpoint, save_checkpoint
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
@@ -34,8 +34,8 @@ def test_a_full_disk_while_torch_saves_is_named_with_the_file(tmp_path, monkeypa
     import builtins
     import errno
 
-    from norga.engine import checkpoint
-    from norga.engine.checkpoint import StorageError
+    from norga import storage as checkpoint
+    from norga.storage import StorageError
 
     class FillsUp:
         def __init__(self, handle):

@@ -20,10 +20,9 @@ from engine_fixtures import build as fixture_build
 from norga.cli import main
 from norga.commands.compare import entries_of, split_overrides
 from norga.comparison import ComparisonDirectory, MethodRun, method_config, run_method
-from norga.config import OptimConfig
-from norga.config_io import ConfigError
+from norga.config import ConfigError, OptimConfig
 from norga.engine import build as engine_build
-from norga.engine.context import TaskDatasets
+from norga.runtime.context import TaskDatasets
 
 REAL = os.environ.get("NORGA_DATA")
 

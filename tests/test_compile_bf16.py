@@ -9,8 +9,9 @@ import torch
 from prompted_fixture import Prompted
 from torch._dynamo.utils import counters
 
-from norga.config_io import ConfigError, load_config
-from norga.engine import precision
+from norga.config import ConfigError
+from norga.config_io import load_config
+from norga.runtime import precision
 from norga.engine.build import resolve_precision
 from norga.nn import PromptedViT, TaskPrompts
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled

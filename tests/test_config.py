@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from norga.config import RunConfig
+from norga.config import ConfigError, RunConfig
 from norga.config_io import (
-    ConfigError,
+    default_config,
     dump_config,
     load_config,
     preset_names,
@@ -115,7 +115,7 @@ def test_partial_yaml_keeps_defaults_and_round_trips(tmp_path):
     partial = tmp_path / "partial.yaml"
     partial.write_text("norga:\n  prompt:\n    length: 9\n")
     config = load_config(partial, ["seed=3"])
-    assert config.settings.prompt.length == 9 and config.seed == 3 and config.settings.wtp == RunConfig().settings.wtp
+    assert config.settings.prompt.length == 9 and config.seed == 3 and config.settings.wtp == default_config().settings.wtp
     dump_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
 

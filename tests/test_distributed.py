@@ -16,8 +16,8 @@ from ddp_worker import ddp_config, run
 from engine_fixtures import PATCH, SIZE, WIDTH, make_engine, tiny_config
 
 from norga.config_io import flat_settings
-from norga.engine.distributed import SINGLE_PROCESS, Distributed
 from norga.methods import METHODS
+from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 REAL = os.environ.get("NORGA_DATA")
@@ -218,8 +218,8 @@ def test_commands_that_run_several_experiments_refuse_torchrun(command):
 
 
 def test_the_process_group_timeout_comes_from_the_environment(monkeypatch):
-    from norga.config_io import ConfigError
-    from norga.engine.distributed import (
+    from norga.config import ConfigError
+    from norga.runtime.distributed import (
         DEFAULT_TIMEOUT_SECONDS,
         TIMEOUT_ENV,
         process_group_timeout,

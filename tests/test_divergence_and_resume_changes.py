@@ -15,8 +15,8 @@ from engine_fixtures import (
     tiny_config,
 )
 
-from norga.config import OptimConfig
-from norga.config_io import ConfigError, load_config
+from norga.config import ConfigError, OptimConfig
+from norga.config_io import default_config, load_config
 from norga.engine.loop import Position, open_run, run_experiment
 from norga.engine.resume_changes import check_resume_changes, identity_hash
 
@@ -149,4 +149,4 @@ def test_a_setting_added_later_at_its_default_leaves_the_identity_of_earlier_run
         assert identity_hash(upgraded) != before  # set away from its default, it defines the run
     finally:
         norga.Settings = original
-    assert identity_hash(RunConfig(method="norga")) != identity_hash(RunConfig(method="hide"))
+    assert identity_hash(default_config("norga")) != identity_hash(default_config("hide"))

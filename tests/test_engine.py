@@ -16,10 +16,11 @@ from engine_fixtures import (
     tiny_config,
 )
 
-from norga.config import OptimConfig, TAPConfig
-from norga.engine.context import TaskDatasets
+from norga.config import OptimConfig
 from norga.engine.loop import run_experiment
 from norga.engine.run_dir import RunDirectory
+from norga.methods.hide import TAPConfig
+from norga.runtime.context import TaskDatasets
 
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 

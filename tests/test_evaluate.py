@@ -11,7 +11,7 @@ import torch
 from cli_fixture import NEEDS_FASHION_MNIST, norga
 from engine_fixtures import NUM_TASKS, build, tiny_config
 
-from norga.config_io import ConfigError
+from norga.config import ConfigError
 from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.loop import open_run
 from norga.engine.reevaluate import evaluation_config, reevaluate, write_evaluation

@@ -12,8 +12,8 @@ from torch import nn
 from norga.engine.run_dir import RunDirectory
 from norga.methods.base import ImageIds
 from norga.methods.hide import HiDePrompt
+from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.nn import PromptedViT
-from norga.tii import TaskIdentityModel
 
 ARCH = dict(img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from norga.gaussians import JITTER, ClassGaussians, official_tap_batches
+from norga.methods.hide.gaussians import JITTER, ClassGaussians, official_tap_batches
 
 
 def test_mean_and_covariance_match_numpy():

@@ -10,7 +10,8 @@ import pytest
 
 import norga
 from norga.cli import build_parser
-from norga.config_io import ConfigError, load_config
+from norga.config import ConfigError
+from norga.config_io import load_config
 from norga.data.manifest import build_parser as manifest_parser
 
 SOURCE = Path(norga.__file__).resolve().parent

@@ -15,7 +15,7 @@ from engine_fixtures import NUM_TASKS, TINY, make_engine, tiny_config
 from test_hide_pipeline import pipeline, run_phases, run_phases_named, slow_masked_ce, task_images
 
 from norga.cli import main
-from norga.config_io import ConfigError
+from norga.config import ConfigError
 from norga.nn.prefix_attention import PrefixAttention
 
 

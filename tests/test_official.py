@@ -17,12 +17,12 @@ from official_fixtures import (
 )
 from prompted_fixture import Prompted
 
-from norga.nn import PromptedViT, TaskPrompts
-from norga.official import (
+from norga.methods.hide.official_checkpoints import (
     OfficialCheckpointError,
     load_official_checkpoint,
     read_official_checkpoint,
 )
+from norga.nn import PromptedViT, TaskPrompts
 
 LAYERS, SLOTS, LP, CLASSES = 2, 3, 4, 5
 ARCH = dict(img_size=32, patch_size=8, depth=3)

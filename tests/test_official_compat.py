@@ -7,9 +7,9 @@ from engine_fixtures import NUM_TASKS, TRAIN_PER_CLASS
 from test_hide_pipeline import pipeline, run_phases, run_phases_named
 
 from norga.engine.evaluation import evaluate_seen_tasks
-from norga.engine.seeding import generator
 from norga.methods.hide import official_class_order
 from norga.metrics import AccuracyMatrix
+from norga.runtime.seeding import generator
 
 
 def voting(tmp_path, monkeypatch, tasks_per_call, **changes):

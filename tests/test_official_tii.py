@@ -15,10 +15,10 @@ from official_fixtures import (
     save_tii_stage,
 )
 
+from norga.methods.hide.official_checkpoints import OfficialCheckpointError, official_task_checkpoints
+from norga.methods.hide.official_tii import load_official_task, load_official_tii_checkpoint
+from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.nn import PromptedViT, TaskPrompts
-from norga.official import OfficialCheckpointError, official_task_checkpoints
-from norga.official_tii import load_official_task, load_official_tii_checkpoint
-from norga.tii import TaskIdentityModel
 
 #: CIFAR / ImageNet-R / CUB ([2]), 5-datasets ([4, 4]: a middle LayerNorm), MoCo v3 (fc_norm instead of mlp.norm)
 VARIANTS = [([2], False), ([4, 4], False), ([2], True)]

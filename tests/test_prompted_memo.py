@@ -11,9 +11,9 @@ from engine_fixtures import (
     tiny_config,
 )
 
-from norga.engine.features import PromptedFeatureMemo
 from norga.engine.loop import Engine
 from norga.engine.run_dir import RunDirectory
+from norga.methods.hide.prompted_memo import PromptedFeatureMemo
 
 
 class CountingEncoder:

@@ -21,12 +21,11 @@ from engine_fixtures import (
     tiny_config,
 )
 
-from norga.config import OptimConfig
-from norga.config_io import ConfigError
+from norga.config import ConfigError, OptimConfig
 from norga.engine import run_dir as run_dir_module
-from norga.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
-from norga.engine.context import TaskDatasets
 from norga.engine.loop import run_experiment
+from norga.runtime.context import TaskDatasets
+from norga.storage import CheckpointError, atomic_write, load_checkpoint
 
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 RECORDS = {"benchmark": {"split_sha256": "a" * 64}}

@@ -11,7 +11,7 @@ from cli_fixture import NEEDS_FASHION_MNIST
 
 from norga.assets import SHIPPED_SHA256, shipped_weights
 from norga.backbones import create_backbone
-from norga.io_utils import sha256_file
+from norga.storage import sha256_file
 
 REAL = os.environ.get("NORGA_DATA")
 

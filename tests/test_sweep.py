@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from norga.cli import main
-from norga.config_io import ConfigError
+from norga.config import ConfigError
 from norga.sweep import aggregate
 from norga.sweep.directory import COMPLETE, FAILED, MANIFEST, SWEEP_YAML, SweepDirectory
 from norga.sweep.spec import (

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from norga.tii import ResidualMLP, TaskIdentityModel
+from norga.methods.hide.task_identity import ResidualMLP, TaskIdentityModel
 
 
 @pytest.mark.parametrize(("hidden", "params"), [([2], 2_363_136), ([4, 4], 14_170_368)])

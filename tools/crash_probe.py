@@ -3,7 +3,7 @@
     NORGA_DATA=../shared/data python tools/crash_probe.py                 # tiny_smoke, 2 tasks (see PROBE_SETTINGS)
     python tools/crash_probe.py --set data.num_tasks=3 --events write,phase --out /tmp/probe
 
-First an uninterrupted `norga run` lists its kill points (``NORGA_KILL_TRACE``, `norga.engine.kill_points`):
+First an uninterrupted `norga run` lists its kill points (``NORGA_KILL_TRACE``, `norga.kill_points`):
 every atomic write (``write``: right after the rename; ``tmp``: the temporary file complete, not renamed) and
 every phase boundary (``phase``: a phase finished, its checkpoint not yet written). Then for each point a fresh
 run is started with ``NORGA_KILL_AT=EVENT:N``, so that it SIGKILLs itself there, exactly like `kill -9`, and is
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from norga import cli
-from norga.engine import kill_points
+from norga import kill_points
 from norga.engine.run_dir import RunDirectory  # noqa: F401 - imports timm and the engine once, before forking
 
 PROBE_SETTINGS = ["data.num_tasks=2", "data.train_per_class=10", "data.test_per_class=20"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from norga import __version__
 from norga.commands import SUBCOMMANDS
-from norga.config_io import ConfigError
+from norga.config import ConfigError
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -23,7 +23,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input is wrong": one line on stderr, exit code 2 (imported lazily: torch is slow)."""
     from norga.backbones import BackboneLoadError
     from norga.data import DataError
-    from norga.engine.checkpoint import CheckpointError, StorageError
+    from norga.storage import CheckpointError, StorageError
 
     return (ConfigError, DataError, BackboneLoadError, CheckpointError, StorageError, FileExistsError,
             FileNotFoundError, FloatingPointError)
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise
-        from norga.engine.checkpoint import StorageError
+        from norga.storage import StorageError
 
         hint = _continue_hint(args, "then resume with") if isinstance(error, StorageError) else ""
         print(f"norga {args.command}: error: {one_line(error)}{hint}", file=sys.stderr)  # bad input: one line

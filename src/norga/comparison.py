@@ -10,15 +10,15 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError, load_config
-from norga.engine.checkpoint import atomic_write, load_json, write_json
+from norga.config import ConfigError, RunConfig
+from norga.config_io import load_config
 from norga.engine.run_lock import LOCK_FILE
-from norga.metrics import AccuracyMatrix
+from norga.metrics import AccuracyMatrix, MethodResult
+from norga.storage import atomic_write, load_json, write_json
 
 COMPARE_JSON, COMPARE_CSV, COMPARE_PLOT = "compare.json", "compare.csv", "compare.png"
 #: What a run directory holds before its first checkpoint; such a directory can safely be started again.
@@ -50,33 +50,6 @@ class MethodRun:
     label: str
     config: RunConfig
     run_dir: Path
-
-
-@dataclass
-class MethodResult:
-    """A finished run as the comparison reports it, read back from its results.json."""
-
-    label: str
-    method: str
-    joint: bool
-    metrics: dict[str, float | None]
-    task_identity_accuracy: float | None
-    task_incremental_accuracy: float | None  # each image's true task given; None in a joint run
-    matrix: AccuracyMatrix
-    run_dir: Path
-    status: str  # ran | resumed (time counts this invocation only) | finished earlier
-    wall_seconds: float | None
-    gates: list[dict] = field(default_factory=list)  # NoRGa: each prompted block's learned alpha and tau
-    curve: list[float] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.curve = [self.matrix.final_average_accuracy(t) for t in range(self.matrix.num_steps)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "joint": self.joint, "metrics": self.metrics,
-                "task_identity_accuracy": self.task_identity_accuracy,
-                "task_incremental_accuracy": self.task_incremental_accuracy, "wall_seconds": self.wall_seconds,
-                "status": self.status, "run_dir": str(self.run_dir), "average_accuracy_after_each_step": self.curve}
 
 
 def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> MethodResult:
@@ -112,7 +85,7 @@ def _finished(directory: Path) -> bool:
     Anything less (a crash between a task's files and its commit, a stale or missing results.json) resumes
     the run, which completes or rewrites what is missing.
     """
-    from norga.engine.checkpoint import load_checkpoint
+    from norga.storage import load_checkpoint
 
     results_path, state_path = directory / "results.json", directory / "state.pt"
     if not results_path.is_file() or not state_path.is_file():
@@ -154,7 +127,7 @@ def _as_recorded(config: RunConfig) -> RunConfig:
     """`config` as its run's config.yaml records it: ``amp: auto`` resolved for the device. A copy: `build_run`
     resolves the run's own config, so that the run's record says what was asked for and what it became."""
     from norga.engine.build import resolve_device
-    from norga.engine.precision import resolve_amp
+    from norga.runtime.precision import resolve_amp
 
     if config.amp != "auto":
         return config

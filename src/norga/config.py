@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, Literal
 
 
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what is wrong and what would be right."""
+
+
 @dataclass(frozen=True)
 class Range:
     """Bounds of a numeric setting (inclusive unless `exclusive_min`); floats must also be finite."""
@@ -94,17 +98,6 @@ class OptimConfig:
 
 
 @dataclass
-class TAPConfig:
-    """Task-adaptive prediction: a classifier retrained on Gaussian samples of all seen classes' features."""
-
-    epochs: Count = 30
-    lr: PositiveFloat = 0.005
-    samples_per_class: PositiveInt = 640
-    momentum: Fraction = 0.9
-    official_chunking: bool = True  # NORGA_SPEC P16: use only |C_<t| chunks per epoch
-
-
-@dataclass
 class EvalConfig:
     """Evaluation, for every method."""
 
@@ -121,15 +114,16 @@ SHARED_KEYS = ("method", "seed", "data", "backbone", "eval", "device", "amp", "c
 class RunConfig:
     """Everything one run needs: the shared schema plus `settings`, the method's own section.
 
-    `norga run` resolves a preset plus overrides into this (`norga.config_io.load_config`). `settings`
-    defaults to the method's defaults; in YAML it is the section named after the method.
+    `norga run` resolves a preset plus overrides into this (`norga.config_io.load_config`); in YAML `settings`
+    is the section named after the method. The schema names no method: `norga.config_io.default_config(method)`
+    fills `settings` with a registered method's defaults.
     """
 
     method: str = "norga"
     seed: Count = 42
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    settings: Any = None  # the method's Settings dataclass (YAML: the section named after `method`)
+    settings: Any = None  # the method's Settings dataclass (YAML: the section named after `method`); required
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto: bf16 where the device computes it natively, else fp32 (build_run resolves it); none: exact fp32
@@ -140,12 +134,6 @@ class RunConfig:
     cache_features_on_disk: bool = False  # keep them in the run directory too (a resume needs no recompute)
     output_dir: str = "runs"
     name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.settings is None:
-            from norga.methods.registry import settings_class
-
-            self.settings = settings_class(self.method)()
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form: shared keys, with the method's settings as the section named after the method."""

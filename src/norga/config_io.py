@@ -21,17 +21,13 @@ from typing import Any
 
 import yaml
 
-from norga.config import SHARED_KEYS, OneOf, Range, RunConfig
+from norga.config import SHARED_KEYS, ConfigError, OneOf, Range, RunConfig
 
 PRESET_PACKAGE = "norga.presets"
 
 #: Keys of the old shared schema that are now a method's own settings: where to find them.
 MOVED_KEYS = {"prompt": "norga.prompt / norga.gate (hide.prompt for HiDe-Prompt)", "tii": "norga.tii (or hide.tii)",
               "wtp": "norga.wtp (or hide.wtp)"}
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says what is wrong and what would be right."""
 
 
 def preset_names() -> list[str]:
@@ -110,7 +106,7 @@ def build_config(data: dict) -> RunConfig:
             hint = f": moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else _suggest(str(key), [*SHARED_KEYS, *names])
             raise ConfigError(f"unknown config key {key!r}{hint}")
     settings = {name: _checked(_build(_settings_class(name), value, name), name) for name, value in sections.items()}
-    shared = _build(RunConfig, data, "", RunConfig(method=method, settings=_settings_class(method)()))
+    shared = _build(RunConfig, data, "", default_config(method))
     shared.settings = settings.get(method, shared.settings)
     return shared
 
@@ -154,9 +150,14 @@ def apply_override(config: RunConfig, override: str) -> None:
         setattr(config, f.name, getattr(rebuilt, f.name))
 
 
+def default_config(method: str = "norga", **shared: Any) -> RunConfig:
+    """A `RunConfig` of registered method `method` with its default settings (`shared`: other top-level fields)."""
+    return RunConfig(method=method, settings=_settings_class(method)(), **shared)
+
+
 def dump_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config` reads it back identically."""
-    from norga.engine.checkpoint import write_text
+    from norga.storage import write_text
 
     write_text(config_yaml(config), path)
 

@@ -13,11 +13,13 @@ transfer are not (there is no sequence of steps) and are returned as None rather
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from norga.engine.checkpoint import atomic_write
+from norga.storage import atomic_write
 
 
 class AccuracyMatrix:
@@ -142,3 +144,30 @@ class AccuracyMatrix:
                                                for t in range(self.num_steps)])
 
         atomic_write(path, write)
+
+
+@dataclass
+class MethodResult:
+    """A finished run as a comparison reports it, read back from its results.json."""
+
+    label: str
+    method: str
+    joint: bool
+    metrics: dict[str, float | None]
+    task_identity_accuracy: float | None
+    task_incremental_accuracy: float | None  # each image's true task given; None in a joint run
+    matrix: AccuracyMatrix
+    run_dir: Path
+    status: str  # ran | resumed (time counts this invocation only) | finished earlier
+    wall_seconds: float | None
+    gates: list[dict] = field(default_factory=list)  # a gated method's learned alpha and tau per prompted block
+    curve: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.curve = [self.matrix.final_average_accuracy(t) for t in range(self.matrix.num_steps)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "joint": self.joint, "metrics": self.metrics,
+                "task_identity_accuracy": self.task_identity_accuracy,
+                "task_incremental_accuracy": self.task_incremental_accuracy, "wall_seconds": self.wall_seconds,
+                "status": self.status, "run_dir": str(self.run_dir), "average_accuracy_after_each_step": self.curve}

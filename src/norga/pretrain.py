@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from norga.engine.checkpoint import atomic_write, write_json
-from norga.engine.seeding import seed_everything
+from norga.runtime.seeding import seed_everything
+from norga.storage import atomic_write, write_json
 
 
 @dataclass

@@ -14,11 +14,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from norga.engine.checkpoint import atomic_write  # noqa: E402
-from norga.metrics import AccuracyMatrix  # noqa: E402
+from norga.metrics import AccuracyMatrix, MethodResult  # noqa: E402
+from norga.storage import atomic_write  # noqa: E402
 
 if TYPE_CHECKING:
-    from norga.comparison import MethodResult
     from norga.config import RunConfig
 
 

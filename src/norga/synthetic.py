@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from norga.engine.context import TaskDatasets
+from norga.runtime.context import TaskDatasets
 
 
 def synthetic_tasks(

@@ -17,9 +17,10 @@ import yaml
 
 import norga.engine.build
 from norga.cli import build_parser, main
-from norga.config_io import ConfigError, load_config
+from norga.config import ConfigError
+from norga.config_io import load_config
 from norga.data.registry import DEBIAN_FASHION_MNIST
-from norga.engine.precision import native_bf16
+from norga.runtime.precision import native_bf16
 
 SUGGESTED_SET = re.compile(r"--set ([\w.]+=\S+?)(?=[\s,;)]|\.(?:\s|$)|$)")
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-
 #: SHA-256 of every shipped weight file; loading checks it.
 SHIPPED_SHA256 = {"norga-vit-tiny-c10": "28466d2d8109e351ef8076cf345712fa0be86a306e875add29144158bdd90c1a"}
 

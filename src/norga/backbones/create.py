@@ -16,7 +16,7 @@ from norga.backbones.errors import BackboneLoadError
 from norga.backbones.hub import cache_only, hub_endpoint, network_state
 from norga.backbones.matching import load_strict
 from norga.backbones.registry import Pretraining, resolve_pretraining
-from norga.io_utils import sha256_file
+from norga.storage import sha256_file
 
 
 @dataclass

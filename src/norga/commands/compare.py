@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from norga.config_io import ConfigError, load_config
+from norga.config import ConfigError
+from norga.config_io import load_config
 
 EPILOG = """examples:
   norga compare quickstart --methods norga,hide,linear_probe,ncm
@@ -94,7 +95,7 @@ def refuse_unreached_sections(overrides: list[str], methods: list[str]) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.commands import refuse_under_torchrun
+    from norga.commands.single_process import refuse_under_torchrun
     from norga.comparison import ComparisonDirectory, MethodRun, method_config
 
     refuse_under_torchrun("compare")

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.config_io import ConfigError
+    from norga.config import ConfigError
     from norga.engine.reevaluate import evaluation_config
 
     if args.task is not None and args.task < 1:
@@ -73,8 +73,8 @@ def evaluate_and_report(config, evaluate, output) -> int:
     """Build `config`'s model and data (each process of a torchrun job), ``evaluate(built, dist)``, then on
     rank 0 write the record (to `output`, default the run's evaluations/) and print its table."""
     from norga.engine.build import build_run, resolve_device
-    from norga.engine.distributed import init_distributed, shutdown_distributed
     from norga.engine.reevaluate import format_evaluation, write_evaluation
+    from norga.runtime.distributed import init_distributed, shutdown_distributed
 
     dist = init_distributed(resolve_device(config.device).type)
     finished = False
@@ -92,7 +92,7 @@ def evaluate_and_report(config, evaluate, output) -> int:
 
 def handle_official(args: argparse.Namespace) -> int:
     """`norga evaluate --tii-dir DIR --prompt-dir DIR --preset NAME`: the official code's checkpoints."""
-    from norga.config_io import ConfigError
+    from norga.config import ConfigError
 
     missing = [f"--{name.replace('_', '-')}" for name in ("tii_dir", "prompt_dir", "preset")
                if getattr(args, name) is None]

@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 import typing
 
-from norga.config_io import ConfigError, describe_type
+from norga.config import ConfigError
+from norga.config_io import describe_type
 
 
 def add_parser(subparsers) -> None:

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 def handle(args: argparse.Namespace) -> int:
     import torch
 
-    from norga.config_io import ConfigError
+    from norga.config import ConfigError
     from norga.data import locate
     from norga.data.benchmark import SOURCES
     from norga.pretrain import PretrainConfig, pretrain

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.commands import refuse_under_torchrun
+    from norga.commands.single_process import refuse_under_torchrun
     from norga.comparison import MethodRun, method_config, run_method
     from norga.engine.progress import Progress
     from norga.report import format_comparison_table, format_matrix, format_prompt_effect

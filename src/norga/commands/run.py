@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.config_io import ConfigError
+    from norga.config import ConfigError
 
     if args.resume:
         if args.config:
@@ -45,9 +45,9 @@ def handle(args: argparse.Namespace) -> int:
 
         run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{run_stamp()}"
     from norga.engine.build import build_run, resolve_device  # torch, timm and data readers load only for a run
-    from norga.engine.distributed import init_distributed, shutdown_distributed
     from norga.engine.loop import run_experiment
     from norga.engine.progress import Progress
+    from norga.runtime.distributed import init_distributed, shutdown_distributed
 
     dist = init_distributed(resolve_device(config.device).type)  # under torchrun: join the job
     finished = False
@@ -73,7 +73,7 @@ def handle(args: argparse.Namespace) -> int:
 
 def resume_config(run_dir: Path, overrides: list[str]):
     """The config of the run in `run_dir` with `overrides` applied, which must be safe to change on resume."""
-    from norga.config_io import ConfigError
+    from norga.config import ConfigError
     from norga.engine.resume_changes import check_resume_changes
 
     if not (run_dir / "config.yaml").is_file():

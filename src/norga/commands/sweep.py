@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from norga.config_io import ConfigError
+from norga.config import ConfigError
 
 EPILOG = """examples:
   norga sweep quickstart --grid method=norga,hide --grid seed=0,1,2
@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from norga.commands import refuse_under_torchrun
+    from norga.commands.single_process import refuse_under_torchrun
     from norga.sweep.directory import SweepDirectory
 
     refuse_under_torchrun("sweep")

@@ -1,1 +1,1 @@
-"""The engine: task loop, training phases, checkpoints, seeding and the run directory."""
+"""The driver: the task loop, run directories, resume, evaluation, building a run, progress. Above the methods."""

@@ -12,10 +12,10 @@ from torch import nn
 from norga.backbones import create_backbone
 from norga.config import RunConfig
 from norga.data import build_benchmark, check_benchmark_data
-from norga.engine.context import TaskDatasets
-from norga.engine.precision import native_bf16, resolve_amp
-from norga.engine.seeding import seed_everything
 from norga.nn import PromptedViT
+from norga.runtime.context import TaskDatasets
+from norga.runtime.precision import native_bf16, resolve_amp
+from norga.runtime.seeding import seed_everything
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from norga.engine.context import RunContext
-from norga.engine.features import FeatureSet
 from norga.methods.base import ContinualMethod, ImageIds
 from norga.metrics import AccuracyMatrix
+from norga.runtime.context import RunContext
+from norga.runtime.features import FeatureSet
 
 NO_TASK = -1  # a method that infers no task
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import ConcatDataset
 
-from norga.engine.context import TaskDatasets
+from norga.runtime.context import TaskDatasets
 
 
 def joint_task(tasks: Sequence[TaskDatasets]) -> TaskDatasets:

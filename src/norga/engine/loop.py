@@ -11,23 +11,22 @@ from pathlib import Path
 
 import torch
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError
-from norga.engine.checkpoint import CheckpointError
-from norga.engine.context import RunContext, TaskDatasets
-from norga.engine.distributed import SINGLE_PROCESS, Distributed
-from norga.engine.divergence import TrainingDiverged
+from norga.config import ConfigError, RunConfig
 from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.joint import training_schedule
-from norga.engine.kill_points import kill_point
 from norga.engine.progress import Progress, evaluation_line, warnings_logged
 from norga.engine.resume_changes import check_resume_changes, describe_changes, identity_hash
 from norga.engine.run_dir import RunDirectory
-from norga.engine.seeding import seed_everything
+from norga.kill_points import kill_point
 from norga.methods import method_class
 from norga.methods.base import ContinualMethod
 from norga.metrics import AccuracyMatrix
 from norga.nn import PromptedViT
+from norga.runtime.context import RunContext, TaskDatasets
+from norga.runtime.distributed import SINGLE_PROCESS, Distributed
+from norga.runtime.divergence import TrainingDiverged
+from norga.runtime.seeding import seed_everything
+from norga.storage import CheckpointError
 
 log = logging.getLogger("norga")
 

@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError, load_config
-from norga.engine.checkpoint import CheckpointError, load_checkpoint, write_json, write_text
-from norga.engine.context import RunContext
-from norga.engine.distributed import SINGLE_PROCESS, Distributed
+from norga.config import ConfigError, RunConfig
+from norga.config_io import load_config
 from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.joint import training_schedule
 from norga.engine.resume_changes import config_differences, identity_hash
 from norga.engine.run_dir import CONFIG, ENVIRONMENT, run_stamp
-from norga.engine.seeding import seed_everything
 from norga.methods import method_class
 from norga.metrics import AccuracyMatrix
+from norga.runtime.context import RunContext
+from norga.runtime.distributed import SINGLE_PROCESS, Distributed
+from norga.runtime.seeding import seed_everything
+from norga.storage import CheckpointError, load_checkpoint, write_json, write_text
 
 #: Dotted-key patterns an evaluation may set differently from the run: they change how it is evaluated, not
 #: what was trained.
@@ -178,7 +178,7 @@ def _check_belongs(checkpoint: dict, run_dir: Path, stored: RunConfig, path: Pat
     if record.get("config_hash") != identity_hash(stored):
         raise CheckpointError(f"{path} was written under another config than {run_dir / CONFIG} (their identity "
                               "hashes differ): restore the run's own config.yaml and checkpoints")
-    from norga.engine.checkpoint import load_json
+    from norga.storage import load_json
 
     environment = run_dir / ENVIRONMENT
     run_id = load_json(environment).get("run_id") if environment.is_file() else None

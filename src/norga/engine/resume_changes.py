@@ -14,8 +14,8 @@ import json
 from fnmatch import fnmatchcase
 from typing import Any
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError
+from norga.config import ConfigError, RunConfig
+from norga.config_io import default_config
 
 #: Dotted-key patterns a resume may change.
 RESUME_SAFE = ("*.lr", "*.epochs", "eval.batch_size", "data.workers")
@@ -53,7 +53,7 @@ def identity_hash(config: RunConfig) -> str:
     Settings a resume may change are left out, and so are those at their default: a setting a later norga adds
     (at a default that keeps the earlier behaviour) leaves the hash of the runs made before it as it was.
     """
-    defining = _not_default(_without_safe(config.to_dict()), RunConfig(method=config.method).to_dict())
+    defining = _not_default(_without_safe(config.to_dict()), default_config(config.method).to_dict())
     defining["method"] = config.method  # its defaults are those of its method: the method always counts
     return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -19,7 +19,9 @@ import torch
 
 from norga import __version__
 from norga.config import RunConfig
-from norga.engine.checkpoint import (
+from norga.engine.run_lock import LOCK_FILE, RunLock
+from norga.metrics import AccuracyMatrix
+from norga.storage import (
     CheckpointError,
     StorageError,
     load_checkpoint,
@@ -29,8 +31,6 @@ from norga.engine.checkpoint import (
     storage_message,
     write_json,
 )
-from norga.engine.run_lock import LOCK_FILE, RunLock
-from norga.metrics import AccuracyMatrix
 
 if TYPE_CHECKING:
     from norga.methods.base import ContinualMethod

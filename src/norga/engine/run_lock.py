@@ -19,7 +19,7 @@ import time
 import weakref
 from pathlib import Path
 
-from norga.engine.checkpoint import StorageError, storage_message
+from norga.storage import StorageError, storage_message
 
 log = logging.getLogger("norga")
 

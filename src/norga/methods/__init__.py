@@ -1,13 +1,19 @@
-"""Continual-learning methods, registered by name (`METHODS`): each is one module with its class and settings.
+"""Continual-learning methods, registered by name (`METHODS`): each is one module (or package) with its class and
+settings.
 
-Importing this package registers the built-in ones: "hide", "norga", "l2p", "dualprompt", "sprompt", "coda",
-"linear_probe", "ncm".
+Importing this package registers the built-in ones: every module or package in it that defines a method
+registers it with `register_method` (found by `pkgutil`, so a new built-in method is one new file). Methods of other
+packages register through the ``norga.methods`` entry-point group (`norga.methods.registry`).
 """
+
+import importlib
+import pkgutil
 
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
 from norga.methods.registry import METHODS, method_class, method_names, register_method, settings_class
 
-from norga.methods import coda, hide, keyed, linear_probe, ncm  # noqa: E402,F401,I001 - registers them
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "ContinualMethod", "ImageIds", "Phase", "Prediction", "method_class", "method_names",
            "register_method", "settings_class"]

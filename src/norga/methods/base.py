@@ -10,15 +10,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
-from norga.config_io import ConfigError
-from norga.methods.training import masked_logits
+from norga.config import ConfigError
+from norga.runtime.training import masked_logits
 
 if TYPE_CHECKING:
-    from norga.engine.context import RunContext
+    from norga.runtime.context import RunContext
 
 
 @dataclass
@@ -144,6 +145,22 @@ class ContinualMethod(ABC):
     def run_record(self) -> dict[str, Any]:
         """What the method adds to results.json about the run as it ended (e.g. learned gate scalars)."""
         return {}
+
+    # ------------------------------------------- the official code's checkpoints
+    @classmethod
+    def official_evaluation_overrides(cls) -> list[str] | None:
+        """``--set`` overrides under which the official code's checkpoints are evaluated (`norga evaluate
+        --tii-dir --prompt-dir`), applied before the user's; None: this method cannot read them."""
+        return None
+
+    def official_tasks(self, directory: Path) -> list[int]:
+        """The task numbers (1-based) an official run wrote checkpoints of into its output folder `directory`."""
+        raise NotImplementedError(f"{self.name} cannot read official checkpoints")
+
+    def load_official(self, tii_dir: Path, prompt_dir: Path, task: int) -> dict[str, dict[str, Any]]:
+        """Load both official stages' checkpoints of `task` (1-based) into this method, every key accounted for;
+        returns a report per stage. A file that does not fit is a `CheckpointError` naming the settings to change."""
+        raise NotImplementedError(f"{self.name} cannot read official checkpoints")
 
     @classmethod
     def summary(cls, settings: Any) -> str:

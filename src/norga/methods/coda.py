@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
-from norga.engine.context import RunContext
-from norga.engine.seeding import generator
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
 from norga.methods.registry import register_method
 from norga.nn import Prefix
 from norga.nn.coda_pool import CodaPool
 from norga.nn.gates import GateKind, GateTrainTasks
+from norga.runtime.context import RunContext
+from norga.runtime.seeding import generator
 
 
 @dataclass

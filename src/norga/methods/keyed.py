@@ -17,13 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
-from norga.engine.context import RunContext
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
 from norga.methods.registry import register_method
 from norga.nn import Prefix, PrefixPool
 from norga.nn.gates import GateKind, GateTrainTasks
 from norga.nn.prompt_keys import PromptKeys
 from norga.nn.token_pool import TokenPool
+from norga.runtime.context import RunContext
 
 
 @dataclass

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from norga.config import OptimConfig
-from norga.engine.context import RunContext
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
 from norga.methods.registry import register_method
-from norga.methods.training import PhaseTraining
+from norga.runtime.context import RunContext
+from norga.runtime.training import PhaseTraining
 
 
 @dataclass

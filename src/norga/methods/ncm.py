@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from norga.engine.context import RunContext
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
 from norga.methods.registry import register_method
-from norga.methods.training import masked_logits
+from norga.runtime.context import RunContext
+from norga.runtime.training import masked_logits
 
 METRICS = ("cosine", "euclidean")
 

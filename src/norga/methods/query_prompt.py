@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from norga.engine.context import RunContext
-from norga.engine.optim import schedule_factor, set_epoch_lr
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
-from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
+from norga.runtime.context import RunContext
+from norga.runtime.optim import schedule_factor, set_epoch_lr
+from norga.runtime.training import PhaseTraining, masked_logits
 
 log = logging.getLogger("norga")
 

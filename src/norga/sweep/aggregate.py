@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from norga.engine.checkpoint import atomic_write, load_json, write_json
+from norga.storage import atomic_write, load_json, write_json
 
 #: results.json key -> short label. Keys are read from `metrics`, else from the top level (task identity and
 #: task-incremental accuracy); a key a run does not record (e.g. task identity in a joint run) stays None, "—".

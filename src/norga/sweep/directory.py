@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from norga.config_io import ConfigError
-from norga.engine.checkpoint import load_json, write_json, write_text
+from norga.config import ConfigError
+from norga.storage import load_json, write_json, write_text
 from norga.sweep.spec import SweepSpec, Trial
 
 SWEEP_YAML, MANIFEST, LOCK = "sweep.yaml", "manifest.json", ".lock"

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError
+from norga.config import ConfigError, RunConfig
 from norga.engine.progress import Progress
 from norga.sweep.directory import COMPLETE, FAILED, PENDING, RUNNING, SweepDirectory
 
@@ -150,7 +149,7 @@ def _run_trial(trial_id: str, config: RunConfig, run_dir: str, threads: int) -> 
     import torch
 
     from norga.comparison import MethodRun, run_method
-    from norga.engine.checkpoint import write_text
+    from norga.storage import write_text
 
     torch.set_num_threads(threads)
     attempt = Path(run_dir).parent / ATTEMPTS / trial_id / f"{time.time_ns():020d}-{os.getpid()}"

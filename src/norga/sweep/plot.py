@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from norga.engine.checkpoint import atomic_write  # noqa: E402
+from norga.storage import atomic_write  # noqa: E402
 from norga.sweep.aggregate import GROUP_KEYS, METRICS, setting_label  # noqa: E402
 
 SWEEP_PLOT = "sweep.png"

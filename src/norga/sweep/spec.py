@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-from norga.config import RunConfig
-from norga.config_io import ConfigError
+from norga.config import ConfigError, RunConfig
 
 #: Axes with a meaning of their own; any other axis is a dotted config key set like `--set KEY=VALUE`.
 METHOD, SEED, PRESET = "method", "seed", "preset"

@@ -170,7 +170,7 @@ def process_group_timeout() -> float:
     except ValueError:
         seconds = -1.0
     if not seconds > 0 or seconds == float("inf"):
-        from norga.config_io import ConfigError
+        from norga.config import ConfigError
 
         raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds, e.g. {TIMEOUT_ENV}=600")
     return seconds

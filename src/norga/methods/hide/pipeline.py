@@ -9,100 +9,36 @@ class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
-from norga.config import (
-    Count,
-    Fraction,
-    NonNegativeFloat,
-    OptimConfig,
-    PositiveFloat,
-    PositiveInt,
-    TAPConfig,
-    Temperature,
-)
-from norga.config_io import ConfigError
-from norga.engine.context import RunContext, TrainBatch
-from norga.engine.features import FeatureSet, PromptedFeatureMemo
-from norga.engine.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
-from norga.engine.seeding import generator
-from norga.gaussians import ClassGaussians, official_tap_batches
+from norga.config import OptimConfig
 from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
+from norga.methods.hide.gaussians import ClassGaussians, official_tap_batches
+from norga.methods.hide.official_checkpoints import (
+    OfficialCheckpointError,
+    official_task_checkpoints,
+    official_tasks,
+)
+from norga.methods.hide.official_tii import load_official_task
+from norga.methods.hide.prompted_memo import PromptedFeatureMemo
+from norga.methods.hide.settings import HiDeSettings, NoRGaSettings, TAPConfig
+from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.methods.registry import register_method
-from norga.methods.training import PhaseTraining, masked_logits
 from norga.nn import TaskPrompts
-from norga.nn.gates import GateTrainTasks, NoRGaGate, ScoreGateKind
+from norga.nn.gates import NoRGaGate
 from norga.nn.prompt_keys import majority_vote
-from norga.tii import TaskIdentityModel
-
-
-@dataclass
-class TaskPromptSettings:
-    """The per-task prefix prompts: length, prompted blocks and HiDe-Prompt's prompt momentum."""
-
-    length: Count = 5  # 0: the same pipeline without prompts (prompt training trains the head alone)
-    layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    momentum: Fraction = 0.01
-
-
-@dataclass
-class TIISettings:
-    """Task-identity inference model: frozen features -> residual MLP -> head."""
-
-    mlp_hidden: list[PositiveInt] = field(default_factory=lambda: [2])
-    augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
-    train: OptimConfig = field(default_factory=OptimConfig)
-    tap: TAPConfig = field(default_factory=lambda: TAPConfig(lr=0.0025, samples_per_class=128))
-
-
-@dataclass
-class WTPSettings:
-    """Within-task prompt training (and the prompted model's TAP)."""
-
-    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=50, lr=0.015, schedule="step"))
-    head_lr_scale: PositiveFloat = 0.1  # official --larger_prompt_lr: head lr = 0.1 x prompt lr
-    contrastive_weight: NonNegativeFloat = 0.1  # official --reg
-    contrastive_temperature: Temperature = 0.8
-    tap: TAPConfig = field(default_factory=TAPConfig)
-
-
-@dataclass
-class HiDeSettings:
-    """HiDe-Prompt's settings (section ``hide:``); defaults are the official CIFAR-100 Sup-21K script's."""
-
-    prompt: TaskPromptSettings = field(default_factory=TaskPromptSettings)
-    tii: TIISettings = field(default_factory=TIISettings)
-    wtp: WTPSettings = field(default_factory=WTPSettings)
-    prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (§1.6)
-    batchwise_prompt: bool = False  # official majority vote of the task id per test batch (P2), compat only
-    #: with batchwise_prompt: task-identity accuracy counts each image's own predicted task (own) or, as the
-    #: official code does, the batch's voted slot it was prompted with (voted)
-    task_identity_counts: Literal["own", "voted"] = "own"
-    #: prompted class statistics from sequential mixed-class batches of eval.batch_size (eval), or, as the
-    #: official code does, from each class's images alone in shuffled batches of wtp.train.batch_size
-    #: (official; with prefix_layout=official a sample's features depend on its place in the batch)
-    class_stats_batches: Literal["eval", "official"] = "eval"
-    cache_prompted_features: bool = True  # memoise prompted test features per (image, slot); correct layout only
-
-
-@dataclass
-class NoRGaSettings(HiDeSettings):
-    """NoRGa's settings (section ``norga:``): HiDe-Prompt's plus the gate ``s + α·σ(τ·s)`` on prompt scores."""
-
-    gate: ScoreGateKind = "tanh"  # σ, a registered gate kind (norga.nn.gates.GATE_KINDS)
-    gate_train_tasks: GateTrainTasks = "first"  # official: α, τ trained on the first task only
-
-    def check(self, section: str) -> None:
-        """A gate needs prompt scores: the pipeline without prompts is HiDe-Prompt's (checked at config load)."""
-        if self.prompt.length == 0:
-            raise ConfigError(f"{section}.prompt.length=0 leaves no prompt scores for the gate to act on: for the "
-                              "pipeline without prompts use --set method=hide --set hide.prompt.length=0")
+from norga.runtime.context import RunContext, TrainBatch
+from norga.runtime.features import FeatureSet
+from norga.runtime.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
+from norga.runtime.seeding import generator
+from norga.runtime.training import PhaseTraining, masked_logits
+from norga.storage import CheckpointError
 
 
 def official_class_order(labels: Tensor, label: int, rng: torch.Generator) -> Tensor:
@@ -362,6 +298,28 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         applied after the memo, by `PromptedViT.classify`)."""
         params = [self.prompts.pool.slots[slot], *self.prompts.gates.parameters()]
         return tuple((id(param), param._version) for param in params)
+
+    # ------------------------------------------------- official checkpoints
+    @classmethod
+    def official_evaluation_overrides(cls) -> list[str]:
+        """The official prompts were trained with the official prefix layout: evaluate them with it."""
+        return [f"{cls.name}.prefix_layout=official"]
+
+    def official_tasks(self, directory: Path) -> list[int]:
+        return official_tasks(directory)
+
+    def load_official(self, tii_dir: Path, prompt_dir: Path, task: int) -> dict[str, dict[str, Any]]:
+        try:
+            official_task_checkpoints(tii_dir, prompt_dir, task)
+        except OfficialCheckpointError as error:
+            raise CheckpointError(str(error)) from error
+        try:
+            reports = load_official_task(self.model, self.prompts, self.tii, tii_dir, prompt_dir, task)
+        except OfficialCheckpointError as error:
+            raise CheckpointError(f"{error} (set {self.name}.prompt.length, {self.name}.prompt.layers, "
+                                  f"{self.name}.tii.mlp_hidden, data.num_tasks or backbone.* to the official run's)"
+                                  ) from error
+        return {stage: report.to_dict() for stage, report in reports.items()}
 
     # ------------------------------------------------------------ run record
     def data_parallel_refusal(self) -> str | None:

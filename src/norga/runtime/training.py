@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from norga.config import OptimConfig
-from norga.engine.context import RunContext, TrainBatch
-from norga.engine.divergence import DivergenceGuard
-from norga.engine.optim import build_optimizer, schedule_factor, set_epoch_lr
+from norga.runtime.context import RunContext, TrainBatch
+from norga.runtime.divergence import DivergenceGuard
+from norga.runtime.optim import build_optimizer, schedule_factor, set_epoch_lr
 
 NEG_INF = float("-inf")
 

@@ -13,10 +13,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from norga.config import RunConfig
-from norga.engine.distributed import SINGLE_PROCESS, Distributed
-from norga.engine.features import FeatureSet, FrozenFeatureCache
-from norga.engine.seeding import derive_seed, generator
 from norga.nn import PromptedViT
+from norga.runtime.distributed import SINGLE_PROCESS, Distributed
+from norga.runtime.features import FeatureSet, FrozenFeatureCache
+from norga.runtime.seeding import derive_seed, generator
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Atomic writes and safe loading of checkpoints and result files.
+"""Atomic writes and safe loading of checkpoints and result files (the one I/O leaf every layer writes through).
 
 Every file is written to a temporary file beside its target (``.NAME.RANDOM.tmp``, created with mode
 0666 minus the umask, like any other file) and renamed over it, so a reader sees the old file or the new
@@ -9,6 +9,7 @@ one, never a part. A write that fails (disk full, read-only or unwritable direct
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from norga.engine.kill_points import kill_point
+from norga.kill_points import kill_point
 
 #: Temporary files of `atomic_write` (and of the `tempfile.mkstemp` names earlier versions used).
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8,32}\.tmp$")
@@ -161,3 +162,12 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"cannot read {path}: not valid JSON ({error}); restore or delete it") from error
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from norga.engine.distributed import Distributed
+from norga.runtime.distributed import Distributed
 
 GROWTH_LIMIT = 1e3
 

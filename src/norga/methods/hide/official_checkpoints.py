@@ -7,7 +7,7 @@ with the prompt pool at ``e_prompt.prompt`` (L, 2, pool, Lp, H, d), the NoRGa sc
 is accounted for: loaded, checked against our backbone, or on an explicit ignore list; anything else is an
 error, and so is a key the model needs that the file lacks. Prompts trained by the official code used its
 prefix layout: evaluate them with ``prefix_layout="official"`` to reproduce its numbers. The first stage's
-files (the task-identity model) load with `norga.official_tii.load_official_tii_checkpoint`; both stages'
+files (the task-identity model) load with `norga.methods.hide.official_tii.load_official_tii_checkpoint`; both stages'
 files of one task are found by `official_task_checkpoints`.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from norga.io_utils import sha256_file
 from norga.nn.gates import NoRGaGate
 from norga.nn.prompted_vit import PromptedViT
 from norga.nn.task_prompts import TaskPrompts
+from norga.storage import sha256_file
 
 PROMPT_KEY = "e_prompt.prompt"
 GATE_KEY = "e_prompt.act_scale"
@@ -159,14 +159,20 @@ def official_task_checkpoints(tii_output_dir: str | Path, prompt_output_dir: str
     for stage, directory in (("task_identity", Path(tii_output_dir)), ("prompt", Path(prompt_output_dir))):
         path = directory / OFFICIAL_CHECKPOINT.format(task)
         if not path.is_file():
-            present = sorted(int(m.group(1)) for f in (directory / "checkpoint").glob("task*_checkpoint.pth")
-                             if (m := re.fullmatch(r"task(\d+)_checkpoint\.pth", f.name)))
+            present = official_tasks(directory)
             holds = f"it holds tasks {present}" if present else "it holds no official checkpoints"
             raise OfficialCheckpointError(
                 f"no {stage.replace('_', '-')} checkpoint of task {task}: {path} does not exist ({holds}); "
                 f"pass the --output_dir of the official {stage.replace('_', '-')} run")
         found[stage] = path
     return found
+
+
+def official_tasks(directory: str | Path) -> list[int]:
+    """The task numbers (1-based) the official run in `directory` (its ``--output_dir``) wrote checkpoints of."""
+    pattern = OFFICIAL_CHECKPOINT.split("/")[-1].replace("{}", r"(\d+)").replace(".", r"\.")
+    return sorted(int(m.group(1)) for f in (Path(directory) / "checkpoint").glob("task*_checkpoint.pth")
+                  if (m := re.fullmatch(pattern, f.name)))
 
 
 def _prompt_copies(prompts: TaskPrompts, official: Tensor) -> list[tuple[Tensor, Tensor]]:

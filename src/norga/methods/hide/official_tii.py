@@ -16,10 +16,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from norga.io_utils import sha256_file
-from norga.nn.prompted_vit import PromptedViT
-from norga.nn.task_prompts import TaskPrompts
-from norga.official import (
+from norga.methods.hide.official_checkpoints import (
     PROMPT_KEY,
     OfficialCheckpointError,
     OfficialCheckpointReport,
@@ -31,7 +28,10 @@ from norga.official import (
     official_task_checkpoints,
     read_official_payload,
 )
-from norga.tii import TaskIdentityModel
+from norga.methods.hide.task_identity import TaskIdentityModel
+from norga.nn.prompted_vit import PromptedViT
+from norga.nn.task_prompts import TaskPrompts
+from norga.storage import sha256_file
 
 #: Official first-stage keys with no effect on the task-identity model, and why (none known so far).
 IGNORED_TII_KEYS: dict[str, str] = {}

@@ -1,0 +1,93 @@
+"""HiDe-Prompt's and NoRGa's settings (sections ``hide:`` and ``norga:``); defaults are the official CIFAR-100
+Sup-21K script's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from norga.config import (
+    ConfigError,
+    Count,
+    Fraction,
+    NonNegativeFloat,
+    OptimConfig,
+    PositiveFloat,
+    PositiveInt,
+    Temperature,
+)
+from norga.nn.gates import GateTrainTasks, ScoreGateKind
+
+
+@dataclass
+class TAPConfig:
+    """Task-adaptive prediction: a classifier retrained on Gaussian samples of all seen classes' features."""
+
+    epochs: Count = 30
+    lr: PositiveFloat = 0.005
+    samples_per_class: PositiveInt = 640
+    momentum: Fraction = 0.9
+    official_chunking: bool = True  # NORGA_SPEC P16: use only |C_<t| chunks per epoch
+
+
+@dataclass
+class TaskPromptSettings:
+    """The per-task prefix prompts: length, prompted blocks and HiDe-Prompt's prompt momentum."""
+
+    length: Count = 5  # 0: the same pipeline without prompts (prompt training trains the head alone)
+    layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    momentum: Fraction = 0.01
+
+
+@dataclass
+class TIISettings:
+    """Task-identity inference model: frozen features -> residual MLP -> head."""
+
+    mlp_hidden: list[PositiveInt] = field(default_factory=lambda: [2])
+    augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
+    train: OptimConfig = field(default_factory=OptimConfig)
+    tap: TAPConfig = field(default_factory=lambda: TAPConfig(lr=0.0025, samples_per_class=128))
+
+
+@dataclass
+class WTPSettings:
+    """Within-task prompt training (and the prompted model's TAP)."""
+
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=50, lr=0.015, schedule="step"))
+    head_lr_scale: PositiveFloat = 0.1  # official --larger_prompt_lr: head lr = 0.1 x prompt lr
+    contrastive_weight: NonNegativeFloat = 0.1  # official --reg
+    contrastive_temperature: Temperature = 0.8
+    tap: TAPConfig = field(default_factory=TAPConfig)
+
+
+@dataclass
+class HiDeSettings:
+    """HiDe-Prompt's settings (section ``hide:``); defaults are the official CIFAR-100 Sup-21K script's."""
+
+    prompt: TaskPromptSettings = field(default_factory=TaskPromptSettings)
+    tii: TIISettings = field(default_factory=TIISettings)
+    wtp: WTPSettings = field(default_factory=WTPSettings)
+    prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (§1.6)
+    batchwise_prompt: bool = False  # official majority vote of the task id per test batch (P2), compat only
+    #: with batchwise_prompt: task-identity accuracy counts each image's own predicted task (own) or, as the
+    #: official code does, the batch's voted slot it was prompted with (voted)
+    task_identity_counts: Literal["own", "voted"] = "own"
+    #: prompted class statistics from sequential mixed-class batches of eval.batch_size (eval), or, as the
+    #: official code does, from each class's images alone in shuffled batches of wtp.train.batch_size
+    #: (official; with prefix_layout=official a sample's features depend on its place in the batch)
+    class_stats_batches: Literal["eval", "official"] = "eval"
+    cache_prompted_features: bool = True  # memoise prompted test features per (image, slot); correct layout only
+
+
+@dataclass
+class NoRGaSettings(HiDeSettings):
+    """NoRGa's settings (section ``norga:``): HiDe-Prompt's plus the gate ``s + α·σ(τ·s)`` on prompt scores."""
+
+    gate: ScoreGateKind = "tanh"  # σ, a registered gate kind (norga.nn.gates.GATE_KINDS)
+    gate_train_tasks: GateTrainTasks = "first"  # official: α, τ trained on the first task only
+
+    def check(self, section: str) -> None:
+        """A gate needs prompt scores: the pipeline without prompts is HiDe-Prompt's (checked at config load)."""
+        if self.prompt.length == 0:
+            raise ConfigError(f"{section}.prompt.length=0 leaves no prompt scores for the gate to act on: for the "
+                              "pipeline without prompts use --set method=hide --set hide.prompt.length=0")
