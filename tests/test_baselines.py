@@ -22,6 +22,7 @@ from engine_fixtures import (
 from norga.config import ConfigError
 from norga.engine.loop import run_experiment
 from norga.engine.run_dir import RunDirectory
+from norga.methods.base import PredictRequest
 from norga.nn import NoRGaGate
 from norga.runtime.context import TaskDatasets
 from norga.runtime.optim import schedule_factor
@@ -99,7 +100,7 @@ def test_batchwise_vote_only_when_switched_on(tmp_path):
             keys.keys.copy_(frozen[::2][: len(keys.keys)])
         own = keys.similarity(frozen).argmax(dim=1)
         assert len(set(own.tolist())) > 1, "the test needs a batch whose samples pick different keys"
-        tasks = run.method.predict(images, NUM_TASKS, frozen).tasks
+        tasks = run.method.predict(PredictRequest(images, NUM_TASKS, frozen)).tasks
         expected = torch.full_like(own, int(torch.bincount(own).argmax())) if batchwise else own
         assert torch.equal(tasks, expected)
 

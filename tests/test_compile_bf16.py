@@ -11,10 +11,10 @@ from torch._dynamo.utils import counters
 
 from norga.config import ConfigError
 from norga.config_io import load_config
-from norga.runtime import precision
 from norga.engine.build import resolve_precision
 from norga.nn import PromptedViT, TaskPrompts
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled
+from norga.runtime import precision
 
 SIZE, PATCH, CLASSES = 16, 4, 5
 

@@ -16,6 +16,7 @@ from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.loop import open_run
 from norga.engine.reevaluate import evaluation_config, reevaluate, write_evaluation
 from norga.methods import method_names
+from norga.methods.base import PredictRequest
 from norga.metrics import AccuracyMatrix
 
 ALL = method_names()
@@ -86,11 +87,11 @@ def test_every_method_predicts_within_the_true_task_and_records_task_incremental
     images = torch.stack([image for task in range(NUM_TASKS) for image, _ in ctx.test_tasks[task].test])
     given = torch.randint(0, NUM_TASKS, (len(images),), generator=torch.Generator().manual_seed(3))
     for slots in engine.method.slot_modes:
-        prediction = engine.method.predict(images, NUM_TASKS, slots=slots, true_tasks=given)
+        prediction = engine.method.predict(PredictRequest(images, NUM_TASKS, slots=slots, true_tasks=given))
         assert torch.equal(ctx.class_to_task[prediction.within_task], given), slots  # a class of the given task
         assert (prediction.tasks is not None) == (slots == "predicted" and engine.method.infers_tasks)
     if "true" in engine.method.slot_modes:  # the given task's prompts: the class-IL pass with true slots agrees
-        true_pass = engine.method.predict(images, NUM_TASKS, slots="true", true_tasks=given)
+        true_pass = engine.method.predict(PredictRequest(images, NUM_TASKS, slots="true", true_tasks=given))
         own = ctx.class_to_task[true_pass.classes] == given
         assert torch.equal(true_pass.within_task[own], true_pass.classes[own])
 

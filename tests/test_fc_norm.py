@@ -10,7 +10,7 @@ from engine_fixtures import make_engine, tiny_config
 from torch import nn
 
 from norga.engine.run_dir import RunDirectory
-from norga.methods.base import ImageIds
+from norga.methods.base import ImageIds, PredictRequest
 from norga.methods.hide import HiDePrompt
 from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.nn import PromptedViT
@@ -114,16 +114,16 @@ def test_memoised_prompted_features_stay_valid_when_fc_norm_trains(fc_norm_run):
     ids = ImageIds(("probe", 0), torch.arange(4), 4)
     frozen = ctx.frozen_encode(images)
     memo = method.prompted_memo
-    method.predict(images, 3, frozen, ids)
+    method.predict(PredictRequest(images, 3, frozen, ids))
     encoded = memo.images_encoded
     saved = {k: v.clone() for k, v in method.model.backbone.state_dict().items()}
     try:
         with torch.no_grad():
             method.model.backbone.fc_norm.bias.normal_(0, 5.0)
-        memoised = method.predict(images, 3, frozen, ids).classes
+        memoised = method.predict(PredictRequest(images, 3, frozen, ids)).classes
         assert memo.images_encoded == encoded  # nothing re-encoded
         method.prompted_memo = None
-        assert torch.equal(memoised, method.predict(images, 3, frozen).classes)
+        assert torch.equal(memoised, method.predict(PredictRequest(images, 3, frozen)).classes)
     finally:
         method.prompted_memo = memo
         method.model.backbone.load_state_dict(saved)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from engine_fixtures import make_engine, tiny_config
 
 from norga.methods import hide as hide_module
+from norga.methods.base import PredictRequest
 from norga.nn import Prefix
 
 NO_LOG = lambda epoch, logs: None  # noqa: E731
@@ -213,7 +214,7 @@ def test_the_final_argmax_is_over_the_seen_classes_unless_the_official_switch_is
     with torch.no_grad():
         engine.context.model.backbone.head.bias[unseen] = 1e4  # an unseen class that wins every argmax
     images, _ = task_images(engine, 0)
-    predicted = engine.method.predict(images, seen_tasks=1).classes
+    predicted = engine.method.predict(PredictRequest(images, seen_tasks=1)).classes
     if mask:
         assert set(predicted.tolist()) <= set(engine.context.classes(0))
     else:

@@ -5,8 +5,10 @@ resume after a crash, and bf16 + regional compile. A new method gets these tests
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-from dataclasses import dataclass
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +16,13 @@ import yaml
 from engine_fixtures import make_tasks, run_fixture, tiny_config
 
 from norga.commands.methods import setting_rows
-from norga.config import NonNegativeFloat  # noqa: F401 - the test method's settings are annotated with it
 from norga.config_io import dump_config, load_config
 from norga.engine.loop import Position
 from norga.engine.run_dir import RunDirectory
-from norga.methods import METHODS, ContinualMethod, Phase, Prediction, register_method
+from norga.methods import METHODS, Capabilities, register_method
 
 ALL = sorted(METHODS)
+EXTERNAL = Path(__file__).with_name("external_method")
 
 
 class Crash(RuntimeError):
@@ -51,8 +53,9 @@ def test_the_run_record_holds_the_methods_own_settings_and_nothing_of_another(tm
     assert not set(stored) & (set(METHODS) - {method})  # no other method's section
     if "gate" in results:  # what ran: the section's gate, "none" for plain prefix tuning
         assert results["gate"] == (results["settings"].get("gate") or "none")
-    assert ("gate" in results) == (method not in ("l2p", "linear_probe", "ncm"))  # no prefixes, no gate
+    assert ("gate" in results) == results["capabilities"]["score_gate"]  # what the method declares, it records
     engine_infers = "task_identity" in matrices
+    assert engine_infers == results["capabilities"]["infers_tasks"]
     assert (results["task_identity_accuracy"] is not None) == engine_infers
     assert (tmp_path / "run" / "task_identity_matrix.csv").exists() == engine_infers
     for name in matrices:
@@ -109,56 +112,27 @@ def test_bf16_and_regional_compile_run_every_method(tmp_path, method):
         len(task.test) for task in make_tasks())
 
 
-def test_a_method_defined_outside_the_package_is_one_class_and_its_registration(tmp_path):
-    """No file of norga changes: the class registers, configs address its section, the engine runs it, the
-    run record holds its settings."""
-    @dataclass
-    class MajoritySettings:
-        smoothing: NonNegativeFloat = 0.0
-
-    @register_method
-    class Majority(ContinualMethod):
-        """Predicts the seen class with the most training images."""
-
-        name = "majority"
-        Settings = MajoritySettings
-
-        def __init__(self, context, settings):
-            super().__init__(context, settings)
-            self.counts = torch.full((context.num_classes,), settings.smoothing)
-
-        def phases(self, task):
-            return [Phase("count")]
-
-        def run_phase(self, task, phase, start_epoch, on_epoch_end):
-            for label in self.ctx.frozen_train_features(task).labels:
-                self.counts[label] += 1
-
-        def predict(self, images, seen_tasks, frozen_features=None, image_ids=None, slots="predicted",
-                    true_tasks=None):
-            seen = self.ctx.class_mask_until(seen_tasks - 1).cpu()
-            best = int(torch.where(seen, self.counts, -1.0).argmax())
-            counts = self.counts.expand(len(images), -1)
-            within = None if true_tasks is None else self.within_task_classes(counts, true_tasks)
-            return Prediction(torch.full((len(images),), best), within_task=within)
-
-        def state_dict(self):
-            return {"counts": self.counts.clone()}
-
-        def load_state_dict(self, state):
-            self.counts.copy_(state["counts"])
-
+def test_a_method_defined_outside_the_package_is_one_class_and_its_registration(tmp_path, monkeypatch):
+    """No file of norga changes: the class (tests/external_method's, imported here from its file) registers, configs
+    address its section, the engine runs it, the run record holds its settings (test_external_method.py installs the
+    same class through its package's entry point)."""
+    spec = importlib.util.spec_from_file_location("norga_majority_vote", EXTERNAL / "norga_majority_vote.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    register_method(module.MajorityVote)
     try:
-        config = load_config(None, ["method=majority", "majority.smoothing=0.5"])
-        assert config.settings == MajoritySettings(0.5)
-        with pytest.raises(Exception, match="majority.smoothing must be a finite number >= 0"):
-            load_config(None, ["method=majority", "majority.smoothing=-1"])
-        config = tiny_config("majority", smoothing=0.5)
+        config = load_config(None, ["method=majority_vote", "majority_vote.smoothing=0.5"])
+        assert config.settings == module.MajorityVoteSettings(0.5)
+        with pytest.raises(Exception, match="majority_vote.smoothing must be a finite number >= 0"):
+            load_config(None, ["method=majority_vote", "majority_vote.smoothing=-1"])
+        config = tiny_config("majority_vote", smoothing=0.5)
         matrices = run_fixture(config, tmp_path / "run")
         assert set(matrices) == {"accuracy", "task_incremental"} and matrices["accuracy"].final_average_accuracy() > 0
         # given the true task, the most frequent class of that task: one of its classes, right for some images
         assert matrices["task_incremental"].final_average_accuracy() >= matrices["accuracy"].final_average_accuracy()
         results = json.loads((tmp_path / "run" / "results.json").read_text())
-        assert results["method"] == "majority" and results["settings"] == {"smoothing": 0.5}
+        assert results["method"] == "majority_vote" and results["settings"] == {"smoothing": 0.5}
+        assert results["capabilities"] == Capabilities().to_dict()
     finally:
-        del METHODS["majority"]
+        del METHODS["majority_vote"]

@@ -16,6 +16,7 @@ from test_hide_pipeline import pipeline, run_phases, run_phases_named, slow_mask
 
 from norga.cli import main
 from norga.config import ConfigError
+from norga.methods.base import PredictRequest
 from norga.nn.prefix_attention import PrefixAttention
 
 
@@ -71,7 +72,7 @@ def test_every_slot_mode_gives_the_same_classes_and_tasks_are_still_inferred(tmp
     images, _ = task_images(engine, 1)
     true_tasks = torch.ones(len(images), dtype=torch.long)
     monkeypatch.setattr(engine.method, "encode", lambda *args: pytest.fail("a pipeline without prompts encoded"))
-    by_mode = {mode: engine.method.predict(images, 2, slots=mode, true_tasks=true_tasks)
+    by_mode = {mode: engine.method.predict(PredictRequest(images, 2, slots=mode, true_tasks=true_tasks))
                for mode in engine.method.slot_modes}
     assert by_mode["predicted"].tasks is not None and len(by_mode["predicted"].tasks) == len(images)
     for prediction in by_mode.values():

@@ -7,6 +7,7 @@ from engine_fixtures import NUM_TASKS, TRAIN_PER_CLASS
 from test_hide_pipeline import pipeline, run_phases, run_phases_named
 
 from norga.engine.evaluation import evaluate_seen_tasks
+from norga.methods.base import PredictRequest
 from norga.methods.hide import official_class_order
 from norga.metrics import AccuracyMatrix
 from norga.runtime.seeding import generator
@@ -30,7 +31,7 @@ def test_the_batch_vote_breaks_ties_towards_the_lowest_task(tmp_path, monkeypatc
     # come from) the first of equal counts, i.e. the lowest task; CPU topk may return another ([2, 2, 0, 0] -> 1)
     engine, used = voting(tmp_path, monkeypatch, lambda call, n: torch.tensor(predicted))
     images = torch.stack([engine.context.tasks[0].test[i][0] for i in range(len(predicted))])
-    prediction = engine.method.predict(images, NUM_TASKS)
+    prediction = engine.method.predict(PredictRequest(images, NUM_TASKS))
     assert used[0].tolist() == [voted] * len(predicted)
     assert prediction.tasks.tolist() == predicted  # default: each image's own prediction is what is counted
 

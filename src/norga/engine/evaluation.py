@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from norga.methods.base import ContinualMethod, ImageIds
+from norga.methods.base import ContinualMethod, ImageIds, PredictRequest
 from norga.metrics import AccuracyMatrix
 from norga.runtime.context import RunContext
 from norga.runtime.features import FeatureSet
@@ -32,8 +32,7 @@ def evaluate_seen_tasks(context: RunContext, method: ContinualMethod, task: int,
                     seen: int = seen, frozen: FeatureSet = frozen) -> tuple[torch.Tensor, ...]:
             ids = ImageIds(("test", seen), torch.arange(rows.start, rows.stop), len(frozen.labels))
             true_tasks = torch.full_like(labels, seen) if within_task is not None else None
-            prediction = method.predict(images, task + 1, frozen.features[rows], ids, slots=slots,
-                                        true_tasks=true_tasks)
+            prediction = method.predict(PredictRequest(images, task + 1, frozen.features[rows], ids, slots, true_tasks))
             if prediction.tasks is None and identity is not None:
                 raise RuntimeError(f"method {method.name!r} infers tasks but its predict returned none")
             if prediction.within_task is None and within_task is not None:

@@ -335,7 +335,7 @@ class RunDirectory:
                 "test_batch_size": config.eval.batch_size,
                 **(method.compat() if method is not None else {}),
             },
-            **(method.run_record() if method is not None else {}),
+            **({"capabilities": method.capabilities.to_dict(), **method.run_record()} if method is not None else {}),
             "matrices": {name: matrix.to_dict() for name, matrix in matrices.items()},
         }
         if accuracy.joint:

@@ -9,11 +9,11 @@ packages register through the ``norga.methods`` entry-point group (`norga.method
 import importlib
 import pkgutil
 
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.base import Capabilities, ContinualMethod, ImageIds, Phase, Prediction, PredictRequest
 from norga.methods.registry import METHODS, method_class, method_names, register_method, settings_class
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "ContinualMethod", "ImageIds", "Phase", "Prediction", "method_class", "method_names",
-           "register_method", "settings_class"]
+__all__ = ["METHODS", "Capabilities", "ContinualMethod", "ImageIds", "Phase", "PredictRequest", "Prediction",
+           "method_class", "method_names", "register_method", "settings_class"]

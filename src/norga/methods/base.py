@@ -61,6 +61,44 @@ class ImageIds(NamedTuple):
     size: int
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """What `ContinualMethod.predict` is asked: classes (and tasks, if inferred) of `images` after `seen_tasks` tasks.
+
+    The engine passes the images' cached frozen-backbone features (`frozen_features`) and their identity
+    (`image_ids`, for methods that memoise per-image work). `slots` (one of the method's slot modes) says whose
+    prompts the images get; with `true_tasks` (each image's task) the prediction also holds the classes predicted
+    with the true task's prompts among that task's classes only (task-incremental).
+    """
+
+    images: Tensor
+    seen_tasks: int
+    frozen_features: Tensor | None = None
+    image_ids: ImageIds | None = None
+    slots: str = "predicted"
+    true_tasks: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method (with its settings) can do, for the engine, the commands and the tests to read instead of names.
+
+    `infers_tasks`: `predict` returns predicted tasks (recorded as the task-identity matrix). `slot_modes`: the
+    `SLOT_MODES` `predict` accepts (a method without prompts has only its own, "predicted"). `score_gate`: its prefix
+    attention has a score gate, named in the run record (``gate``; "none" for plain prefix tuning).
+    `official_checkpoints`: it can load the official code's checkpoints (`norga evaluate --tii-dir --prompt-dir`).
+    """
+
+    infers_tasks: bool = False
+    slot_modes: tuple[str, ...] = ("predicted",)
+    score_gate: bool = False
+    official_checkpoints: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"infers_tasks": self.infers_tasks, "slot_modes": list(self.slot_modes), "score_gate": self.score_gate,
+                "official_checkpoints": self.official_checkpoints}
+
+
 class ContinualMethod(ABC):
     """A method is a set of task hooks with its own typed settings; the engine never branches on its name.
 
@@ -80,14 +118,17 @@ class ContinualMethod(ABC):
         self.settings = settings
 
     @property
+    def capabilities(self) -> Capabilities:
+        """What this method can do with its settings (default: predicts classes only, no prompts, no gate)."""
+        return Capabilities(official_checkpoints=self.official_evaluation_overrides() is not None)
+
+    @property
     def infers_tasks(self) -> bool:
-        """Whether `predict` returns predicted tasks (recorded as the task-identity matrix)."""
-        return False
+        return self.capabilities.infers_tasks
 
     @property
     def slot_modes(self) -> tuple[str, ...]:
-        """The `SLOT_MODES` `predict` accepts; a method without prompts has only its own ("predicted")."""
-        return ("predicted",)
+        return self.capabilities.slot_modes
 
     @abstractmethod
     def phases(self, task: int) -> list[Phase]: ...
@@ -97,17 +138,8 @@ class ContinualMethod(ABC):
         """Run `phase` from `start_epoch`; call ``on_epoch_end(epoch, logs)`` after each finished epoch."""
 
     @abstractmethod
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
-        """Classes (and tasks, if inferred) of `images` after `seen_tasks` tasks; the engine passes the images'
-        cached frozen-backbone features as `frozen_features` and their identity as `image_ids` (for methods
-        that memoise per-image work).
-
-        `slots` (one of `slot_modes`) says whose prompts the images get. With `true_tasks` (each image's task)
-        the prediction also holds `within_task`: the classes predicted with the true task's prompts (none with
-        ``slots="none"``) among that task's classes only.
-        """
+    def predict(self, request: PredictRequest) -> Prediction:
+        """Classes (and tasks, if `capabilities.infers_tasks`) of ``request.images`` (see `PredictRequest`)."""
 
     # ------------------------------------------------------------ predictions
     def seen_classes(self, logits: Tensor, seen_tasks: int) -> Tensor:

@@ -10,13 +10,14 @@ are prefixes in per-head key/value space (`prompt_type: prefix`) or tokens prepe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
+from norga.methods.base import Capabilities
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
 from norga.methods.registry import register_method
 from norga.nn import Prefix, PrefixPool
@@ -140,9 +141,9 @@ class KeyedPromptMethod(QueryPromptMethod):
         return PromptedPass(logits, -self.settings.pull_weight * selection.per_sample_pull, tasks=tasks)
 
     @property
-    def infers_tasks(self) -> bool:
+    def capabilities(self) -> Capabilities:
         """Task-keyed slots (DualPrompt, S-Prompt++) say which task a sample's prompt belongs to; L2P's do not."""
-        return self.settings.train_selection == "task"
+        return replace(super().capabilities, infers_tasks=self.settings.train_selection == "task")
 
     def data_parallel_refusal(self) -> str | None:
         s = self.settings
@@ -162,7 +163,7 @@ class KeyedPromptMethod(QueryPromptMethod):
         return record
 
     def run_record(self) -> dict[str, Any]:
-        return {"gate": self.settings.gate or "none"} if self.prefix_tuning or self.g_layers else {}
+        return {"gate": self.settings.gate or "none"} if self.capabilities.score_gate else {}
 
     @classmethod
     def summary(cls, settings: KeyedPromptSettings) -> str:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from norga.config import OptimConfig
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.base import ContinualMethod, Phase, Prediction, PredictRequest
 from norga.methods.registry import register_method
 from norga.runtime.context import RunContext
 from norga.runtime.training import PhaseTraining
@@ -50,11 +50,10 @@ class LinearProbe(PhaseTraining, ContinualMethod):
                              "linear_probe.train.lr")
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
+    def predict(self, request: PredictRequest) -> Prediction:
+        frozen_features, seen_tasks, true_tasks = request.frozen_features, request.seen_tasks, request.true_tasks
         if frozen_features is None:
-            frozen_features = self.ctx.frozen_encode(images)
+            frozen_features = self.ctx.frozen_encode(request.images)
         logits = self.head(frozen_features.to(self.ctx.device))
         within = None if true_tasks is None else self.within_task_classes(logits, true_tasks)
         return Prediction(self.seen_classes(logits, seen_tasks), within_task=within)

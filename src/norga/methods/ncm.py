@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.methods.base import ContinualMethod, Phase, Prediction, PredictRequest
 from norga.methods.registry import register_method
 from norga.runtime.context import RunContext
 from norga.runtime.training import masked_logits
@@ -68,11 +68,10 @@ class NearestClassMean(ContinualMethod):
             self.known[label] = True
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
+    def predict(self, request: PredictRequest) -> Prediction:
+        frozen_features, seen_tasks, true_tasks = request.frozen_features, request.seen_tasks, request.true_tasks
         if frozen_features is None:
-            frozen_features = self.ctx.frozen_encode(images)
+            frozen_features = self.ctx.frozen_encode(request.images)
         scores = masked_logits(nearness(frozen_features.float().cpu(), self.means, self.metric), self.known)
         allowed = self.ctx.class_mask_until(seen_tasks - 1).cpu()
         within = None if true_tasks is None else self.within_task_classes(scores, true_tasks)

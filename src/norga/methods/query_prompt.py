@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
+from norga.methods.base import Capabilities, ContinualMethod, Phase, Prediction, PredictRequest, unfitting_blocks
 from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
 from norga.runtime.context import RunContext
 from norga.runtime.optim import schedule_factor, set_epoch_lr
@@ -91,8 +92,11 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         return False
 
     @property
-    def slot_modes(self) -> tuple[str, ...]:
-        return ("predicted", "true", "none") if self.task_keyed else ("predicted", "none")
+    def capabilities(self) -> Capabilities:
+        """Every prompt method can also run the frozen backbone through its head (``slots="none"``); task-keyed ones
+        can give each image its true task's prompts (``"true"``)."""
+        modes = ("predicted", "true", "none") if self.task_keyed else ("predicted", "none")
+        return replace(super().capabilities, slot_modes=modes, score_gate=len(self.prompts["gates"]) > 0)
 
     def gate_of(self, layer: int) -> ScoreGate:
         return self.prompts["gates"][str(layer)]
@@ -132,16 +136,16 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
 
     # ------------------------------------------------------------- inference
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
+    def predict(self, request: PredictRequest) -> Prediction:
         """Query = frozen CLS feature (cached by the engine) -> prompts -> prompted pass -> class.
 
         Task-incremental (`true_tasks`): task-keyed methods run the batch again with each image's true task's
         prompts where any image chose another task's; the others restrict the same logits to the true task.
         """
-        images = images.to(self.ctx.device)
-        query = self.ctx.frozen_encode(images) if frozen_features is None else frozen_features.to(self.ctx.device)
+        seen_tasks, slots, true_tasks = request.seen_tasks, request.slots, request.true_tasks
+        images = request.images.to(self.ctx.device)
+        query = (self.ctx.frozen_encode(images) if request.frozen_features is None
+                 else request.frozen_features.to(self.ctx.device))
         given = true_tasks if slots == "true" else None
         out = self._pass(images, query, seen_tasks, slots, given)
         tasks = out.tasks.cpu() if out.tasks is not None and slots == "predicted" else None

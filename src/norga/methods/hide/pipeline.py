@@ -9,6 +9,7 @@ class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from norga.config import OptimConfig
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction, unfitting_blocks
+from norga.methods.base import (
+    SLOT_MODES,
+    Capabilities,
+    ContinualMethod,
+    ImageIds,
+    Phase,
+    Prediction,
+    PredictRequest,
+    unfitting_blocks,
+)
 from norga.methods.hide.gaussians import ClassGaussians, official_tap_batches
 from norga.methods.hide.official_checkpoints import (
     OfficialCheckpointError,
@@ -94,10 +104,6 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     def _gate_schedule(self) -> str:
         return "none"
-
-    @property
-    def infers_tasks(self) -> bool:
-        return True
 
     # ----------------------------------------------------------------- phases
     def phases(self, task: int) -> list[Phase]:
@@ -242,19 +248,19 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return self.ctx.class_to_task[logits.argmax(dim=1).cpu()]
 
     @property
-    def slot_modes(self) -> tuple[str, ...]:
-        return ("predicted", "true", "none")
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities, infers_tasks=True, slot_modes=SLOT_MODES, score_gate=True)
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
+    def predict(self, request: PredictRequest) -> Prediction:
         """Frozen pass -> predicted task -> prompted pass with that task's slot -> class.
 
         With `image_ids` the prompted features are memoised per (image, slot) while the slot is unchanged
         (``cache_prompted_features``, correct prefix layout only): before- and after-TAP evaluations, later
         tasks' evaluations and the true-task (task-incremental) pass reuse them.
         """
+        images, seen_tasks, frozen_features = request.images, request.seen_tasks, request.frozen_features
+        slots, true_tasks = request.slots, request.true_tasks
         if frozen_features is None:
             frozen_features = self.ctx.frozen_encode(images)
         tasks = self.predict_tasks(frozen_features, seen_tasks) if slots == "predicted" else None
@@ -264,11 +270,11 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             if self.settings.task_identity_counts == "voted":
                 tasks = chosen
         images = images.to(self.ctx.device)
-        logits = self._logits(images, chosen, image_ids, frozen_features)
+        logits = self._logits(images, chosen, request.image_ids, frozen_features)
         within = None
         if true_tasks is not None:
             if chosen is not None and not torch.equal(chosen.cpu(), true_tasks.cpu()):
-                logits_given_task = self._logits(images, true_tasks, image_ids, frozen_features)
+                logits_given_task = self._logits(images, true_tasks, request.image_ids, frozen_features)
             else:
                 logits_given_task = logits
             within = self.within_task_classes(logits_given_task, true_tasks)
