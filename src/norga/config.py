@@ -119,7 +119,7 @@ class RunConfig:
     fills `settings` with a registered method's defaults.
     """
 
-    method: str = "norga"
+    method: str = ""  # a registered method's name (a config that names none runs config_io.DEFAULT_METHOD)
     seed: Count = 42
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

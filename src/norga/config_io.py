@@ -24,6 +24,8 @@ import yaml
 from norga.config import SHARED_KEYS, ConfigError, OneOf, Range, RunConfig
 
 PRESET_PACKAGE = "norga.presets"
+#: The method a config runs when it names none.
+DEFAULT_METHOD = "norga"
 
 #: Keys of the old shared schema that are now a method's own settings: where to find them.
 MOVED_KEYS = {"prompt": "norga.prompt / norga.gate (hide.prompt for HiDe-Prompt)", "tii": "norga.tii (or hide.tii)",
@@ -96,7 +98,7 @@ def build_config(data: dict) -> RunConfig:
     """A validated `RunConfig` from its YAML mapping (shared keys, the method's section, other methods' sections)."""
     data = copy.deepcopy(data)
     names = _method_names()
-    method = data.pop("method", RunConfig.method)
+    method = data.pop("method", DEFAULT_METHOD)
     if method not in names:
         raise ConfigError(f"method must be one of {sorted(names)}, got {method!r}{_suggest(str(method), names)}; "
                           "`norga methods` lists them")
@@ -150,7 +152,7 @@ def apply_override(config: RunConfig, override: str) -> None:
         setattr(config, f.name, getattr(rebuilt, f.name))
 
 
-def default_config(method: str = "norga", **shared: Any) -> RunConfig:
+def default_config(method: str = DEFAULT_METHOD, **shared: Any) -> RunConfig:
     """A `RunConfig` of registered method `method` with its default settings (`shared`: other top-level fields)."""
     return RunConfig(method=method, settings=_settings_class(method)(), **shared)
 
