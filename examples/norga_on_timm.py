@@ -1,4 +1,4 @@
-"""NoRGa prompts on a timm ViT in a few lines (the README's library example)."""
+"""NoRGa prompts on a timm ViT in a few lines (the example of docs/guides/library.md)."""
 
 import torch
 

@@ -241,10 +241,10 @@ def test_options_that_do_not_fit_the_benchmark_are_one_kind_of_data_error(make, 
     assert issubclass(BenchmarkOptionError, DataError) and DataError in user_errors()  # one line on the CLI
 
 
-def test_the_readme_data_table_lists_real_benchmarks():
+def test_the_docs_data_table_lists_real_benchmarks():
     import re
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme[readme.index("| `data.benchmark`"):].split("\n\n")[0].splitlines()[2:]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "data.md").read_text()
+    table = page[page.index("| `data.benchmark`"):].split("\n\n")[0].splitlines()[2:]
     names = [name for row in table for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
     assert {name for name in names if not name.startswith("torchvision/")} == set(SOURCES) | {"5-datasets"}
