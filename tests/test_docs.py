@@ -24,7 +24,7 @@ from norga.methods import METHODS, ContinualMethod, settings_class
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def pages() -> list[Path]:
@@ -146,7 +146,7 @@ def test_setting_notes_are_the_comments_beside_or_above_each_field():
         #: on two lines
         first: int = 1
         plain: str = "a#b"
-        inner: Inner = dataclasses.field(default_factory=Inner)  # noqa: RUF009
+        inner: Inner = dataclasses.field(default_factory=Inner)
 
     assert docs_pages.setting_notes(Outer) == {"first": "a note above on two lines", "inner.rate": "how fast"}
 

@@ -31,7 +31,7 @@ from norga.commands.methods import setting_rows
 from norga.config import SHARED_KEYS, RunConfig
 from norga.config_io import preset_names, read_source
 
-MARKER = re.compile(r"^<!-- norga:([a-z-]+) -->[ \t]*$", re.M)  # a marker is a line of its own
+MARKER = re.compile(r"^<!-- norga:([a-z-]+) -->[ \t]*$", re.MULTILINE)  # a marker is a line of its own
 #: A backticked dotted name: a setting (``norga.wtp.train.lr=0.005``) or a module path (``norga.nn.gates``).
 DOTTED = re.compile(r"`([a-z_][a-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?:=[^`]*)?`")
 FILE_SUFFIXES = {"py", "yaml", "yml", "md", "json", "csv", "png", "pt", "pth", "txt", "npz", "zip", "tar", "gz", "mat",
@@ -68,7 +68,7 @@ def method_names() -> list[str]:
     return registered()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def method_facts(name: str) -> MethodFacts:
     """Build method `name` with its defaults on a tiny generated stand-in and read what it declares."""
     import torch
@@ -218,11 +218,12 @@ def method_reference(name: str, page: str) -> str:
     lines = [
         "## Reference",
         "",
-        f"Generated from the registry: `{facts.qualname}`, registered as `{name}` (settings section `{name}:`; "
-        f"`norga methods {name}` prints the same settings).",
+        (f"Generated from the registry: `{facts.qualname}`, registered as `{name}` (settings section `{name}:`; "
+         f"`norga methods {name}` prints the same settings)."),
         "",
         f"- **Infers task identity**: {'yes (a task-identity matrix is recorded)' if facts.infers_tasks else 'no'}",
-        f"- **`norga evaluate --slots`**: {', '.join(f'`{mode}`' for mode in facts.slot_modes)}",
+        "- **Slot modes** (whose prompts `norga evaluate` can give each test image): "
+        + ", ".join(f"`{mode}`" for mode in facts.slot_modes),
         f"- **Matrices a run records**: {', '.join(f'`{m}`' for m in facts.matrices)}",
         *phases,
         f"- **Compat switches recorded in `results.json`** ([all switches]({compat_link})): {compat}",
@@ -277,7 +278,7 @@ def compat_table(descriptions: dict[str, dict]) -> str:
         if key.split(".")[0] in SHARED_KEYS:
             if key not in shared:
                 raise DocsError(f"docs/compat_switches.yaml names {key}, which is not a setting: remove or rename it")
-            kind, default = shared[key]
+            default = shared[key][1]
             switch, where = f"`{key}`", "every method"
         else:
             methods = [m for m in method_names() if key in {k for k, _, _ in _rows(m)}]
@@ -293,7 +294,7 @@ def compat_table(descriptions: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rows(name: str) -> list[tuple[str, str, object]]:
     from norga.methods import settings_class
 
