@@ -1,12 +1,18 @@
 """Shared test set-up: offline hub, fresh random seeds (printed, so a failure can be replayed)."""
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+#: Downloads a test allows go to a fresh folder, never the user's ~/.cache/norga/data (nor are found there).
+os.environ["NORGA_DOWNLOADS"] = tempfile.mkdtemp(prefix="norga-test-downloads-")
+atexit.register(shutil.rmtree, os.environ["NORGA_DOWNLOADS"], True)
 
 
 @pytest.fixture(autouse=True)

@@ -152,9 +152,12 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypat
     monkeypatch.delenv("NORGA_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/cifar-100-python.*Expected layout.*download"):
         build_benchmark("cifar100", data_root=tmp_path)
-    with pytest.raises(DatasetNotFoundError, match="looked in: nowhere. No data root is set.*NORGA_DATA=DIR or "
-                                                   "--set data.root=DIR"):
+    monkeypatch.setenv("NORGA_DOWNLOADS", str(tmp_path / "downloads"))  # searched last: where downloads went
+    with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/downloads/cifar-100-python. No data root "
+                                                   "is set.*NORGA_DATA=DIR or --set data.root=DIR"):
         build_benchmark("cifar100")
+    with pytest.raises(DatasetNotFoundError, match="imagefolder not found; looked in: nowhere"):
+        build_benchmark("imagefolder")  # nothing to download, so not looked for in the download folder
     with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known: .*'5-datasets'.*'imagenet-r'"):
         build_benchmark("cifar1000", data_root=tmp_path)
     expected = {"cifar100", "cifar10", "imagenet-r", "cub200", "5-datasets", "fashion-mnist", "imagefolder"}

@@ -67,10 +67,19 @@ def test_the_data_is_checked_before_any_weights_are_fetched(no_data_root, monkey
     assert "data.root=DIR" in assert_suggestions_parse(message) and not (tmp_path / "r").exists()
 
 
-def test_a_download_without_a_folder_asks_for_the_folder_not_for_the_download(no_data_root, capsys, tmp_path):
+def test_a_download_without_a_folder_goes_to_the_download_folder_and_offline_is_one_line(no_data_root, monkeypatch,
+                                                                                      capsys, tmp_path):
+    from norga.data import download
+
+    monkeypatch.setenv("NORGA_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setattr(download, "unreachable", lambda url, timeout=None: "<urlopen error [Errno -2] Name or "
+                        "service not known>")  # no network, as these machines have none
     message = error_of(capsys, "run", "tiny_smoke", "--set", "data.download=true", "--run-dir", str(tmp_path / "r"))
-    assert "data.download=true needs a folder to download into" in message
+    looked = message[message.index("looked in: "):message.index("No data root is set")]
+    assert looked.index(str(DEBIAN_FASHION_MNIST)) < looked.index(str(tmp_path / "downloads" / "fashion-mnist"))
+    assert "It could not be downloaded from http" in message and "no network access?" in message
     assert "data.download=true" not in assert_suggestions_parse(message)  # already set: not suggested again
+    assert not (tmp_path / "downloads").exists() and not (tmp_path / "r").exists()
 
 
 def test_offline_hub_names_the_file_option(make, monkeypatch, capsys, tmp_path):

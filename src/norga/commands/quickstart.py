@@ -1,4 +1,4 @@
-"""`norga quickstart`: NoRGa, HiDe-Prompt and their pipeline without prompts on Split Fashion-MNIST, offline."""
+"""`norga quickstart`: NoRGa, HiDe-Prompt and their pipeline without prompts on Split Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ BASELINE = "No prompts"  # HiDe-Prompt's pipeline, settings and seed with the pr
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart", help="run NoRGa, HiDe-Prompt and their pipeline without prompts on Split Fashion-MNIST",
-        description="Offline: Split Fashion-MNIST (5 tasks x 2 classes) on norga's shipped ViT-Ti; shows what the "
-        "prompts add against the same pipeline without them. Data from "
-        "--data-root, $NORGA_DATA or /usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist).",
+        description="Split Fashion-MNIST (5 tasks x 2 classes) on norga's shipped ViT-Ti; shows what the prompts add "
+        "against the same pipeline without them. Data from --data-root, $NORGA_DATA, "
+        "/usr/share/datasets/fashion-mnist (Debian package dataset-fashion-mnist) or norga's download folder "
+        "($NORGA_DOWNLOADS, else ~/.cache/norga/data); when it is in none of them it is downloaded through "
+        "torchvision (checksum-verified) into --data-root, else $NORGA_DATA, else the download folder.",
     )
     parser.add_argument("--data-root", help="folder holding fashion-mnist/ (the four IDX files)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where the three run directories go")

@@ -1,5 +1,6 @@
 """Where each dataset lives and how it is read: a registry of named sources, and the data-root search
-(explicit root, then $NORGA_DATA, then a checksum-verified download when allowed)."""
+(explicit root, then $NORGA_DATA, then fixed system places and the download folder, then a checksum-verified
+download when allowed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from pathlib import Path
 
 from norga.data.archive import is_archive, read_class_archive
 from norga.data.decode import DEFAULT_READ, ReadOptions
-from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
+from norga.data.download import Download, download_folder, fetch
+from norga.data.errors import (
+    BenchmarkOptionError,
+    DataLayoutError,
+    DatasetNotFoundError,
+)
 from norga.data.folders import read_cub, read_image_folder, read_imagenet_r
 from norga.data.sources import (
     has_mnist_like,
@@ -47,28 +53,37 @@ class Source:
     read: Callable[..., tuple]
     layout: str
     how_to_get: str
-    download: Callable[[Path], None] | None = None
+    download: Callable[[Path], None] | None = None  # a `Download` (or any callable fetching into a root)
     fixed_places: tuple[Path, ...] = field(default=())  # searched after the roots (e.g. Debian's package)
 
 
-def _torchvision_download(name: str, subfolder: str = "", split_arg: bool = False) -> Callable[[Path], None]:
+def _torchvision_download(name: str, subfolder: str = "", split_arg: bool = False) -> Download:
     def download(root: Path) -> None:
         import torchvision.datasets as tv
 
         cls, where = getattr(tv, name), str(root / subfolder)
-        for split in ("train", "test"):  # torchvision verifies its own md5 checksums
+        for split in ("train", "test"):  # torchvision verifies its own md5 checksums and shows a progress bar
             cls(where, split=split, download=True) if split_arg else cls(where, train=split == "train", download=True)
 
-    return download
+    def url() -> str:
+        """The first file torchvision fetches: MNIST-likes from their mirrors, CIFAR's archive, SVHN's train split."""
+        import torchvision.datasets as tv
+
+        cls = getattr(tv, name)
+        if getattr(cls, "mirrors", None):
+            return cls.mirrors[0] + cls.resources[0][0]
+        return cls.split_list["train"][0] if split_arg else cls.url
+
+    return Download(download, url)
 
 
-def _archive_download(url: str, md5: str) -> Callable[[Path], None]:
+def _archive_download(url: str, md5: str) -> Download:
     def download(root: Path) -> None:
         from torchvision.datasets.utils import download_and_extract_archive
 
         download_and_extract_archive(url, str(root), md5=md5)  # md5-verified before extraction
 
-    return download
+    return Download(download, lambda: url)
 
 
 def _cifar10_candidates(root: Path) -> list[Path]:
@@ -185,40 +200,37 @@ def search_roots(data_root: str | Path | None) -> list[Path]:
 
 def locate(name: str, data_root: str | Path | None, download: bool = False) -> Path:
     """The file or folder holding source `name`: under `data_root`, else $NORGA_DATA, else a fixed system
-    place, else downloaded into the first root when `download` (checksum-verified)."""
+    place or the download folder, else downloaded (checksum-verified) into the first root, or the download
+    folder when no root is set, when `download`."""
     if name not in SOURCES:
         raise BenchmarkOptionError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
     source = SOURCES[name]
     roots = search_roots(data_root)
     searched = [path for root in roots for path in source.candidates(root)] + list(source.fixed_places)
+    if source.download is not None and download_folder() not in roots:
+        searched += source.candidates(download_folder())
     for path in searched:
         if source.present(path):
             return path
     failure = ""
-    if download and source.download is not None and roots:
-        try:
-            source.download(roots[0])
-        except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision raises RuntimeError on md5
-            failure = f" The download into {roots[0]} failed ({' '.join(str(error).split())}): no network access?"
-        else:
-            for path in source.candidates(roots[0]):
+    if download and source.download is not None:
+        target = roots[0] if roots else download_folder()
+        failure = fetch(name, source.download, target)
+        if not failure:
+            for path in source.candidates(target):
                 if source.present(path):
                     return path
-            failure = f" The download into {roots[0]} finished but the expected files are not there."
+            failure = f" The download into {target} finished but the expected files are not there."
     where = str(roots[0]) if roots else "<root>"
-    raise DatasetNotFoundError(_not_found(name, source, searched, bool(roots), download) + failure
+    raise DatasetNotFoundError(_not_found(name, searched, bool(roots)) + failure
                                + f" Expected layout: {source.layout.replace('<root>', where)}. "
                                f"To get it: {_ways(source, download).replace('<root>', where)}.")
 
 
-def _not_found(name: str, source: Source, searched: list[Path], have_root: bool, download: bool) -> str:
+def _not_found(name: str, searched: list[Path], have_root: bool) -> str:
     """Where `name` was looked for and, when no data root is set, how to set one."""
     text = f"{name} not found; looked in: {', '.join(map(str, searched)) or 'nowhere'}."
-    if have_root:
-        return text
-    if download and source.download is not None:
-        return text + f" data.download=true needs a folder to download into: {SET_ROOT}."
-    return text + f" No data root is set (<root> below): {SET_ROOT}."
+    return text if have_root else text + f" No data root is set (<root> below): {SET_ROOT}."
 
 
 def _ways(source: Source, download: bool) -> str:
