@@ -18,8 +18,8 @@ import yaml
 from norga import docs_pages
 from norga.cli import build_parser
 from norga.commands.methods import setting_rows
-from norga.config import PositiveInt
-from norga.config_io import ConfigError, load_config, preset_names
+from norga.config import ConfigError, PositiveInt
+from norga.config_io import load_config, preset_names
 from norga.methods import METHODS, ContinualMethod, settings_class
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,6 +60,7 @@ class MethodFacts:
     first_task_phases: tuple[tuple[str, int, str | None], ...]  # (name, epochs, evaluates into)
     later_task_phases: tuple[tuple[str, int, str | None], ...]
     compat: dict[str, Any]
+    reads_official_checkpoints: bool
 
 
 def method_names() -> list[str]:
@@ -74,13 +75,14 @@ def method_facts(name: str) -> MethodFacts:
     import torch
 
     from norga.config import BackboneConfig
+    from norga.config_io import default_config
     from norga.engine.build import build_run
-    from norga.engine.context import RunContext
     from norga.methods import method_class
+    from norga.runtime.context import RunContext
     from norga.synthetic import synthetic_tasks
 
     cls = method_class(name)
-    config = RunConfig(method=name, device="cpu", amp="none", backbone=BackboneConfig(
+    config = default_config(name, device="cpu", amp="none", backbone=BackboneConfig(
         name="vit_tiny_patch16_224", weights="none", timm_kwargs=dict(STAND_IN_BACKBONE)))
     built = build_run(config, tasks=synthetic_tasks(STAND_IN_TASKS, 2, 1, 1, STAND_IN_BACKBONE["img_size"]))
     context = RunContext(config, built.model, built.tasks, built.num_classes, torch.device("cpu"),
@@ -94,6 +96,7 @@ def method_facts(name: str) -> MethodFacts:
         first_task_phases=tuple((p.name, p.epochs, p.evaluate) for p in method.phases(0)),
         later_task_phases=tuple((p.name, p.epochs, p.evaluate) for p in method.phases(1)),
         compat=dict(method.compat()),
+        reads_official_checkpoints=cls.official_evaluation_overrides() is not None,
     )
 
 
@@ -171,7 +174,7 @@ def presets_using(name: str) -> tuple[list[str], list[str]]:
 def shared_setting_rows() -> dict[str, tuple[str, object]]:
     """{dotted key: (type as words, default)} of the shared schema (``data.root``, ``eval.batch_size``, ...)."""
     return {key: (kind, default) for key, kind, default in setting_rows(RunConfig)
-            if not key.startswith("settings.")}
+            if key.split(".")[0] != "settings"}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -226,6 +229,8 @@ def method_reference(name: str, page: str) -> str:
         + ", ".join(f"`{mode}`" for mode in facts.slot_modes),
         f"- **Matrices a run records**: {', '.join(f'`{m}`' for m in facts.matrices)}",
         *phases,
+        "- **Evaluates the official code's checkpoints** ([how](" + relative_link(page, "guides/official-checkpoints.md")
+        + f")): {'yes' if facts.reads_official_checkpoints else 'no'}",
         f"- **Compat switches recorded in `results.json`** ([all switches]({compat_link})): {compat}",
         *preset_lines,
         "",
