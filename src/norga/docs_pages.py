@@ -38,7 +38,7 @@ FILE_SUFFIXES = {"py", "yaml", "yml", "md", "json", "csv", "png", "pt", "pth", "
                  "safetensors", "sh", "toml", "log", "lock", "jpg"}
 #: The stand-in a method is built on to read its capabilities: ViT-B's depth (so every default prompt block
 #: exists), a narrow width (CODA's 100 keys still fit), 16 px generated images, 3 tasks of 2 classes.
-STAND_IN_BACKBONE = {"img_size": 16, "patch_size": 8, "depth": 12, "embed_dim": 192, "num_heads": 3}
+STAND_IN_BACKBONE = {"img_size": 16, "patch_size": 8, "depth": 12, "embed_dim": 128, "num_heads": 2}
 STAND_IN_TASKS = 3
 
 
@@ -84,10 +84,15 @@ def method_facts(name: str) -> MethodFacts:
     cls = method_class(name)
     config = default_config(name, device="cpu", amp="none", backbone=BackboneConfig(
         name="vit_tiny_patch16_224", weights="none", timm_kwargs=dict(STAND_IN_BACKBONE)))
-    built = build_run(config, tasks=synthetic_tasks(STAND_IN_TASKS, 2, 1, 1, STAND_IN_BACKBONE["img_size"]))
-    context = RunContext(config, built.model, built.tasks, built.num_classes, torch.device("cpu"),
-                         init_generator=built.init_generator)
-    method = cls(context, config.settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend (and a loaded machine makes that slow)
+    try:
+        built = build_run(config, tasks=synthetic_tasks(STAND_IN_TASKS, 2, 1, 1, STAND_IN_BACKBONE["img_size"]))
+        context = RunContext(config, built.model, built.tasks, built.num_classes, torch.device("cpu"),
+                             init_generator=built.init_generator)
+        method = cls(context, config.settings)
+    finally:
+        torch.set_num_threads(threads)
     identity = ("task_identity",) if method.infers_tasks else ()
     return MethodFacts(
         name=name, summary=first_line(cls.__doc__), qualname=f"{cls.__module__}.{cls.__qualname__}",
@@ -189,7 +194,7 @@ def settings_table(name: str) -> str:
     notes = setting_notes(settings_type)
     rows = ["| setting | default | type | note |", "|---|---|---|---|"]
     for key, kind, default in setting_rows(settings_type):
-        note = notes.get(key, "").replace("|", "\\|")
+        note = table_cell(notes.get(key, ""))
         rows.append(f"| `{name}.{key}` | {markdown_value(default)} | {kind.replace('|', '/')} | {note} |")
     return "\n".join(rows)
 
@@ -258,7 +263,12 @@ def methods_table(page: str) -> str:
     return "\n".join(rows)
 
 
-def compat_table(descriptions: dict[str, dict]) -> str:
+def table_cell(text: str) -> str:
+    """`text` as one Markdown table cell: on one line, its pipes and angle brackets escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;")
+
+
+def compat_table(descriptions: dict[str, dict], page: str = "guides/compat.md") -> str:
     """One row per compat switch: where it is, its default, the official value and what the official code does.
 
     `descriptions` maps a switch (a key of a method's section, e.g. ``prefix_layout`` or ``tii.tap.official_chunking``,
@@ -292,10 +302,10 @@ def compat_table(descriptions: dict[str, dict]) -> str:
                                 "rename it")
             default = next(d for k, _, d in _rows(methods[0]) if k == key)
             switch = f"`METHOD.{key}`"
-            where = ", ".join(f"[`{m}`](../methods/{m}.md)" for m in methods)
-        spec = f" ({entry['spec']})" if entry.get("spec") else ""
+            where = ", ".join(f"[`{m}`]({relative_link(page, f'methods/{m}.md')})" for m in methods)
+        spec = f" ({table_cell(entry['spec'])})" if entry.get("spec") else ""
         rows.append(f"| {switch} | {markdown_value(default)} | {markdown_value(entry['official'])} | {where} | "
-                    f"{' '.join(str(entry['what']).split())}{spec} |")
+                    f"{table_cell(entry['what'])}{spec} |")
     return "\n".join(rows)
 
 
@@ -372,7 +382,7 @@ def expand(markdown: str, page: str, descriptions: dict[str, dict]) -> str:
         if kind == "methods-table":
             return methods_table(page)
         if kind == "compat-table":
-            return compat_table(descriptions)
+            return compat_table(descriptions, page)
         raise DocsError(f"{page}: unknown marker <!-- norga:{kind} -->; known: reference, methods-table, compat-table")
 
     kinds = [match.group(1) for match in MARKER.finditer(markdown)]
