@@ -29,7 +29,7 @@ import yaml
 
 from norga.commands.methods import setting_rows
 from norga.config import SHARED_KEYS, RunConfig
-from norga.config_io import preset_names, read_source
+from norga.config_io import DEFAULT_METHOD, preset_names, read_source
 
 MARKER = re.compile(r"^<!-- norga:([a-z-]+) -->[ \t]*$", re.MULTILINE)  # a marker is a line of its own
 #: A backticked dotted name: a setting (``norga.wtp.train.lr=0.005``) or a module path (``norga.nn.gates``).
@@ -49,7 +49,7 @@ class DocsError(ValueError):
 # --------------------------------------------------------------------------- facts from the registry
 @dataclass(frozen=True)
 class MethodFacts:
-    """What a registered method declares, read from an instance with its default settings."""
+    """What a registered method declares (its `Capabilities` and more), read from an instance with its defaults."""
 
     name: str
     summary: str  # the first line of the class's docstring
@@ -60,13 +60,16 @@ class MethodFacts:
     first_task_phases: tuple[tuple[str, int, str | None], ...]  # (name, epochs, evaluates into)
     later_task_phases: tuple[tuple[str, int, str | None], ...]
     compat: dict[str, Any]
+    score_gate: bool
     reads_official_checkpoints: bool
 
 
 def method_names() -> list[str]:
+    """norga's own registered methods (a method another package registers is documented by that package)."""
+    from norga.methods import METHODS
     from norga.methods import method_names as registered
 
-    return registered()
+    return [name for name in registered() if METHODS[name].__module__.startswith("norga.")]
 
 
 @functools.cache
@@ -93,15 +96,17 @@ def method_facts(name: str) -> MethodFacts:
         method = cls(context, config.settings)
     finally:
         torch.set_num_threads(threads)
-    identity = ("task_identity",) if method.infers_tasks else ()
+    can = method.capabilities
+    identity = ("task_identity",) if can.infers_tasks else ()
     return MethodFacts(
         name=name, summary=first_line(cls.__doc__), qualname=f"{cls.__module__}.{cls.__qualname__}",
-        infers_tasks=method.infers_tasks, slot_modes=tuple(method.slot_modes),
+        infers_tasks=can.infers_tasks, slot_modes=tuple(can.slot_modes),
         matrices=("accuracy", *identity, "task_incremental", *cls.extra_matrices),
         first_task_phases=tuple((p.name, p.epochs, p.evaluate) for p in method.phases(0)),
         later_task_phases=tuple((p.name, p.epochs, p.evaluate) for p in method.phases(1)),
         compat=dict(method.compat()),
-        reads_official_checkpoints=cls.official_evaluation_overrides() is not None,
+        score_gate=can.score_gate,
+        reads_official_checkpoints=can.official_checkpoints,
     )
 
 
@@ -164,7 +169,7 @@ def preset_methods() -> dict[str, tuple[str, frozenset[str]]]:
     result = {}
     for preset in preset_names():
         data = read_source(preset)
-        result[preset] = (data.get("method", RunConfig.method), frozenset(data))
+        result[preset] = (data.get("method", DEFAULT_METHOD), frozenset(data))
     return result
 
 
@@ -233,6 +238,8 @@ def method_reference(name: str, page: str) -> str:
         "- **Slot modes** (whose prompts `norga evaluate` can give each test image): "
         + ", ".join(f"`{mode}`" for mode in facts.slot_modes),
         f"- **Matrices a run records**: {', '.join(f'`{m}`' for m in facts.matrices)}",
+        "- **Score gate on its prefixes** (`gate` in the run record): "
+        + ("yes" if facts.score_gate else "no (no prefix attention)"),
         *phases,
         "- **Evaluates the official code's checkpoints** ([how](" + relative_link(page, "guides/official-checkpoints.md")
         + f")): {'yes' if facts.reads_official_checkpoints else 'no'}",
