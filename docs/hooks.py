@@ -4,6 +4,7 @@ checks that fail a strict build when the docs and the code disagree."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
@@ -30,6 +31,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     for stale in docs_pages.stale_references(markdown):
         log.warning(f"{page.file.src_uri}: `{stale}` names no setting or norga module (renamed or removed?)")
     try:
-        return docs_pages.expand(markdown, page.file.src_uri, docs_pages.read_compat_descriptions(COMPAT))
+        order = tuple(re.findall(r"methods/(\w+)\.md", str(config["nav"])))
+        return docs_pages.expand(markdown, page.file.src_uri, docs_pages.read_compat_descriptions(COMPAT), order)
     except docs_pages.DocsError as error:
         raise PluginError(str(error)) from error

@@ -65,6 +65,9 @@ def test_the_site_builds_strictly_with_every_methods_settings_generated(site):
             assert f"METHOD.{key}" in compat
     home = html.unescape((site / "index.html").read_text())
     assert all(f'href="methods/{name}/"' in home for name in BUILT_IN)
+    listed = re.findall(r'href="methods/(\w+)/"', home)
+    nav = re.findall(r"methods/(\w+)\.md", str(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    assert [name for name in dict.fromkeys(listed)] == [name for name in nav if name != "index"]  # nav's order
     assert (site / "results" / "index.html").is_file() and (site / "assets" / "sweep_demo.png").is_file()
 
 
@@ -193,8 +196,15 @@ def norga_commands(text: str) -> list[list[str]]:
     return commands
 
 
-def test_every_norga_command_in_the_docs_parses_and_its_settings_exist():
-    checked = 0
+#: Commands cheap enough to run for real (the others need data, weights, a GPU or minutes: they are parsed and
+#: their settings checked against their preset).
+EXECUTED = ("methods", "presets")
+
+
+def test_every_norga_command_in_the_docs_parses_and_its_settings_exist(capsys):
+    from norga.cli import main
+
+    checked, executed = 0, set()
     for path in [ROOT / "README.md", *pages()]:
         for argv in norga_commands(path.read_text()):
             try:
@@ -202,6 +212,10 @@ def test_every_norga_command_in_the_docs_parses_and_its_settings_exist():
             except SystemExit as error:
                 raise AssertionError(f"{path.relative_to(ROOT)}: `norga {' '.join(argv)}` does not parse") from error
             checked += 1
+            if args.command in EXECUTED and tuple(argv) not in executed:
+                assert main(argv) == 0, f"{path.relative_to(ROOT)}: `norga {' '.join(argv)}` failed"
+                assert capsys.readouterr().out.strip()
+                executed.add(tuple(argv))
             preset = getattr(args, "config", None)
             resumed = getattr(args, "resume", None)
             if resumed is not None:  # runs/PRESET-YYYYMMDD-...: the preset the run directory was made from
@@ -212,7 +226,7 @@ def test_every_norga_command_in_the_docs_parses_and_its_settings_exist():
                     load_config(preset, overrides, other_sections=args.command == "compare")
                 except ConfigError as error:
                     raise AssertionError(f"{path.relative_to(ROOT)}: `norga {' '.join(argv)}`: {error}") from error
-    assert checked >= 20  # the extractor finds them (25 when written)
+    assert checked >= 20 and len(executed) >= 2  # the extractor finds them (25, and 2 to run, when written)
 
 
 def test_the_library_example_runs_and_matches_the_docs(capsys):

@@ -111,7 +111,8 @@ def method_facts(name: str) -> MethodFacts:
 
 
 def first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+    """The first paragraph of a docstring, on one line."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def setting_notes(settings_type: type, prefix: str = "") -> dict[str, str]:
@@ -258,11 +259,13 @@ def relative_link(page: str, target: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(page) or ".")
 
 
-def methods_table(page: str) -> str:
+def methods_table(page: str, order: tuple[str, ...] = ()) -> str:
+    """A row per method, those named in `order` (the site's navigation) first, in that order."""
     from norga.methods import method_class
 
     rows = ["| method | what it is | infers task identity | settings |", "|---|---|---|---|"]
-    for name in method_names():
+    names = method_names()
+    for name in [*(n for n in order if n in names), *(n for n in names if n not in order)]:
         facts = method_facts(name)
         count = len(setting_rows(method_class(name).Settings))
         rows.append(f"| [`{name}`]({relative_link(page, f'methods/{name}.md')}) | {facts.summary} | "
@@ -378,8 +381,9 @@ def _is_module_path(dotted: str) -> bool:
     return False
 
 
-def expand(markdown: str, page: str, descriptions: dict[str, dict]) -> str:
-    """`markdown` of docs page `page` with every ``<!-- norga:NAME -->`` marker replaced by its generated part."""
+def expand(markdown: str, page: str, descriptions: dict[str, dict], order: tuple[str, ...] = ()) -> str:
+    """`markdown` of docs page `page` with every ``<!-- norga:NAME -->`` marker replaced by its generated part
+    (`order`: the methods in the order the site's navigation lists them)."""
     def generated(match: re.Match) -> str:
         kind = match.group(1)
         if kind == "reference":
@@ -387,7 +391,7 @@ def expand(markdown: str, page: str, descriptions: dict[str, dict]) -> str:
                 raise DocsError(f"{page}: <!-- norga:reference --> belongs on a method page (docs/methods/NAME.md)")
             return method_reference(Path(page).stem, page)
         if kind == "methods-table":
-            return methods_table(page)
+            return methods_table(page, order)
         if kind == "compat-table":
             return compat_table(descriptions, page)
         raise DocsError(f"{page}: unknown marker <!-- norga:{kind} -->; known: reference, methods-table, compat-table")
