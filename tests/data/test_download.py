@@ -132,3 +132,13 @@ def test_the_probe_answers_fast_where_nothing_listens():
 
 def test_the_quickstart_allows_the_download():
     assert load_config("quickstart").data.download is True
+
+
+def test_every_downloadable_source_names_the_address_it_is_probed_at():
+    from norga.data.download import Download
+    from norga.data.registry import SOURCES
+
+    downloads = {name: source.download for name, source in SOURCES.items() if source.download is not None}
+    assert {"fashion-mnist", "cifar10", "cifar100", "mnist", "svhn", "cub200", "imagenet-r"} <= set(downloads)
+    for name, download in downloads.items():
+        assert isinstance(download, Download) and download.url().startswith(("http://", "https://")), name
