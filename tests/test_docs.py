@@ -17,7 +17,7 @@ import yaml
 
 from norga import docs_pages
 from norga.cli import build_parser
-from norga.commands.methods import setting_rows
+from norga.commands.methods import setting_notes, setting_rows
 from norga.config import ConfigError, PositiveInt
 from norga.config_io import load_config, preset_names
 from norga.methods import METHODS, ContinualMethod, settings_class
@@ -164,7 +164,20 @@ def test_setting_notes_are_the_comments_beside_or_above_each_field():
         plain: str = "a#b"
         inner: Inner = dataclasses.field(default_factory=Inner)
 
-    assert docs_pages.setting_notes(Outer) == {"first": "a note above on two lines", "inner.rate": "how fast"}
+    assert setting_notes(Outer) == {"first": "a note above on two lines", "inner.rate": "how fast"}
+
+
+def test_norga_methods_shows_the_same_notes_and_summary_as_the_pages(capsys):
+    from norga.cli import main
+    from norga.commands.methods import first_line
+
+    for name in BUILT_IN:
+        assert main(["methods", name]) == 0
+        shown = capsys.readouterr().out
+        summary = first_line(METHODS[name].__doc__)
+        assert summary == docs_pages.method_facts(name).summary and summary in shown
+        for key, note in setting_notes(settings_class(name)).items():
+            assert f"# {note}" in next(line for line in shown.splitlines() if f"{name}.{key} " in line)
 
 
 def test_presets_are_listed_under_the_method_they_run():

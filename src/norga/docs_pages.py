@@ -12,22 +12,18 @@ page for a method that is not registered, a compat switch without its descriptio
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import functools
 import importlib
 import importlib.util
-import inspect
 import posixpath
 import re
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from norga.commands.methods import setting_rows
+from norga.commands.methods import first_line, setting_notes, setting_rows
 from norga.config import SHARED_KEYS, RunConfig
 from norga.config_io import DEFAULT_METHOD, preset_names, read_source
 
@@ -108,60 +104,6 @@ def method_facts(name: str) -> MethodFacts:
         score_gate=can.score_gate,
         reads_official_checkpoints=can.official_checkpoints,
     )
-
-
-def first_line(doc: str | None) -> str:
-    """The first paragraph of a docstring, on one line."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
-
-
-def setting_notes(settings_type: type, prefix: str = "") -> dict[str, str]:
-    """The comment beside (or the ``#:`` comment above) each field of a settings dataclass, nested ones flattened,
-    by dotted key: what the code says a setting means, without a second copy in the docs."""
-    notes: dict[str, str] = {}
-    for cls in reversed(settings_type.__mro__):
-        if dataclasses.is_dataclass(cls) and cls is not object:
-            notes.update(_own_field_comments(cls))
-    result = {f"{prefix}{key}": note for key, note in notes.items()}
-    defaults = settings_type()
-    for f in dataclasses.fields(settings_type):
-        value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            result.update(setting_notes(type(value), f"{prefix}{f.name}."))
-    return result
-
-
-def _own_field_comments(cls: type) -> dict[str, str]:
-    try:
-        lines = textwrap.dedent("".join(inspect.getsourcelines(cls)[0])).splitlines(keepends=True)
-    except (OSError, TypeError):
-        return {}
-    comments = {}
-    for node in ast.parse("".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            above, row = [], node.lineno - 2
-            while row >= 0 and lines[row].strip().startswith("#:"):
-                above.insert(0, lines[row].strip()[2:].strip())
-                row -= 1
-            text = _trailing_comment(lines[node.end_lineno - 1]) or " ".join(above)
-            if text:
-                comments[node.target.id] = text
-    return comments
-
-
-def _trailing_comment(line: str) -> str:
-    """The ``# ...`` at the end of a line of code (a ``#`` inside a string does not count)."""
-    import io
-    import tokenize
-
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(line).readline):
-            if token.type == tokenize.COMMENT:
-                text = token.string.lstrip("#").strip()
-                return "" if text.startswith("noqa") else text
-    except (tokenize.TokenError, IndentationError):
-        return ""
-    return ""
 
 
 @functools.lru_cache(maxsize=1)
