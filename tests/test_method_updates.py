@@ -29,7 +29,7 @@ from slow_vit import SlowPrefix, check_plain, cls_features, masked_cross_entropy
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from norga.engine.context import TaskDatasets
+from norga.runtime.context import TaskDatasets
 
 BATCH = 4  # one batch per epoch (even: the official prefix layout splits it in halves)
 SELECTION_MARGIN = 1e-4  # a top-k choice closer than this (float64 cosines) could go either way in fp32
