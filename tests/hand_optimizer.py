@@ -40,6 +40,7 @@ class HandOptimizer:
         self.state: dict[str, dict[str, Tensor]] = {}
         self.steps = 0
         self.clip_scales: list[float] = []
+        self.last_gradients: dict[str, Tensor] = {}  # the last step's, after clipping and weight decay
 
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor | None], lr: float) -> dict[str, Tensor]:
         """The new values of `params` after one step with `grads` at learning rate `lr`."""
@@ -51,9 +52,9 @@ class HandOptimizer:
             grads = {name: g * scale for name, g in grads.items()}
         self.steps += 1
         new = dict(params)
-        for name, grad in grads.items():
+        self.last_gradients = {name: grad + self.weight_decay * params[name] for name, grad in grads.items()}
+        for name, g in self.last_gradients.items():
             p = params[name]
-            g = grad + self.weight_decay * p
             state = self.state.setdefault(name, {})
             if self.kind == "sgd":
                 state["buffer"] = g.clone() if "buffer" not in state else SGD_MOMENTUM * state["buffer"] + g

@@ -154,7 +154,7 @@ def chosen_slots(expect: Expect, keys: Tensor, x: Inputs, task: int, top_k: int)
 
 def keyed_loss(method, expect: Expect, p: dict[str, Tensor], x: Inputs, task: int, position: list[int]) -> Tensor:
     """L2P / DualPrompt / S-Prompt++: masked CE − λ·mean_b Σ_k cos(query_b, key_k) over the chosen slots."""
-    s, heads = method.settings, method.model.num_heads
+    s = method.settings
     keys = p["key.keys"]
     chosen = chosen_slots(expect, keys.detach(), x, task, s.top_k)
     batch = len(x.query)
@@ -181,7 +181,7 @@ def keyed_loss(method, expect: Expect, p: dict[str, Tensor], x: Inputs, task: in
         assert layer not in prefixes, "a block with both prompts is not in these cases"
         prefixes[layer] = SlowPrefix([g[i, 0].transpose(0, 1)] * batch, [g[i, 1].transpose(0, 1)] * batch,
                                      gate_function(expect, p, layer))
-    assert all(layer < len(x.backbone.blocks) for layer in [*prefixes, *tokens]) and heads
+    assert all(layer < len(x.backbone.blocks) for layer in [*prefixes, *tokens])
     features = cls_features(x.backbone, x.images, prefixes, tokens)
     logits = features @ p["head.weight"].T + p["head.bias"]
     return masked_cross_entropy(logits, x.labels, x.classes).mean() - expect.pull_weight * pull.mean()
@@ -253,7 +253,7 @@ def recompute(method, case: Case, start: dict[str, Tensor], x: Inputs, positions
     trained = trained_names(case, list(start))
     params = {n: t.double() for n, t in start.items()}
     optimizer = HandOptimizer(e.optimizer, e.weight_decay, clip)
-    losses, grads = [], {}
+    losses = []
     for epoch in range(e.epochs):
         leaves = {n: t.detach().clone().requires_grad_(n in trained) for n, t in params.items()}
         loss = loss_of(method, e, leaves, x, case.task, positions[epoch])
@@ -262,12 +262,7 @@ def recompute(method, case: Case, start: dict[str, Tensor], x: Inputs, positions
         params = optimizer.step({n: t.detach() for n, t in leaves.items()}, grads,
                                 epoch_lr(e.schedule, e.lr, epoch, e.epochs))
         losses.append(float(loss.detach()))
-    effective = {}
-    for n, g in grads.items():
-        if g is not None:
-            scale = optimizer.clip_scales[-1] if optimizer.clip_scales else 1.0
-            effective[n] = g * scale + e.weight_decay * leaves[n].detach()
-    return Recomputed(losses, params, optimizer, effective)
+    return Recomputed(losses, params, optimizer, optimizer.last_gradients)
 
 
 # ------------------------------------------------------------------------------- the harness
