@@ -8,6 +8,8 @@ features' span). Compat switches (the official code, recorded in the settings):
   largest second difference when k ≥ 128, and put the elbow eigenvector itself into the null set;
 - ``normalize_projection=True``: P / ‖P‖_F = P / √R (symmetric, not idempotent: it shrinks every step);
 - η < 1: η·B + (1 − η)·I, which lets (1 − η) of every step through in all directions.
+The spectrum comes from a float64 ``eigh`` (descending); the official code takes the SVD of the same PSD matrix,
+whose singular values are these eigenvalues up to rounding.
 """
 
 from __future__ import annotations

@@ -51,9 +51,10 @@ class LayerStatistics:
     batches: int = 0
 
     @classmethod
-    def empty(cls, heads: int, head_dim: int, prompts: int, per_batch_mean: bool = False) -> LayerStatistics:
-        return cls(torch.zeros(heads, head_dim, head_dim, dtype=torch.float64),
-                   torch.zeros(prompts, prompts, dtype=torch.float64), per_batch_mean)
+    def empty(cls, heads: int, head_dim: int, prompts: int, per_batch_mean: bool = False,
+              device: torch.device | str = "cpu") -> LayerStatistics:
+        return cls(torch.zeros(heads, head_dim, head_dim, dtype=torch.float64, device=device),
+                   torch.zeros(prompts, prompts, dtype=torch.float64, device=device), per_batch_mean)
 
     def add(self, queries: Tensor, attention: Tensor) -> None:
         """Add one batch: image-token queries (B, H, N, d) and their prompt attention (B, H, N, M)."""
@@ -63,10 +64,10 @@ class LayerStatistics:
             raise ValueError(f"batch of queries {tuple(queries.shape)} and prompt attention {tuple(attention.shape)} "
                              f"does not match statistics for {self.query_gram.shape[0]} heads of width "
                              f"{self.query_gram.shape[-1]} and {self.attention_gram.shape[0]} prompts")
-        q = queries.detach().to(device=self.query_gram.device, dtype=torch.float64)
-        s = attention.detach().to(device=self.attention_gram.device, dtype=torch.float64).reshape(-1, attention.shape[-1])
-        query_gram = torch.einsum("bhnd,bhne->hde", q, q)
-        attention_gram = s.T @ s
+        q = queries.detach().to(torch.float64)  # the Grams are formed where the batch is, then moved (small)
+        s = attention.detach().to(torch.float64).reshape(-1, attention.shape[-1])
+        query_gram = torch.einsum("bhnd,bhne->hde", q, q).to(self.query_gram.device)
+        attention_gram = (s.T @ s).to(self.attention_gram.device)
         if self.per_batch_mean:
             rows = batch * heads * tokens
             query_gram, attention_gram = query_gram / rows, attention_gram / rows
