@@ -145,7 +145,8 @@ class RanPAC(ContinualMethod):
                                          self.projection_seed, self.dtype)
         self.statistics = RidgeStatistics(self.features.dim, context.num_classes, self.dtype)
         self.readout = torch.zeros(context.num_classes, self.features.dim, dtype=self.dtype)  # W_o (K×M)
-        self.tasks: list[dict[str, Any]] = []  # per task: λ, its validation errors, the split seed, timings
+        self.tasks: list[dict[str, Any]] = []  # per task: λ, its validation errors, the split seed
+        self.seconds: dict[int, dict[str, float]] = {}  # per task run in this process: statistics, λ search, solve
 
     def phases(self, task: int) -> list[Phase]:
         return [Phase("statistics")]
@@ -160,11 +161,11 @@ class RanPAC(ContinualMethod):
         solver = "lu" if self.settings.official_float32 else "cholesky"
         self.readout = ridge_readout(self.statistics.gram, self.statistics.targets, record["lambda"], solver)
         solved = time.perf_counter()
-        record["seconds"] = {"statistics": round(accumulated - started, 3), "lambda_search": round(chosen - accumulated, 3),
-                             "solve": round(solved - chosen, 3)}
+        self.seconds[task + 1] = {"statistics": round(accumulated - started, 3),
+                                  "lambda_search": round(chosen - accumulated, 3), "solve": round(solved - chosen, 3)}
         self.tasks.append(record)
         log.info("ranpac task %d: λ %g (statistics %.2f s, λ search %.2f s, solve %.2f s)", task + 1, record["lambda"],
-                 *record["seconds"].values())
+                 *self.seconds[task + 1].values())
 
     def _choose_lambda(self, task: int, frozen: FeatureSet) -> dict[str, Any]:
         """λ for this task: the fixed one, or the official rule on a split seeded from (seed, task)."""
@@ -224,9 +225,12 @@ class RanPAC(ContinualMethod):
         return {"scores": self.settings.scores, "official_float32": self.settings.official_float32}
 
     def run_record(self) -> dict[str, Any]:
-        """The projection's seed and width, the statistics' dtype and, per task, λ, its errors and the timings."""
+        """The projection's seed and width, the statistics' dtype and, per task, λ and its errors (and the seconds
+        each step took, for the tasks this process ran: they are not part of the state)."""
+        tasks = [{**record, **({"seconds": self.seconds[record["task"]]} if record["task"] in self.seconds else {})}
+                 for record in self.tasks]
         return {"ranpac": {"projection_seed": self.projection_seed, "projection_dim": self.features.dim,
-                           "statistics_dtype": str(self.dtype).removeprefix("torch."), "tasks": self.tasks}}
+                           "statistics_dtype": str(self.dtype).removeprefix("torch."), "tasks": tasks}}
 
     @classmethod
     def summary(cls, settings: RanPACSettings) -> str:
