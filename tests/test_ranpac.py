@@ -30,9 +30,11 @@ from norga.methods.ranpac.analytic import (
 from norga.methods.ranpac.methods import RanPAC, RanPACSettings, SimpleCIL, SimpleCILSettings
 from norga.methods.ranpac.ridge_selection import (
     LAMBDA_GRID,
+    RESOLUTION,
     Split,
     best_lambda,
     official_errors,
+    resolvable_lambdas,
     split_rows,
     validation_errors,
 )
@@ -268,6 +270,20 @@ def test_one_eigendecomposition_chooses_the_lambda_of_the_per_candidate_solves(d
                                slow[conditioned], rtol=float(1e3 * EPS * conditions.max(where=conditioned, initial=1)))
 
 
+def test_lambdas_below_the_float64_resolution_of_g_are_not_candidates():
+    gram = torch.diag(torch.tensor([3e9, 1e9, 0.0], dtype=torch.float64))  # tr 4e9: floor 4e13·eps ≈ 8.9e-3
+    assert resolvable_lambdas(LAMBDA_GRID, gram) == LAMBDA_GRID[6:]
+    # the run: features of norm ~1e6 put every λ up to 10^2 below the floor; λ is chosen among the rest
+    generator = torch.Generator().manual_seed(5)
+    x, y = clustered(40, 4, 2, generator)
+    method = RanPAC(HandContext([(1e6 * x, y)], 2), RanPACSettings(projection_dim=16))
+    learn(method, method.ctx)
+    skipped = [ridge for ridge, mse in zip(LAMBDA_GRID, method.tasks[0]["validation_mse"]) if mse is None]
+    floor = RESOLUTION * float(method.statistics.gram.trace())
+    assert skipped == [ridge for ridge in LAMBDA_GRID if ridge < floor] and len(skipped) >= 11
+    assert method.tasks[0]["lambda"] >= floor
+
+
 def test_ties_go_to_the_first_lambda_and_non_finite_errors_are_never_chosen():
     assert best_lambda(torch.tensor([3.0, 1.0, 1.0, 2.0]), [1.0, 2.0, 3.0, 4.0]) == 2.0
     assert best_lambda(torch.tensor([math.nan, 5.0, math.inf]), [1.0, 2.0, 3.0]) == 2.0
@@ -390,7 +406,8 @@ def test_the_checkpoint_holds_the_projection_and_the_exact_statistics(tmp_path):
     assert [t["task"] for t in record["tasks"]] == [1, 2, 3]
     for task in record["tasks"]:
         assert task["lambda"] in LAMBDA_GRID and len(task["validation_mse"]) == len(LAMBDA_GRID)
-        assert task["lambda"] == LAMBDA_GRID[int(np.argmin(task["validation_mse"]))]
+        tried = {ridge: mse for ridge, mse in zip(LAMBDA_GRID, task["validation_mse"]) if mse is not None}
+        assert task["lambda"] == min(tried, key=tried.get)
         assert set(task["seconds"]) == {"statistics", "lambda_search", "solve"}
     assert results["compat"]["scores"] == "inner" and results["compat"]["official_float32"] is False
 

@@ -26,6 +26,7 @@ from norga.methods.ranpac.ridge_selection import (
     LAMBDA_GRID,
     best_lambda,
     official_errors,
+    resolvable_lambdas,
     split_rows,
     validation_errors,
 )
@@ -168,10 +169,16 @@ class RanPAC(ContinualMethod):
                  *self.seconds[task + 1].values())
 
     def _choose_lambda(self, task: int, frozen: FeatureSet) -> dict[str, Any]:
-        """λ for this task: the fixed one, or the official rule on a split seeded from (seed, task)."""
+        """λ for this task: the fixed one, or the official rule on a split seeded from (seed, task), among the
+        candidates the solve resolves in float64 (all of them with the official float32 numerics)."""
         s = self.settings
         if s.ridge_lambda is not None:
             return {"task": task + 1, "lambda": s.ridge_lambda}
+        candidates = s.lambdas if s.official_float32 else resolvable_lambdas(s.lambdas, self.statistics.gram)
+        if not candidates:
+            candidates = [max(s.lambdas)]
+            log.warning("ranpac task %d: every λ candidate is below float64's resolution of G (tr %.3g): using %g",
+                        task + 1, float(self.statistics.gram.trace()), candidates[0])
         classes = self.ctx.classes(task)
         column = torch.full((self.ctx.num_classes,), -1, dtype=torch.long)
         column[classes] = torch.arange(len(classes))
@@ -179,9 +186,10 @@ class RanPAC(ContinualMethod):
         split_seed = derive_seed(self.ctx.config.seed, "ranpac-lambda", task)
         split = split_rows(len(frozen.labels), s.lambda_fit_fraction, torch.Generator().manual_seed(split_seed))
         errors_of = official_errors if s.official_float32 else validation_errors
-        errors = errors_of(self.features, frozen.features, targets, split, s.lambdas, self.ctx.num_classes)
-        return {"task": task + 1, "lambda": best_lambda(errors, s.lambdas), "split_seed": split_seed,
-                "validation_mse": errors.tolist()}
+        errors = errors_of(self.features, frozen.features, targets, split, candidates, self.ctx.num_classes)
+        by_lambda = dict(zip(candidates, errors.tolist()))
+        return {"task": task + 1, "lambda": best_lambda(errors, candidates), "split_seed": split_seed,
+                "validation_mse": [by_lambda.get(ridge) for ridge in s.lambdas]}  # None: not resolvable
 
     def class_scores(self, features: Tensor) -> Tensor:
         """ReLU(xᵀW)·W_oᵀ, or (``scores="cosine"``) its cosine with each readout row."""
