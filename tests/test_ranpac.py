@@ -13,11 +13,11 @@ import pytest
 import torch
 from engine_fixtures import make_engine, run_fixture, tiny_config
 
-from norga.config_io import ConfigError, load_config
-from norga.engine.features import FeatureSet
+from norga.config import ConfigError
+from norga.config_io import load_config
 from norga.engine.loop import Position
 from norga.engine.run_dir import RunDirectory
-from norga.engine.seeding import derive_seed
+from norga.methods.base import PredictRequest
 from norga.methods.ncm import NCMSettings, NearestClassMean
 from norga.methods.ranpac.analytic import (
     RandomFeatureMap,
@@ -38,6 +38,8 @@ from norga.methods.ranpac.ridge_selection import (
     split_rows,
     validation_errors,
 )
+from norga.runtime.features import FeatureSet
+from norga.runtime.seeding import derive_seed
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -93,7 +95,7 @@ def test_simplecil_hand_case_prototypes_are_raw_means_scored_by_cosine():
     learn(method, method.ctx)
     assert torch.equal(method.prototypes(), torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
     query = torch.tensor([[2.0, 1.0]])
-    assert method.predict(query, 1, query).classes.tolist() == [0]  # cosines 0.8944 and 0.4472
+    assert method.predict(PredictRequest(query, 1, query)).classes.tolist() == [0]  # cosines 0.8944 and 0.4472
 
 
 def test_simplecil_averages_raw_features_where_ncm_cosine_averages_normalised_ones():
@@ -105,8 +107,8 @@ def test_simplecil_averages_raw_features_where_ncm_cosine_averages_normalised_on
     ncm = NearestClassMean(HandContext([(x, y)], 2), NCMSettings("cosine"))
     learn(simple, simple.ctx)
     learn(ncm, ncm.ctx)
-    assert simple.predict(query, 1, query).classes.tolist() == [1]
-    assert ncm.predict(query, 1, query).classes.tolist() == [0]
+    assert simple.predict(PredictRequest(query, 1, query)).classes.tolist() == [1]
+    assert ncm.predict(PredictRequest(query, 1, query)).classes.tolist() == [0]
 
 
 def test_simplecil_prototypes_do_not_depend_on_sample_or_task_order():
@@ -138,7 +140,7 @@ def test_ranpac_hand_case_without_projection():
     query = torch.tensor([[2.0, 1.0]])
     torch.testing.assert_close(method.class_scores(query), torch.tensor([[8 / 11, 0.5]], dtype=torch.float64),
                                rtol=8 * EPS, atol=0)
-    assert method.predict(query, 1, query).classes.tolist() == [0]
+    assert method.predict(PredictRequest(query, 1, query)).classes.tolist() == [0]
 
 
 def test_no_projection_is_closed_form_ridge_on_the_raw_features():
@@ -311,7 +313,7 @@ def test_inner_product_scores_by_default_and_cosine_as_pilot():
     for scores in ("inner", "cosine"):
         method = RanPAC(context, RanPACSettings(projection_dim=0, ridge_lambda=1.0, scores=scores))
         method.readout = torch.tensor([[2.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
-        picks[scores] = method.predict(query, 1, query).classes.tolist()
+        picks[scores] = method.predict(PredictRequest(query, 1, query)).classes.tolist()
         if scores == "cosine":
             expected = torch.tensor([[1 / math.sqrt(1.64), 1.8 / math.sqrt(1.64) / math.sqrt(2)]], dtype=torch.float64)
             torch.testing.assert_close(method.class_scores(query), expected, rtol=1e-7, atol=0)  # query is float32

@@ -14,12 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from norga.config import Count, PositiveFloat, Range
-from norga.config_io import ConfigError
-from norga.engine.context import RunContext
-from norga.engine.features import FeatureSet
-from norga.engine.seeding import derive_seed
-from norga.methods.base import ContinualMethod, ImageIds, Phase, Prediction
+from norga.config import ConfigError, Count, PositiveFloat, Range
+from norga.methods.base import ContinualMethod, Phase, Prediction, PredictRequest
 from norga.methods.ncm import nearness
 from norga.methods.ranpac.analytic import RandomFeatureMap, RidgeStatistics, one_hot, ridge_readout
 from norga.methods.ranpac.ridge_selection import (
@@ -31,19 +27,25 @@ from norga.methods.ranpac.ridge_selection import (
     validation_errors,
 )
 from norga.methods.registry import register_method
-from norga.methods.training import masked_logits
+from norga.runtime.context import RunContext
+from norga.runtime.features import FeatureSet
+from norga.runtime.seeding import derive_seed
+from norga.runtime.training import masked_logits
 
 log = logging.getLogger("norga")
 
 
-def _frozen(method: ContinualMethod, images: Tensor, frozen_features: Tensor | None) -> Tensor:
-    return (method.ctx.frozen_encode(images) if frozen_features is None else frozen_features).cpu()
+def _frozen(method: ContinualMethod, request: PredictRequest) -> Tensor:
+    """The request's cached frozen features, else the frozen backbone's, on the CPU."""
+    features = request.frozen_features
+    return (method.ctx.frozen_encode(request.images) if features is None else features).cpu()
 
 
-def _prediction(method: ContinualMethod, scores: Tensor, seen_tasks: int, true_tasks: Tensor | None) -> Prediction:
+def _prediction(method: ContinualMethod, scores: Tensor, request: PredictRequest) -> Prediction:
     """Argmax over the seen classes (whatever ``eval.mask_final_logits``: the official heads have only those
     rows), and within each image's true task's classes when given."""
-    allowed = method.ctx.class_mask_until(seen_tasks - 1).cpu()
+    allowed = method.ctx.class_mask_until(request.seen_tasks - 1).cpu()
+    true_tasks = request.true_tasks
     within = None if true_tasks is None else method.within_task_classes(scores, true_tasks)
     return Prediction(masked_logits(scores, allowed).argmax(dim=1), within_task=within)
 
@@ -90,12 +92,10 @@ class SimpleCIL(ContinualMethod):
         return self.sums / self.counts.clamp_min(1)[:, None]
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
-        features = _frozen(self, images, frozen_features).double()
+    def predict(self, request: PredictRequest) -> Prediction:
+        features = _frozen(self, request).double()
         scores = masked_logits(nearness(features, self.prototypes(), "cosine"), self.counts > 0)
-        return _prediction(self, scores, seen_tasks, true_tasks)
+        return _prediction(self, scores, request)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": self.sums.clone(), "counts": self.counts.clone()}
@@ -199,11 +199,8 @@ class RanPAC(ContinualMethod):
         return h @ self.readout.T
 
     @torch.inference_mode()
-    def predict(self, images: Tensor, seen_tasks: int, frozen_features: Tensor | None = None,
-                image_ids: ImageIds | None = None, slots: str = "predicted",
-                true_tasks: Tensor | None = None) -> Prediction:
-        scores = self.class_scores(_frozen(self, images, frozen_features))
-        return _prediction(self, scores, seen_tasks, true_tasks)
+    def predict(self, request: PredictRequest) -> Prediction:
+        return _prediction(self, self.class_scores(_frozen(self, request)), request)
 
     def state_dict(self) -> dict[str, Any]:
         """W_o (K×M, small beside G), the projection's seed and the per-task records."""
