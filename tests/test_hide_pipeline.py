@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from engine_fixtures import make_engine, tiny_config
 
-from norga.methods import hide as hide_module
+from norga.methods.hide import pipeline as hide_module
 from norga.methods.base import PredictRequest
 from norga.nn import Prefix
 
