@@ -79,3 +79,19 @@ def test_a_trained_tensor_the_method_does_not_own_is_refused_at_the_first_checkp
                                                "would lose it"):
             run_engine(tiny_config(Forgetful.name), tmp_path / "run")
         assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_unfreeze_makes_backbone_parameters_trained_and_refuses_what_it_cannot_train():
+    host = build(tiny_config("linear_probe")).model
+    assert set(host.trained_parameters()) == {"backbone.head.weight", "backbone.head.bias"}
+    (norm,) = host.unfreeze(["blocks.0.norm1.weight"])
+    assert norm is host.backbone.blocks[0].norm1.weight and norm.requires_grad
+    assert set(host.trained_parameters()) == {"backbone.head.weight", "backbone.head.bias", NORM}
+    with pytest.raises(ValueError, match="the backbone has no parameter 'blocks.0.norm3.weight' to train"):
+        host.unfreeze(["blocks.0.norm3.weight"])
+    host.hold_frozen_weights_in(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"backbone parameter blocks.1.attn.qkv.weight is held in torch.bfloat16 for "
+                                         r"autocast \(amp=bf16\) and cannot train from its pre-trained value: run "
+                                         r"with amp=none"):
+        host.unfreeze(["blocks.0.norm2.weight", "blocks.1.attn.qkv.weight"])
+    assert set(host.trained_parameters()) == {"backbone.head.weight", "backbone.head.bias", NORM}  # none of them

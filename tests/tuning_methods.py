@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from norga.config import OptimConfig
 from norga.engine.loop import Engine, Position, open_run
-from norga.methods import METHODS, ContinualMethod, Phase, Prediction, register_method
+from norga.methods import (
+    METHODS,
+    ContinualMethod,
+    Phase,
+    Prediction,
+    PredictRequest,
+    register_method,
+)
 from norga.runtime.training import PhaseTraining, masked_logits
 
 
@@ -58,10 +65,11 @@ class TinyTuning(PhaseTraining, ContinualMethod):
         self.model.eval()
 
     @torch.inference_mode()
-    def predict(self, images, seen_tasks, frozen_features=None, image_ids=None, slots="predicted", true_tasks=None):
-        logits = self.logits(images.to(self.ctx.device))
+    def predict(self, request: PredictRequest) -> Prediction:
+        logits = self.logits(request.images.to(self.ctx.device))
+        true_tasks = request.true_tasks
         within = None if true_tasks is None else self.within_task_classes(logits, true_tasks)
-        return Prediction(self.seen_classes(logits, seen_tasks), within_task=within)
+        return Prediction(self.seen_classes(logits, request.seen_tasks), within_task=within)
 
 
 class NormTuning(TinyTuning):

@@ -137,15 +137,14 @@ class PromptedViT(nn.Module):
         value is gone, and training it would start from its rounding.
         """
         params = dict(self.backbone.named_parameters())
-        chosen = []
-        for name in names:
+        names = list(names)
+        for name in names:  # all checked before any changes
             if name not in params:
                 raise ValueError(f"the backbone has no parameter {name!r} to train")
             if params[name].dtype != torch.float32:
                 raise ValueError(f"backbone parameter {name} is held in {params[name].dtype} for autocast "
                                  "(amp=bf16) and cannot train from its pre-trained value: run with amp=none")
-            chosen.append(params[name].requires_grad_(True))
-        return chosen
+        return [params[name].requires_grad_(True) for name in names]
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """The host's parameters a method trains, by state-dict key: exactly those with ``requires_grad`` (the
