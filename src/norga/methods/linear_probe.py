@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +34,9 @@ class LinearProbe(PhaseTraining, ContinualMethod):
 
     def __init__(self, context: RunContext, settings: LinearProbeSettings) -> None:
         super().__init__(context, settings)
-        self.head = nn.Linear(context.model.backbone.num_features, context.num_classes).to(context.device)
+        self.model = context.model
+        self.head = nn.Linear(self.model.backbone.num_features, context.num_classes).to(context.device)
+        self.model.backbone.head.requires_grad_(False)  # it trains its own head, not the host's
 
     def phases(self, task: int) -> list[Phase]:
         return [Phase("train_head", self.settings.train.epochs)]
@@ -58,12 +59,8 @@ class LinearProbe(PhaseTraining, ContinualMethod):
         within = None if true_tasks is None else self.within_task_classes(logits, true_tasks)
         return Prediction(self.seen_classes(logits, seen_tasks), within_task=within)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"head": self.head.state_dict(), "optimizer": self._optimizer_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.load_state_dict(state["head"])
-        self._saved_optimizer = state["optimizer"]
+    def owned_modules(self) -> dict[str, nn.Module]:
+        return {"head": self.head}
 
     @classmethod
     def summary(cls, settings: LinearProbeSettings) -> str:

@@ -166,10 +166,5 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
         return out._replace(logits=out.logits.float())
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._model_and_optimizer_state(), "prompts": self.prompts.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_trainable_model_state(state["model"])
-        self.prompts.load_state_dict(state["prompts"])  # strict: every key must match
-        self._saved_optimizer = state["optimizer"]
+    def owned_modules(self) -> dict[str, nn.Module]:
+        return {"prompts": self.prompts}

@@ -1,5 +1,17 @@
-"""Neural-network parts: score gates, prefix attention, prompt pools, the prompt host ViT and HiDe's task prompts."""
+"""Neural-network parts: score gates, prefix attention, prompt pools, the host ViT and what methods attach to it,
+and HiDe's task prompts."""
 
+from norga.nn.attachments import (
+    Adapter,
+    Attachment,
+    OutputHook,
+    Prefix,
+    ProjectedPrefix,
+    PromptTokens,
+    RowDelta,
+    ScaleShift,
+    qkv_rows,
+)
 from norga.nn.gates import (
     ACTIVATIONS,
     GATE_KINDS,
@@ -15,7 +27,7 @@ from norga.nn.gates import (
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_attention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
-from norga.nn.prompted_vit import Prefix, PromptedOutput, PromptedViT
+from norga.nn.prompted_vit import PromptedOutput, PromptedViT
 from norga.nn.task_prompts import TaskPromptedViT, TaskPrompts
 
 __all__ = [
@@ -23,14 +35,21 @@ __all__ = [
     "ATTENTION_IMPLS",
     "GATE_KINDS",
     "PREFIX_LAYOUTS",
+    "Adapter",
+    "Attachment",
     "GateSchedule",
     "IdentityGate",
     "NoRGaGate",
+    "OutputHook",
     "Prefix",
     "PrefixAttention",
     "PrefixPool",
+    "ProjectedPrefix",
+    "PromptTokens",
     "PromptedOutput",
     "PromptedViT",
+    "RowDelta",
+    "ScaleShift",
     "ScoreGate",
     "TaskPromptedViT",
     "TaskPrompts",
@@ -38,6 +57,7 @@ __all__ = [
     "fused_prefix_attention",
     "gate_kinds",
     "make_gate",
+    "qkv_rows",
     "reference_prefix_attention",
     "register_gate",
 ]

@@ -1,13 +1,14 @@
-"""The prompt host: a timm VisionTransformer that runs with whatever prompts a method hands it per call.
+"""The host: a timm VisionTransformer that runs with whatever a method attaches to its blocks per call.
 
-Per-layer prefixes (`Prefix`: keys, values and an optional score gate; any prefix method) and prompt tokens
-prepended to the sequence before a block (prompt tuning, as L2P). Methods own their prompts.
+Prefixes with a score gate, prompt tokens, LoRA deltas, SSF, adapters, prompts projected by a block's own
+weights: any `norga.nn.attachments.Attachment`, bound for one forward pass. Methods own what they attach.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import timm
@@ -15,20 +16,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from norga.nn.gates import IdentityGate, ScoreGate
+from norga.nn.attachments import Attachment, Prefix, PromptTokens
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.regional_compile import compile_block
-
-
-class Prefix(NamedTuple):
-    """One layer's prefix: keys and values, each (B or 1, heads, Lp, head_dim), and its score gate (None: none)."""
-
-    key: Tensor
-    value: Tensor
-    gate: ScoreGate | None = None
-
-
-_NO_GATE = IdentityGate()
 
 
 class PromptedOutput(NamedTuple):
@@ -39,13 +29,15 @@ class PromptedOutput(NamedTuple):
 
 
 class PromptedViT(nn.Module):
-    """Hosts prompts on a timm `VisionTransformer`; owns no method state.
+    """Hosts what methods attach on a timm `VisionTransformer`; owns no method state.
 
-    A method hands it prompts per call: ``prefixes={block: Prefix(k, v, gate)}`` (prefix tuning with an
-    optional score gate, e.g. `norga.nn.TaskPrompts.prefixes`) and ``prompt_tokens={block: tokens}``
+    A method hands it attachments per call (`forward_features`): ``attachments={block: attachment}`` of any
+    kind (`norga.nn.attachments`), with the shorthands ``prefixes={block: Prefix(k, v, gate)}`` (prefix tuning
+    with an optional score gate, e.g. `norga.nn.TaskPrompts.prefixes`) and ``prompt_tokens={block: tokens}``
     (prompt tuning). Blocks that take prefixes get `PrefixAttention` (`install_prefix_layers`), which reuses
-    the block's own weights, so the plain frozen forward (no prompts) is the same module with no second
-    backbone copy. Trainable here: the classifier head (and ``fc_norm`` with `train_fc_norm`).
+    the block's own weights, so the plain frozen forward (nothing attached) is the same module with no second
+    backbone copy; other kinds hook timm's own modules, so the state-dict keys stay timm's. Trainable here:
+    the classifier head (and ``fc_norm`` with `train_fc_norm`), and what a method `unfreeze`s.
 
     Features are read before ``fc_norm`` and `classify` applies it, as the official code does (its
     "pre_logits"): with a trainable fc_norm (MoCo v3) the features of the frozen pass stay frozen, and the
@@ -137,6 +129,29 @@ class PromptedViT(nn.Module):
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(name.startswith(trainable))
 
+    def unfreeze(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """Make the backbone parameters `names` (timm's names, e.g. ``"blocks.0.norm1.weight"``) trainable, for
+        a method that trains them; returns them. They are then checkpointed with the method (`trained_parameters`).
+
+        A parameter the frozen backbone holds in bf16 (`hold_frozen_weights_in`) is refused: its pre-trained
+        value is gone, and training it would start from its rounding.
+        """
+        params = dict(self.backbone.named_parameters())
+        names = list(names)
+        for name in names:  # all checked before any changes
+            if name not in params:
+                raise ValueError(f"the backbone has no parameter {name!r} to train")
+            if params[name].dtype != torch.float32:
+                raise ValueError(f"backbone parameter {name} is held in {params[name].dtype} for autocast "
+                                 "(amp=bf16) and cannot train from its pre-trained value: run with amp=none")
+        return [params[name].requires_grad_(True) for name in names]
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """The host's parameters a method trains, by state-dict key: exactly those with ``requires_grad`` (the
+        host freezes the rest of the backbone; a method unfreezes what it trains). The frozen pre-trained
+        weights are not among them: they are the backbone's file, never a method's checkpoint."""
+        return {name: param for name, param in self.named_parameters() if param.requires_grad}
+
     def hold_frozen_weights_in(self, dtype: torch.dtype) -> int:
         """Hold the frozen backbone's matmul weights (``Linear`` and ``Conv2d`` weights and biases without
         ``requires_grad``) in `dtype`, for autocast to that dtype; returns how many tensors were converted.
@@ -167,41 +182,59 @@ class PromptedViT(nn.Module):
     def forward_features(
         self,
         x: Tensor,
+        attachments: Mapping[int, Attachment | Sequence[Attachment]] | None = None,
         *,
         prefixes: Mapping[int, Prefix] | None = None,
         prompt_tokens: Mapping[int, Tensor] | None = None,
     ) -> Tensor:
-        """Features of images `x` with the prompts given (none: the plain frozen backbone): the pooled token
-        before ``fc_norm`` (timm's pre-logits, without fc_norm).
+        """Features of images `x` with what a method attaches (nothing: the plain frozen backbone): the pooled
+        token before ``fc_norm`` (timm's pre-logits, without fc_norm).
 
-        `prefixes` maps a block index to a `Prefix` for that block (its attention must be a prefix attention:
-        `install_prefix_layers`); `prompt_tokens` maps a block index to tokens (B or 1, N, dim) prepended to
-        the sequence before that block (prompt tuning). Prompt tokens sit in front of the class token and are
-        removed after the final norm, so the pre-logits are read from the class token (or pool) as in the
-        unprompted model. Prompts are bound for this call only, also when it raises.
+        `attachments` maps a block index to an `Attachment` (or several, bound in order) for that block: prefixes
+        with a score gate, prompt tokens, LoRA deltas, SSF, adapters, projected prompts (`norga.nn.attachments`)
+        or any other kind with a ``bind``. Two shorthands for the common kinds: ``prefixes={i: Prefix(k, v,
+        gate)}`` (block i's attention must be a prefix attention: `install_prefix_layers`) and
+        ``prompt_tokens={i: tokens}``, tokens (B or 1, N, dim) prepended before block i. Tokens put in front of
+        the sequence are removed after the final norm, so the pre-logits are read from the class token (or pool)
+        as in the unprompted model. Everything is bound for this call only, also when it raises.
         """
-        tokens = dict(prompt_tokens or {})
+        bound = self._attachments_by_block(attachments, prefixes, prompt_tokens)
         with ExitStack() as stack:
-            for index, prefix in (prefixes or {}).items():
-                attention = self._attention_at(index)
-                stack.enter_context(attention.bound(prefix.key, prefix.value, prefix.gate or _NO_GATE))
-            for index, prompt in tokens.items():
-                stack.enter_context(_prepended(self._block_at(index), prompt))
+            for index, block_attachments in bound.items():
+                block = self._block_at(index)
+                for attachment in block_attachments:
+                    stack.enter_context(attachment.bind(block, index))
             features = self.backbone.forward_features(x)
-        prepended = sum(prompt.shape[1] for prompt in tokens.values())
+        prepended = sum(attachment.added_tokens for block_attachments in bound.values()
+                        for attachment in block_attachments)
         return self.backbone.pool(features[:, prepended:])
+
+    @staticmethod
+    def _attachments_by_block(
+        attachments: Mapping[int, Attachment | Sequence[Attachment]] | None,
+        prefixes: Mapping[int, Prefix] | None,
+        prompt_tokens: Mapping[int, Tensor] | None,
+    ) -> dict[int, list[Attachment]]:
+        """Every block's attachments in binding order: those given, then the shorthands' prefix and tokens."""
+        bound: dict[int, list[Attachment]] = {}
+        for index, given in (attachments or {}).items():
+            bound.setdefault(index, []).extend([given] if isinstance(given, Attachment) else given)
+        for index, prefix in (prefixes or {}).items():
+            bound.setdefault(index, []).append(prefix)
+        for index, tokens in (prompt_tokens or {}).items():
+            bound.setdefault(index, []).append(PromptTokens(tokens))
+        for index, block_attachments in bound.items():
+            held = Counter(getattr(attachment, "holds", None) for attachment in block_attachments)
+            for part, count in held.items():
+                if part is not None and count > 1:
+                    raise ValueError(f"block {index} got {count} attachments that each bind the {part}: join them "
+                                     f"into one (e.g. prefixes concatenated along their length)")
+        return bound
 
     def _block_at(self, index: int) -> nn.Module:
         if not 0 <= index < self.depth:
             raise ValueError(f"block {index} does not exist in this {self.depth}-block backbone")
         return self.backbone.blocks[index]
-
-    def _attention_at(self, index: int) -> PrefixAttention:
-        attention = self._block_at(index).attn
-        if not isinstance(attention, PrefixAttention):
-            raise TypeError(
-                f"block {index} has no prefix attention: call model.install_prefix_layers([{index}]) first")
-        return attention
 
     def classify(self, features: Tensor) -> Tensor:
         """Logits over all classes from `forward_features`' features: fc_norm (if any), then the head."""
@@ -212,19 +245,3 @@ class PromptedViT(nn.Module):
         features = self.forward_features(x, *args, **kwargs)
         return PromptedOutput(features, self.classify(features))
 
-
-@contextmanager
-def _prepended(block: nn.Module, prompt: Tensor) -> Iterator[None]:
-    """While active, `block` receives ``[prompt; x]`` instead of its input tokens x (a forward pre-hook)."""
-    if prompt.dim() != 3:
-        raise ValueError(f"prompt tokens must be shaped (batch or 1, length, dim), got {tuple(prompt.shape)}")
-
-    def prepend(_module: nn.Module, args: tuple) -> tuple:
-        x, *rest = args
-        return (torch.cat([prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1), *rest)
-
-    handle = block.register_forward_pre_hook(prepend)
-    try:
-        yield
-    finally:
-        handle.remove()

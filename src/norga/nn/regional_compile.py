@@ -10,6 +10,8 @@ attention stays eager. `nn.Module.compile` compiles in place, so state-dict keys
 
 from __future__ import annotations
 
+import copy
+
 import torch._dynamo
 from torch import nn
 
@@ -46,3 +48,12 @@ def compile_block(block: nn.Module, dynamic: bool | None = None, **options) -> l
 def is_compiled(module: nn.Module) -> bool:
     """True when `compile_block` compiled `module` itself in place."""
     return bool(getattr(module, _COMPILED_MARK, False))
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """An eager twin of a module `compile_block` compiled: the same class, sub-modules and parameters (so the
+    same state-dict keys), without the compiled forward. `nn.Module`'s pickling state leaves the compiled call
+    out, so a shallow copy is that twin; put it where `module` was."""
+    twin = copy.copy(module)
+    vars(twin).pop(_COMPILED_MARK, None)
+    return twin

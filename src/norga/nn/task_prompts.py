@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from norga.nn.attachments import Prefix
 from norga.nn.gates import GateSchedule, apply_gate_schedule, make_gate
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
-from norga.nn.prompted_vit import Prefix, PromptedViT
+from norga.nn.prompted_vit import PromptedViT
 
 
 class TaskPrompts(nn.Module):

@@ -1,6 +1,7 @@
 """What every gradient-trained method shares: masked logits, the optimizer step (gradients summed over
 processes in a distributed run), the per-epoch finiteness check, a fresh optimizer per phase that survives a
-resume, training a classifier on masked logits, and checkpointing only the trainable model state."""
+resume, training a classifier on masked logits, and checkpoints that hold exactly what the method owns and
+trains."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from norga.config import OptimConfig
 from norga.runtime.context import RunContext, TrainBatch
 from norga.runtime.divergence import DivergenceGuard
 from norga.runtime.optim import build_optimizer, schedule_factor, set_epoch_lr
+from norga.storage import CheckpointError
 
 NEG_INF = float("-inf")
 
@@ -32,6 +34,11 @@ class PhaseTraining:
     share of the whole batch's (`RunContext.batch_mean`, `replicated_term`); `_step` sums the gradients over
     processes. Replicated phases (``sharded=False``: every process draws the same samples, e.g. TAP on
     Gaussian features) skip that.
+
+    Its checkpoints hold exactly what the method owns and trains, whatever it is and wherever it is attached:
+    the modules it names in `owned_modules` and the host parameters it trains (`PromptedViT.trained_parameters`,
+    never the frozen backbone). Nothing is chosen by key name; a checkpoint that lacks any of it is refused,
+    and so is checkpointing while the optimizer trains a tensor outside it.
     """
 
     model: nn.Module
@@ -120,20 +127,88 @@ class PhaseTraining:
             return self._saved_optimizer
         return {**self.optimizer.state_dict(), "divergence": self._guard.state_dict()}
 
-    def _trainable_model_state(self) -> dict[str, Tensor]:
-        """The model's state without the frozen backbone weights (those are the pre-trained file)."""
-        return {k: v for k, v in self.model.state_dict().items() if not self._frozen_key(k)}
+    def owned_modules(self) -> dict[str, nn.Module]:
+        """The modules this method owns and trains, by the name of their section in its checkpoints (e.g.
+        ``{"prompts": ..., "tii": ...}``), wherever they are attached. With the host parameters it trains
+        (`PromptedViT.trained_parameters`, section ``"model"``) they are everything its checkpoints hold:
+        `state_dict` saves all of them, `load_state_dict` refuses a checkpoint that lacks any."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._model_and_optimizer_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_owned_state(self._owned_sections(), state, ("optimizer",))
+        self._saved_optimizer = state["optimizer"]
+
+    def _owned_sections(self) -> dict[str, dict[str, Tensor]]:
+        """Every tensor the method owns, by section and key: the host's trained parameters, its own modules."""
+        return {"model": self.model.trained_parameters(),
+                **{name: module.state_dict(keep_vars=True) for name, module in self.owned_modules().items()}}
 
     def _load_trainable_model_state(self, state: dict[str, Tensor]) -> None:
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not self._frozen_key(k)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-
-    @staticmethod
-    def _frozen_key(key: str) -> bool:
-        """Backbone weights are not checkpointed (they are the pre-trained file, recorded by checksum)."""
-        return key.startswith("backbone.") and not key.startswith(("backbone.head.", "backbone.fc_norm."))
+        """Load the host parameters the method trains; every one must be in `state`, nothing else may be."""
+        load_owned_state({"model": self.model.trained_parameters()}, {"model": state})
 
     def _model_and_optimizer_state(self) -> dict[str, Any]:
-        return {"model": self._trainable_model_state(), "optimizer": self._optimizer_state()}
+        """What the method owns (`owned_modules`, the host's trained parameters) and the optimizer's state.
+
+        Refuses to checkpoint a state the optimizer trains a tensor outside of: it would be lost on resume."""
+        sections = self._owned_sections()
+        if self.optimizer is not None:
+            owned = {id(tensor) for section in sections.values() for tensor in section.values()}
+            stray = [param for group in self.optimizer.param_groups for param in group["params"]
+                     if id(param) not in owned]
+            if stray:
+                names = self._parameter_names()
+                listed = ", ".join(names.get(id(param), f"a {tuple(param.shape)} tensor") for param in stray)
+                raise RuntimeError(f"{type(self).__name__} trains {listed} but does not own it, so its checkpoints "
+                                   "would lose it: return its module from owned_modules() (a host parameter: "
+                                   "model.unfreeze it)")
+        state = {name: {key: tensor.detach() for key, tensor in section.items()} for name, section in sections.items()}
+        return {**state, "optimizer": self._optimizer_state()}
+
+    def _parameter_names(self) -> dict[int, str]:
+        """Readable names of the parameters the method can reach: its attributes' (``prompts.key.keys``), the host's."""
+        names = {id(param): f"model.{name}" for name, param in self.model.named_parameters()}
+        for attribute, value in vars(self).items():
+            if isinstance(value, nn.Parameter):
+                names[id(value)] = attribute
+            elif isinstance(value, nn.Module) and value is not self.model:
+                names.update({id(param): f"{attribute}.{name}" for name, param in value.named_parameters()})
+        return names
+
+
+class CheckpointMismatch(CheckpointError, RuntimeError):
+    """A method checkpoint that does not hold exactly what the method owns (a `CheckpointError`, one line for the
+    command line; a RuntimeError like torch's strict ``load_state_dict``)."""
+
+
+def load_owned_state(owned: dict[str, dict[str, Tensor]], state: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    """Copy `state` into the tensors `owned` (section -> key -> tensor), all or nothing: every owned tensor must be
+    in `state` with its shape, and `state` may hold nothing else (besides the sections `extra`)."""
+    missing = [f"{name}.{key}" for name, section in owned.items() for key in section
+               if key not in state.get(name, {})]
+    missing += [name for name in extra if name not in state]
+    unexpected = [name for name in state if name not in owned and name not in extra]
+    unexpected += [f"{name}.{key}" for name, section in owned.items() for key in state.get(name, {})
+                   if key not in section]
+    if missing:
+        raise CheckpointMismatch(
+            f"Missing key(s) in the checkpoint: {', '.join(missing)}: the method owns and trains these, so it cannot "
+            "resume from a state without them (written by another norga or edited): start the run again in a new "
+            "directory")
+    if unexpected:
+        raise CheckpointMismatch(
+            f"the checkpoint has {', '.join(unexpected)}, which this method does not own (another method's or other "
+            "settings' state): resume with the settings the run was started with, or start a new run")
+    for name, section in owned.items():
+        for key, tensor in section.items():
+            if state[name][key].shape != tensor.shape:
+                raise CheckpointMismatch(
+                    f"{name}: size mismatch for {key}: the checkpoint's is {tuple(state[name][key].shape)}, this "
+                    f"method's {tuple(tensor.shape)}: resume with the settings the run was started with")
+    with torch.no_grad():
+        for name, section in owned.items():
+            for key, tensor in section.items():
+                tensor.copy_(state[name][key])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from norga.config import OptimConfig
@@ -350,18 +350,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 f"{settings.wtp.train.epochs} (lr {settings.wtp.train.lr:g}), TII epochs {settings.tii.train.epochs}")
 
     # ------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        prompts = {} if self.prompts is None else self.prompts.state_dict()
-        return {**self._model_and_optimizer_state(), "prompts": prompts, "tii": self.tii.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_trainable_model_state(state["model"])
-        if self.prompts is not None:
-            self.prompts.load_state_dict(state["prompts"])
-        elif state["prompts"]:
-            raise ValueError("checkpoint has prompts, but this pipeline has none (prompt.length 0)")
-        self.tii.load_state_dict(state["tii"])
-        self._saved_optimizer = state["optimizer"]
+    def owned_modules(self) -> dict[str, nn.Module]:
+        """The prompts (nothing without prompts) and the task-identity model; the head is the host's."""
+        return {"prompts": self.prompts if self.prompts is not None else nn.Module(), "tii": self.tii}
 
     def heavy_state_dict(self) -> dict[str, Any]:
         return {"tii_gaussians": self.tii_gaussians.state_dict(), "prompt_gaussians": self.prompt_gaussians.state_dict()}
