@@ -52,9 +52,7 @@ def run(out: Path, method: str, dist: Distributed, resume: bool = False, crash_a
     steps = [0]
     counter = register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
     try:
-        built = build(config)
-        engine = open_run(config, built.model, built.tasks, built.num_classes, out / "run", resume=resume,
-                          after_epoch=after_epoch, dist=dist, init_generator=built.init_generator)
+        engine = open_run(build(config), out / "run", resume=resume, after_epoch=after_epoch, dist=dist)
         matrices = engine.run()
     finally:
         counter.remove()

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from norga.config import SHARED_KEYS, RunConfig
 from norga.config_io import load_config, read_source
 from norga.engine.build import BuiltRun, build_run
 from norga.engine.loop import Engine
+from norga.engine.resolve import resolve_config
 from norga.engine.run_dir import RunDirectory
 from norga.runtime.context import TaskDatasets
 from norga.synthetic import synthetic_tasks
@@ -60,9 +61,22 @@ def shrunk(method: str) -> dict:
     return small
 
 
-def build(config: RunConfig, tasks: list[TaskDatasets] | None = None) -> BuiltRun:
-    """What `norga run` builds, on the generated tasks."""
-    return build_run(config, tasks=tasks or make_tasks())
+def build(config: RunConfig, tasks: list[TaskDatasets] | None = None, **changes) -> BuiltRun:
+    """What `norga run` builds, on the generated tasks (or `tasks`); `changes` replace fields of the built run
+    (e.g. ``records``)."""
+    built = build_run(resolve_config(config, locate_data=False), tasks=tasks or make_tasks())
+    return replace(built, **changes)
+
+
+def on_generated_tasks(monkeypatch, tasks_for=lambda config: make_tasks()) -> None:
+    """`norga run` and `run_method` (compare, quickstart, sweeps) on generated tasks instead of the configured
+    benchmark's data: the data is not looked for, and each run is built on ``tasks_for(config)``."""
+    from norga.engine import build as build_module
+    from norga.engine import resolve as resolve_module
+
+    monkeypatch.setattr(resolve_module, "resolve_config", lambda config: resolve_config(config, locate_data=False))
+    monkeypatch.setattr(build_module, "build_run",
+                        lambda resolved: build_run(resolved, tasks=tasks_for(resolved.config)))
 
 
 def make_model(config: RunConfig):
@@ -73,18 +87,14 @@ def run_fixture(config: RunConfig, directory: Path, tasks: list[TaskDatasets] | 
     """`run_experiment` as `norga run` calls it, on the generated tasks (or `tasks`)."""
     from norga.engine.loop import run_experiment
 
-    built = build(config, tasks)
-    return run_experiment(config, built.model, built.tasks, built.num_classes, directory,
-                          init_generator=built.init_generator, **kwargs)
+    return run_experiment(build(config, tasks), directory, **kwargs)
 
 
 def make_engine(config: RunConfig, directory: Path | RunDirectory, tasks: list[TaskDatasets] | None = None,
                 **kwargs) -> Engine:
     """A new run's engine on the generated tasks (a `RunDirectory` is used as it is)."""
-    built = build(config, tasks)
     run_dir = directory if isinstance(directory, RunDirectory) else RunDirectory(Path(directory))
-    return Engine(config, built.model, built.tasks, built.num_classes, run_dir, torch.device("cpu"),
-                  init_generator=built.init_generator, **kwargs)
+    return Engine(build(config, tasks), run_dir, **kwargs)
 
 
 class FailingDataset(Dataset):

@@ -185,10 +185,9 @@ REAL = os.environ.get("NORGA_DATA")
 def test_tiny_smoke_preset_runs_each_baseline_on_real_fashion_mnist(tmp_path, method):
     from norga.config_io import load_config
     from norga.engine.build import build_run
+    from norga.engine.resolve import resolve_config
 
-    config = load_config("tiny_smoke", [f"method={method}"])
-    built = build_run(config)
-    matrices = run_experiment(config, built.model, built.tasks, built.num_classes, tmp_path / method,
-                              device=built.device, records=built.records)
+    built = build_run(resolve_config(load_config("tiny_smoke", [f"method={method}"])))
+    matrices = run_experiment(built, tmp_path / method)
     accuracy = matrices["accuracy"]
     assert len(built.tasks) == 5 and 0 < accuracy.final_average_accuracy(4) <= 100

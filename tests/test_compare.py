@@ -13,15 +13,14 @@ from engine_fixtures import (
     NUM_TASKS,
     FailingDataset,
     make_tasks,
+    on_generated_tasks,
     tiny_config,
 )
-from engine_fixtures import build as fixture_build
 
 from norga.cli import main
 from norga.commands.compare import entries_of, split_overrides
 from norga.comparison import ComparisonDirectory, MethodRun, method_config, run_method
 from norga.config import ConfigError, OptimConfig
-from norga.engine import build as engine_build
 from norga.runtime.context import TaskDatasets
 
 REAL = os.environ.get("NORGA_DATA")
@@ -73,13 +72,6 @@ def test_resume_needs_a_comparison_directory(tmp_path, capsys):
     assert "not a comparison that can be resumed" in capsys.readouterr().err
 
 
-def fake_build(tasks_for):
-    """build_run on the tiny generated benchmark instead of real data (tasks_for(config) gives the tasks)."""
-    def build(config):
-        return fixture_build(config, tasks_for(config))
-    return build
-
-
 def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(tmp_path, monkeypatch):
     def tasks_for(config, crash=False):
         tasks = make_tasks()
@@ -93,17 +85,17 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
         return [MethodRun(label, config, directory.path / label) for label, config in configs.items()]
 
     straight = ComparisonDirectory(tmp_path / "straight", {"request": 1})
-    monkeypatch.setattr(engine_build, "build_run", fake_build(tasks_for))
+    on_generated_tasks(monkeypatch, tasks_for)
     expected = run_method(runs(straight)[1])
 
     crashed = ComparisonDirectory(tmp_path / "crashed", {"request": 1})
     first = run_method(runs(crashed)[0])
     crashed.write([first], complete=False)
-    monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: tasks_for(config, crash=True)))
+    on_generated_tasks(monkeypatch, lambda config: tasks_for(config, crash=True))
     with pytest.raises(RuntimeError, match="injected failure"):
         run_method(runs(crashed)[1])
 
-    monkeypatch.setattr(engine_build, "build_run", fake_build(tasks_for))
+    on_generated_tasks(monkeypatch, tasks_for)
     again = ComparisonDirectory(tmp_path / "crashed", {"request": 1})
     resumed = [run_method(run, previous_seconds=again.previous_seconds(run.label)) for run in runs(again)]
     assert [r.status for r in resumed] == ["finished earlier", "resumed"]
@@ -122,7 +114,7 @@ def test_an_interrupted_comparison_skips_finished_methods_and_resumes_the_rest(t
 def test_a_method_run_records_the_precision_asked_for_and_what_it_resolved_to(tmp_path, monkeypatch):
     """`amp: auto` is resolved once, when the run is built: its record (and banner) say auto was asked for and
     what it became here; run again, the method is found finished under the same settings."""
-    monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: make_tasks()))
+    on_generated_tasks(monkeypatch)
     directory = ComparisonDirectory(tmp_path / "comparison", {"request": 1})
 
     def ncm_run():
@@ -179,7 +171,7 @@ def test_a_crash_while_the_last_checkpoint_is_written_never_leaves_a_stale_row(t
 
     config = tiny_config(method="linear_probe")
     config.settings.train = OptimConfig(epochs=2, lr=0.01, batch_size=4)
-    monkeypatch.setattr(engine_build, "build_run", fake_build(lambda config: make_tasks()))
+    on_generated_tasks(monkeypatch)
     expected = run_method(MethodRun("linear_probe", config, tmp_path / "straight" / "linear_probe"))
 
     real = run_dir_module.save_checkpoint

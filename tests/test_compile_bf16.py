@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from norga.config import ConfigError
 from norga.config_io import load_config
-from norga.engine.build import resolve_precision
+from norga.engine.resolve import resolve_config
 from norga.nn import PromptedViT, TaskPrompts
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled
 from norga.runtime import precision
@@ -172,16 +172,17 @@ def test_bf16_without_native_support_warns_once(monkeypatch, caplog):
     assert not caplog.records
 
 
-def test_resolve_precision_rewrites_auto_in_the_config_and_records_it(monkeypatch):
-    import norga.engine.build as build
+def test_resolve_config_resolves_auto_in_a_new_config_and_records_it(monkeypatch):
+    import norga.engine.resolve as resolve
 
     for native, resolved in ((True, "bf16"), (False, "none")):
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
-        monkeypatch.setattr(build, "native_bf16", lambda device, native=native: native)
-        config = load_config(None, ["amp=auto", "compile=true"])
-        record = resolve_precision(config, torch.device("cpu"))
-        assert config.amp == resolved
-        assert record == {"amp_requested": "auto", "native_bf16": native, "compile": True, "amp": resolved}
+        monkeypatch.setattr(resolve, "native_bf16", lambda device, native=native: native)
+        config = load_config(None, ["amp=auto", "compile=true", "device=cpu"])
+        result = resolve_config(config, locate_data=False)
+        assert config.amp == "auto" and result.config.amp == resolved  # the caller's config is left as it was
+        assert result.config.to_dict() == {**config.to_dict(), "amp": resolved}
+        assert result.precision == {"amp_requested": "auto", "native_bf16": native, "compile": True, "amp": resolved}
 
 
 @pytest.mark.parametrize(("line", "native"), [("flags\t\t: fpu avx2 avx512f", False),

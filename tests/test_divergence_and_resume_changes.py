@@ -10,8 +10,7 @@ import pytest
 from engine_fixtures import (
     CLASSES_PER_TASK,
     NUM_TASKS,
-    make_model,
-    make_tasks,
+    build,
     tiny_config,
 )
 
@@ -34,7 +33,7 @@ def probe_config(lr=0.01, epochs=3):
 
 
 def run(tmp_path, config, name="run", **kwargs):
-    return run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / name, **kwargs)
+    return run_experiment(build(config), tmp_path / name, **kwargs)
 
 
 def crash_at(position: Position):
@@ -82,7 +81,7 @@ def test_a_resume_may_lower_a_learning_rate_mid_phase_and_the_change_is_recorded
         run(tmp_path, config, after_epoch=crash_at(Position(1, 0, 1)))
     lower = probe_config(lr=0.001)
     rates = []
-    engine = open_run(lower, make_model(lower), make_tasks(), NUM_CLASSES, tmp_path / "run", resume=True,
+    engine = open_run(build(lower), tmp_path / "run", resume=True,
                       after_epoch=lambda at: rates.append([g["lr"] for g in engine.method.optimizer.param_groups]))
     engine.run()
     assert rates[0] == [0.001]  # the interrupted phase's optimizer continues at the new rate

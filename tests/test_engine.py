@@ -1,6 +1,7 @@
 """The HiDe-Prompt / NoRGa pipeline end to end on a generated 3-task benchmark and a tiny ViT."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,11 +26,9 @@ from norga.runtime.context import TaskDatasets
 NUM_CLASSES = NUM_TASKS * CLASSES_PER_TASK
 
 
-def run(tmp_path, name="run", config=None, tasks=None, **kwargs):
-    config = config or tiny_config()
-    built = build(config, tasks)
-    return run_experiment(config, built.model, built.tasks, built.num_classes, tmp_path / name,
-                          init_generator=built.init_generator, **kwargs)
+def run(tmp_path, name="run", config=None, tasks=None, records=None, **kwargs):
+    built = build(config or tiny_config(), tasks)
+    return run_experiment(built if records is None else replace(built, records=records), tmp_path / name, **kwargs)
 
 
 @pytest.mark.parametrize(("method", "gate"), [("norga", "sigmoid"), ("hide", "none")])

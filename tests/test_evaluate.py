@@ -26,9 +26,7 @@ TIE = 1e-4  # logits closer than this (relative) are a near-tie: batch shape alo
 def finished(tmp_path, method="norga", **changes):
     """A finished tiny run's engine (its method holds the final state), as `norga run` leaves it."""
     config = tiny_config(method, **changes)
-    built = build(config)
-    engine = open_run(config, built.model, built.tasks, built.num_classes, tmp_path / "run",
-                      init_generator=built.init_generator)
+    engine = open_run(build(config), tmp_path / "run")
     engine.run()
     return engine
 
@@ -118,9 +116,7 @@ def test_a_joint_run_records_no_task_incremental_accuracy(tmp_path):
 # ------------------------------------------------------------------ re-evaluation
 def reevaluated(run_dir, overrides=(), **kwargs):
     stored, config, changes = evaluation_config(run_dir, list(overrides))
-    built = build(config)
-    return reevaluate(run_dir, built.model, built.tasks, built.num_classes, stored, config, changes,
-                      init_generator=built.init_generator, **kwargs)
+    return reevaluate(run_dir, build(config), stored, changes, **kwargs)
 
 
 @pytest.mark.parametrize("method", ALL)

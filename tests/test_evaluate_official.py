@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from norga.cli import main
 from norga.config_io import load_config
 from norga.engine.build import build_run
+from norga.engine.resolve import resolve_config
 
 HIDDEN, LAYERS, LENGTH, GATE, TASKS, CLASSES = [2], [0, 1], 4, "sigmoid", 2, 4
 TIE = 1e-4  # logits closer than this (relative) may flip between float64 and float32
@@ -70,7 +71,7 @@ def reference(official, task: int):
     """Per seen test task after `task` (1-based): (class-IL, task-IL, task-id correct, near-ties, images), from
     float64 forwards of the raw official tensors on the benchmark's test images."""
     tii_state, prompt_state = official["states"][task]
-    built = build_run(load_config(official["preset"]))
+    built = build_run(resolve_config(load_config(official["preset"])))
     class_to_task = torch.full((CLASSES,), -1)
     for index, t in enumerate(built.tasks):
         class_to_task[list(t.classes)] = index

@@ -11,8 +11,8 @@ from engine_fixtures import (
     TEST_PER_CLASS,
     TINY,
     TRAIN_PER_CLASS,
-    build,
     make_tasks,
+    on_generated_tasks,
     tiny_config,
 )
 from engine_fixtures import make_engine as fixture_engine
@@ -95,9 +95,8 @@ def test_joint_ncm_equals_the_final_column_of_continual_ncm(tmp_path):
 
 def test_norga_run_prints_undefined_metrics_as_dashes(tmp_path, monkeypatch, capsys):
     from norga.cli import main
-    from norga.engine import build as engine_build
 
-    monkeypatch.setattr(engine_build, "build_run", lambda config: build(config))
+    on_generated_tasks(monkeypatch)
     assert main(["run", str(TINY), "--set", "method=ncm", "--set", "data.joint=true", "--run-dir",
                  str(tmp_path / "r"), "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -10,8 +10,7 @@ from engine_fixtures import (
     CLASSES_PER_TASK,
     NUM_TASKS,
     TRAIN_PER_CLASS,
-    make_model,
-    make_tasks,
+    build,
     tiny_config,
 )
 
@@ -34,8 +33,8 @@ class Terminal(io.StringIO):
 
 def run(tmp_path, stream):
     config = tiny_config()
-    run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / "run",
-                   progress=Progress("auto", label="NoRGa", stream=stream), records=RECORDS)
+    run_experiment(build(config, records=RECORDS), tmp_path / "run",
+                   progress=Progress("auto", label="NoRGa", stream=stream))
     return stream.getvalue()
 
 
@@ -125,6 +124,5 @@ def test_task_committed_is_called_once_per_task_after_its_results_are_on_disk(tm
 
     recorder = Recorder()
     config = tiny_config()
-    run_experiment(config, make_model(config), make_tasks(), NUM_CLASSES, tmp_path / "run", progress=recorder,
-                   records=RECORDS)
+    run_experiment(build(config, records=RECORDS), tmp_path / "run", progress=recorder)
     assert recorder.committed == [(task, task + 1) for task in range(NUM_TASKS)]

@@ -16,7 +16,7 @@ from engine_fixtures import (
     CLASSES_PER_TASK,
     NUM_TASKS,
     FailingDataset,
-    make_model,
+    build,
     make_tasks,
     tiny_config,
 )
@@ -39,8 +39,7 @@ def probe_config(**changes):
 
 
 def run(tmp_path, name, config, tasks=None, records=RECORDS, **kwargs):
-    return run_experiment(config, make_model(config), tasks or make_tasks(), NUM_CLASSES, tmp_path / name,
-                          records=records, **kwargs)
+    return run_experiment(build(config, tasks, records=records), tmp_path / name, **kwargs)
 
 
 def outputs(directory) -> dict[str, bytes]:

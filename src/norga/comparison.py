@@ -64,19 +64,37 @@ def read_result(run: MethodRun, status: str, wall_seconds: float | None) -> Meth
 
 
 def run_method(run: MethodRun, progress=None, previous_seconds: float | None = None) -> MethodResult:
-    """Run `run` into its directory, resume it if interrupted, or skip it if it finished (same config only)."""
+    """Run `run` into its directory, resume it if interrupted, or skip it if it finished (same config only).
+
+    Its config is resolved once (`resolve_config`); that resolved config is compared with the one the directory
+    records, and is the one built and run.
+    """
     from norga.engine.build import build_run
     from norga.engine.loop import run_experiment
+    from norga.engine.resolve import resolve_config
 
     directory = run.run_dir
-    resume = _check_existing(run)
+    stored = _stored_config(directory)
+    resolved = resolve_config(_with_recorded_root(run.config, stored))
+    resume = _check_existing(directory, stored, resolved.config)
     if resume and _finished(directory):
         return read_result(run, "finished earlier", previous_seconds)
     start = time.perf_counter()
-    built = build_run(run.config)
-    run_experiment(run.config, built.model, built.tasks, built.num_classes, directory, resume=resume,
-                   device=built.device, progress=progress, records=built.records, init_generator=built.init_generator)
+    run_experiment(build_run(resolved), directory, resume=resume, progress=progress)
     return read_result(run, "resumed" if resume else "ran", time.perf_counter() - start)
+
+
+def _stored_config(directory: Path) -> RunConfig | None:
+    """The config.yaml of the run in `directory`, if it has one."""
+    return load_config(directory / "config.yaml") if (directory / "config.yaml").is_file() else None
+
+
+def _with_recorded_root(config: RunConfig, stored: RunConfig | None) -> RunConfig:
+    """`config`, reading its data where the stored run found it when `config` names no data root: resuming needs
+    no NORGA_DATA. A copy; `config` is left as it is."""
+    if stored is None or config.data.root is not None:
+        return config
+    return replace(config, data=replace(config.data, root=stored.data.root))
 
 
 def _finished(directory: Path) -> bool:
@@ -97,22 +115,17 @@ def _finished(directory: Path) -> bool:
             and results.get("matrices") == state["matrices"])
 
 
-def _check_existing(run: MethodRun) -> bool:
-    """True when `run.run_dir` holds progress of this same config to continue from; False to start afresh."""
-    directory = run.run_dir
+def _check_existing(directory: Path, stored: RunConfig | None, resolved: RunConfig) -> bool:
+    """True when `directory` holds progress of the `resolved` config to continue from; False to start afresh."""
     if not directory.exists() or not any(directory.iterdir()):
         return False
-    if (directory / "config.yaml").is_file():
-        stored = load_config(directory / "config.yaml")
-        if run.config.data.root is None:  # the run recorded where it found its data: resuming needs no NORGA_DATA
-            run.config.data.root = stored.data.root
-        elif stored.data.root is not None:  # the same folder, given relative or absolute
-            run.config.data.root = str(Path(run.config.data.root).resolve())
-        expected = _as_recorded(run.config)
-        if stored != expected:
-            changed = _differences(stored.to_dict(), expected.to_dict())
-            raise ConfigError(f"{directory} was run with other settings ({', '.join(changed)}): "
-                              "use a new comparison directory, or delete that run to redo it")
+    if stored is not None and stored != resolved:
+        from norga.engine.resume_changes import config_differences
+
+        changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in
+                   config_differences(stored.to_dict(), resolved.to_dict()).items()]
+        raise ConfigError(f"{directory} was run with other settings ({', '.join(changed)}): "
+                          "use a new comparison directory, or delete that run to redo it")
     if (directory / "state.pt").is_file():
         return True
     entries = {entry.name for entry in directory.iterdir()}
@@ -121,29 +134,6 @@ def _check_existing(run: MethodRun) -> bool:
             (directory / name).unlink()
         return False
     raise FileExistsError(f"{directory} holds files but no checkpoint to resume: move it away or delete it")
-
-
-def _as_recorded(config: RunConfig) -> RunConfig:
-    """`config` as its run's config.yaml records it: ``amp: auto`` resolved for the device. A copy: `build_run`
-    resolves the run's own config, so that the run's record says what was asked for and what it became."""
-    from norga.engine.build import resolve_device
-    from norga.runtime.precision import resolve_amp
-
-    if config.amp != "auto":
-        return config
-    return replace(config, amp=resolve_amp(config.amp, resolve_device(config.device)))
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in old.keys() | new.keys():
-        a, b, dotted = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, dotted + ".")
-        elif a != b:
-            keys.append(f"{dotted}: {a!r} -> {b!r}")
-    return sorted(keys)
 
 
 class ComparisonDirectory:

@@ -126,7 +126,7 @@ class RunConfig:
     settings: Any = None  # the method's Settings dataclass (YAML: the section named after `method`); required
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # auto: bf16 where the device computes it natively, else fp32 (build_run resolves it); none: exact fp32
+    # auto: bf16 where the device computes it natively, else fp32 (resolved per run: resolve_config); none: exact fp32
     amp: Literal["none", "bf16", "auto"] = "auto"
     compile: bool = False  # regional torch.compile of the backbone blocks, prefix attention eager (nn/regional_compile.py)
     attention_impl: Literal["fused", "reference"] = "fused"  # how prefix attention is computed (equal results)

@@ -76,6 +76,7 @@ def method_facts(name: str) -> MethodFacts:
     from norga.config import BackboneConfig
     from norga.config_io import default_config
     from norga.engine.build import build_run
+    from norga.engine.resolve import resolve_config
     from norga.methods import method_class
     from norga.runtime.context import RunContext
     from norga.synthetic import synthetic_tasks
@@ -86,10 +87,9 @@ def method_facts(name: str) -> MethodFacts:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only contend (and a loaded machine makes that slow)
     try:
-        built = build_run(config, tasks=synthetic_tasks(STAND_IN_TASKS, 2, 1, 1, STAND_IN_BACKBONE["img_size"]))
-        context = RunContext(config, built.model, built.tasks, built.num_classes, torch.device("cpu"),
-                             init_generator=built.init_generator)
-        method = cls(context, config.settings)
+        tasks = synthetic_tasks(STAND_IN_TASKS, 2, 1, 1, STAND_IN_BACKBONE["img_size"])
+        built = build_run(resolve_config(config, locate_data=False), tasks=tasks)
+        method = cls(RunContext(built), built.config.settings)
     finally:
         torch.set_num_threads(threads)
     can = method.capabilities

@@ -6,6 +6,7 @@ import tarfile
 import pytest
 import torch
 
+from norga.config import DataConfig
 from norga.data import DataLayoutError, UnreadableImageError, build_benchmark
 
 CLASSES = [f"k{i}" for i in range(10)]
@@ -30,8 +31,8 @@ def cifar_archive(make, tmp_path, monkeypatch):
 
 def test_cifar10_from_its_archive_equals_the_extracted_folders(cifar_archive, tmp_path):
     folder, archive = cifar_archive
-    packed = build_benchmark("cifar10", data_root=tmp_path / "root", seed=3, image_size=16)
-    extracted = build_benchmark("cifar10", data_root=tmp_path / "extracted", seed=3, image_size=16)
+    packed = build_benchmark(DataConfig("cifar10", root=tmp_path / "root"), seed=3, image_size=16)
+    extracted = build_benchmark(DataConfig("cifar10", root=tmp_path / "extracted"), seed=3, image_size=16)
     assert packed.source == str(archive) and extracted.source == str(folder)
     assert packed.class_names == CLASSES and packed.split_sha256() == extracted.split_sha256()
     for ours, theirs in zip(packed.tasks, extracted.tasks):
@@ -46,8 +47,8 @@ def test_a_bad_member_is_named_or_skipped(cifar_archive, tmp_path):
     archive.unlink()
     pack(folder, archive)
     with pytest.raises(UnreadableImageError, match="cifar10-jpg.tar.gz:train/k3/bad.jpg"):
-        build_benchmark("cifar10", data_root=tmp_path / "root")
-    bench = build_benchmark("cifar10", data_root=tmp_path / "root", skip_unreadable=True, image_size=16)
+        build_benchmark(DataConfig("cifar10", root=tmp_path / "root"))
+    bench = build_benchmark(DataConfig("cifar10", root=tmp_path / "root", skip_unreadable=True), image_size=16)
     assert bench.record()["skipped_unreadable"] == 1 and bench.record()["train_images"] == 20
 
 
@@ -55,18 +56,18 @@ def test_broken_or_incomplete_archives(cifar_archive, tmp_path):
     folder, archive = cifar_archive
     archive.write_bytes(archive.read_bytes()[:300])
     with pytest.raises(DataLayoutError, match="cannot read the archive .*cifar10-jpg.tar.gz.*download it again"):
-        build_benchmark("cifar10", data_root=tmp_path / "root")
+        build_benchmark(DataConfig("cifar10", root=tmp_path / "root"))
     for path in (folder / "test" / "k7").iterdir():
         path.unlink()
     (folder / "test" / "k7").rmdir()
     pack(folder, archive)
     with pytest.raises(DataLayoutError, match="train/ and test/ hold different class folders: \\['k7'\\]"):
-        build_benchmark("cifar10", data_root=tmp_path / "root")
+        build_benchmark(DataConfig("cifar10", root=tmp_path / "root"))
 
 
 def test_the_given_root_comes_before_the_cifar10_jpg_variable(cifar_archive, tmp_path, monkeypatch):
     folder, archive = cifar_archive
     monkeypatch.setenv("NORGA_CIFAR10_JPG", str(folder))
-    assert build_benchmark("cifar10", data_root=tmp_path / "root", image_size=16).source == str(archive)
+    assert build_benchmark(DataConfig("cifar10", root=tmp_path / "root"), image_size=16).source == str(archive)
     (tmp_path / "elsewhere").mkdir()
-    assert build_benchmark("cifar10", data_root=tmp_path / "elsewhere", image_size=16).source == str(folder)
+    assert build_benchmark(DataConfig("cifar10", root=tmp_path / "elsewhere"), image_size=16).source == str(folder)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from norga.config import DataConfig
 from norga.data import (
     SOURCES,
     DataLayoutError,
@@ -39,7 +40,7 @@ def test_split_covers_every_class_once():
 
 def test_fashion_mnist_from_idx_files(make, tmp_path):
     data = make.mnist_like("fashion-mnist")
-    bench = build_benchmark("fashion-mnist", data_root=tmp_path, seed=3, image_size=32)
+    bench = build_benchmark(DataConfig("fashion-mnist", root=tmp_path), seed=3, image_size=32)
     assert bench.num_classes == 10 and len(bench.tasks) == 5
     order = class_order(10, 3)
     for index, task in enumerate(bench.tasks):
@@ -60,7 +61,7 @@ def test_fashion_mnist_from_idx_files(make, tmp_path):
 
 def test_mnist_from_uncompressed_idx(make, tmp_path):
     data = make.mnist_like("mnist", compress=False)
-    bench = build_benchmark("mnist", data_root=tmp_path, num_tasks=2, image_size=28)
+    bench = build_benchmark(DataConfig("mnist", root=tmp_path, num_tasks=2), image_size=28)
     assert [len(t.classes) for t in bench.tasks] == [5, 5]
     assert sum(len(t.train) for t in bench.tasks) == len(data["train"][1])
     all_targets = sorted(y for t in bench.tasks for y in t.test.targets)
@@ -69,9 +70,8 @@ def test_mnist_from_uncompressed_idx(make, tmp_path):
 
 def test_train_per_class_subsample_is_seeded(make, tmp_path):
     make.mnist_like("fashion-mnist", train_per_class=10)
-    a = build_benchmark("fashion-mnist", data_root=tmp_path, seed=1, image_size=32, train_per_class=4, test_per_class=2)
-    b = build_benchmark("fashion-mnist", data_root=tmp_path, seed=1, image_size=32, train_per_class=4, test_per_class=2)
-    c = build_benchmark("fashion-mnist", data_root=tmp_path, seed=2, image_size=32, train_per_class=4, test_per_class=2)
+    data = DataConfig("fashion-mnist", root=tmp_path, train_per_class=4, test_per_class=2)
+    a, b, c = (build_benchmark(data, seed=seed, image_size=32) for seed in (1, 1, 2))
     assert all(len(t.train) == 8 and len(t.test) == 4 for t in a.tasks)
     assert all(torch.equal(a.tasks[0].train.load(i), b.tasks[0].train.load(i)) for i in range(8))
     assert a.record()["train_per_class"] == 4 and a.record()["split_sha256"] == b.record()["split_sha256"]
@@ -80,7 +80,7 @@ def test_train_per_class_subsample_is_seeded(make, tmp_path):
 
 def test_cifar100_pickles_split_into_ten_tasks(make, tmp_path):
     make.cifar100()
-    bench = build_benchmark("cifar100", data_root=tmp_path, seed=42, image_size=32)
+    bench = build_benchmark(DataConfig("cifar100", root=tmp_path), seed=42, image_size=32)
     assert bench.tasks[0].classes == [1, 9, 15, 41, 42, 50, 65, 70, 78, 91]
     assert all(len(t.train) == 20 and len(t.test) == 10 for t in bench.tasks)
     assert bench.class_to_task[1] == 0 and bench.class_names[1] == "c1"
@@ -89,7 +89,7 @@ def test_cifar100_pickles_split_into_ten_tasks(make, tmp_path):
 
 def test_cifar10_pickles_keep_pixels_and_labels(make, tmp_path):
     data = make.cifar10()
-    bench = build_benchmark("cifar10", data_root=tmp_path, seed=7, image_size=32)
+    bench = build_benchmark(DataConfig("cifar10", root=tmp_path), seed=7, image_size=32)
     assert len(bench.tasks) == 5 and bench.class_names == [f"k{i}" for i in range(10)]
     assert sum(len(t.train) for t in bench.tasks) == 5 * 40 and sum(len(t.test) for t in bench.tasks) == 20
     pixels, labels = data["test_batch"]
@@ -101,7 +101,7 @@ def test_cifar10_pickles_keep_pixels_and_labels(make, tmp_path):
 
 def test_task_views_share_images_and_order(make, tmp_path):
     make.cifar10()
-    task = build_benchmark("cifar10", data_root=tmp_path, image_size=16).tasks[0]
+    task = build_benchmark(DataConfig("cifar10", root=tmp_path), image_size=16).tasks[0]
     assert task.train_eval.targets == task.train.targets
     plain = task.train_with(None)
     assert plain.targets == task.train.targets and plain[3][0].dtype == torch.uint8
@@ -111,23 +111,24 @@ def test_task_views_share_images_and_order(make, tmp_path):
 
 def test_image_folder_and_its_errors(make, tmp_path):
     make.image_folder()
-    bench = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
+    bench = build_benchmark(DataConfig("imagefolder", root=tmp_path, num_tasks=2), image_size=16)
     assert bench.num_classes == 4 and [len(t.classes) for t in bench.tasks] == [2, 2]
     assert bench.tasks[1].train[0][0].shape == (3, 16, 16) and bench.class_names == ["a", "b", "c", "d"]
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(UnreadableImageError, match="broken.png.*data.skip_unreadable=true"):  # decoded into memory now
-        build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16)
-    lazy = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16, memory_budget_mb=0)
+        build_benchmark(DataConfig("imagefolder", root=tmp_path, num_tasks=2), image_size=16)
+    lazy = build_benchmark(DataConfig("imagefolder", root=tmp_path, num_tasks=2, memory_budget_mb=0), image_size=16)
     task = next(t for t in lazy.tasks if 0 in t.classes)
     assert not task.train.in_memory
     with pytest.raises(UnreadableImageError, match="broken.png"):  # decoded on access
         [task.train[i] for i in range(len(task.train))]
-    skipping = build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2, image_size=16, skip_unreadable=True)
+    skipping = build_benchmark(DataConfig("imagefolder", root=tmp_path, num_tasks=2, skip_unreadable=True),
+                               image_size=16)
     assert skipping.record()["skipped_unreadable"] == 1 and skipping.record()["skipped_files"][0].endswith("broken.png")
     assert sum(len(t.train) for t in skipping.tasks) == 12
     (tmp_path / "test" / "e").mkdir()
     with pytest.raises(DataLayoutError, match="different class folders: \\['e'\\]"):
-        build_benchmark("imagefolder", data_root=tmp_path, num_tasks=2)
+        build_benchmark(DataConfig("imagefolder", root=tmp_path, num_tasks=2))
 
 
 def test_image_folder_missing_or_empty_class_folder(make, tmp_path):
@@ -135,31 +136,31 @@ def test_image_folder_missing_or_empty_class_folder(make, tmp_path):
     for f in (tmp_path / "test" / "c").iterdir():
         f.unlink()
     with pytest.raises(DataLayoutError, match="test/c holds no images"):
-        build_benchmark("imagefolder", data_root=tmp_path)
+        build_benchmark(DataConfig("imagefolder", root=tmp_path))
     (tmp_path / "test" / "c").rmdir()
     with pytest.raises(DataLayoutError, match="different class folders: \\['c'\\]"):
-        build_benchmark("imagefolder", data_root=tmp_path)
+        build_benchmark(DataConfig("imagefolder", root=tmp_path))
 
 
 def test_cifar10_jpeg_folder_with_a_class_missing(make, tmp_path):
     classes = [f"k{i}" for i in range(9)]
     make.image_folder(tmp_path / "cifar10-jpg", classes=classes, per_class=1, size=(32, 32))
     with pytest.raises(DataLayoutError, match="found 9 classes, cifar10 has 10"):
-        build_benchmark("cifar10", data_root=tmp_path)
+        build_benchmark(DataConfig("cifar10", root=tmp_path))
 
 
 def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("NORGA_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/cifar-100-python.*Expected layout.*download"):
-        build_benchmark("cifar100", data_root=tmp_path)
+        build_benchmark(DataConfig("cifar100", root=tmp_path))
     monkeypatch.setenv("NORGA_DOWNLOADS", str(tmp_path / "downloads"))  # searched last: where downloads went
     with pytest.raises(DatasetNotFoundError, match=f"looked in: {tmp_path}/downloads/cifar-100-python. No data root "
                                                    "is set.*NORGA_DATA=DIR or --set data.root=DIR"):
-        build_benchmark("cifar100")
+        build_benchmark(DataConfig("cifar100"))
     with pytest.raises(DatasetNotFoundError, match="imagefolder not found; looked in: nowhere"):
-        build_benchmark("imagefolder")  # nothing to download, so not looked for in the download folder
+        build_benchmark(DataConfig("imagefolder"))  # nothing to download, so not looked for in the download folder
     with pytest.raises(ValueError, match="unknown benchmark 'cifar1000'; known: .*'5-datasets'.*'imagenet-r'"):
-        build_benchmark("cifar1000", data_root=tmp_path)
+        build_benchmark(DataConfig("cifar1000", root=tmp_path))
     expected = {"cifar100", "cifar10", "imagenet-r", "cub200", "5-datasets", "fashion-mnist", "imagefolder"}
     assert expected <= set(known_benchmarks())
 
@@ -171,16 +172,16 @@ def test_failed_download_gives_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("NORGA_DATA", raising=False)
     monkeypatch.setitem(SOURCES, "cub200", dataclasses.replace(SOURCES["cub200"], download=offline))
     with pytest.raises(DatasetNotFoundError, match="cub200 not found.*download into .* failed.*no network access"):
-        build_benchmark("cub200", data_root=tmp_path, download=True)
+        build_benchmark(DataConfig("cub200", root=tmp_path, download=True))
 
 
 def test_data_root_comes_from_the_environment(make, tmp_path, monkeypatch):
     make.mnist_like("fashion-mnist")
     monkeypatch.setenv("NORGA_DATA", str(tmp_path))
-    assert build_benchmark("fashion-mnist", image_size=32).source == str(tmp_path / "fashion-mnist")
+    assert build_benchmark(DataConfig("fashion-mnist"), image_size=32).source == str(tmp_path / "fashion-mnist")
     # an explicit root (that exists) without the data falls back to $NORGA_DATA; one that does not is an error
     (tmp_path / "elsewhere").mkdir()
-    assert build_benchmark("fashion-mnist", data_root=tmp_path / "elsewhere", image_size=32).source == str(
+    assert build_benchmark(DataConfig("fashion-mnist", root=tmp_path / "elsewhere"), image_size=32).source == str(
         tmp_path / "fashion-mnist")
 
 
@@ -191,7 +192,8 @@ def test_fashion_mnist_found_in_the_debian_package_place(make, tmp_path, monkeyp
     debian = dataclasses.replace(SOURCES["fashion-mnist"], fixed_places=(tmp_path / "debian",))
     monkeypatch.setitem(SOURCES, "fashion-mnist", debian)
     (tmp_path / "empty").mkdir()
-    assert build_benchmark("fashion-mnist", data_root=tmp_path / "empty", image_size=28).source == str(tmp_path / "debian")
+    assert build_benchmark(DataConfig("fashion-mnist", root=tmp_path / "empty"),
+                           image_size=28).source == str(tmp_path / "debian")
 
 
 def test_truncated_idx_file_is_a_clear_error(make, tmp_path):
@@ -199,13 +201,13 @@ def test_truncated_idx_file_is_a_clear_error(make, tmp_path):
     path = tmp_path / "mnist" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataLayoutError, match="train-images-idx3-ubyte is truncated"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_custom_transforms_replace_the_official_ones(make, tmp_path):
     make.cifar10()
-    bench = build_benchmark("cifar10", data_root=tmp_path, train_transform=lambda x: x.float().mean(),
-                            test_transform=lambda x: x.shape)
+    bench = build_benchmark(DataConfig("cifar10", root=tmp_path),
+                            train_transform=lambda x: x.float().mean(), test_transform=lambda x: x.shape)
     assert bench.tasks[0].train[0][0].ndim == 0 and bench.tasks[0].test[0][0] == (3, 32, 32)
     assert bench.record()["custom_transforms"] is True
 
@@ -238,9 +240,9 @@ def test_options_that_do_not_fit_the_benchmark_are_one_kind_of_data_error(make, 
 
     make.mnist_like("fashion-mnist")
     with pytest.raises(BenchmarkOptionError, match="cannot split 10 classes into 20 tasks.*data.num_tasks=N.*1 to 10"):
-        build_benchmark("fashion-mnist", data_root=tmp_path, num_tasks=20)
+        build_benchmark(DataConfig("fashion-mnist", root=tmp_path, num_tasks=20))
     with pytest.raises(BenchmarkOptionError, match="unknown normalization"):
-        build_benchmark("fashion-mnist", data_root=tmp_path, normalization="imagenet")
+        build_benchmark(DataConfig("fashion-mnist", root=tmp_path, normalization="imagenet"))
     assert issubclass(BenchmarkOptionError, DataError) and DataError in user_errors()  # one line on the CLI
 
 

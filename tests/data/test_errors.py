@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from norga.config import DataConfig
 from norga.data import (
     DataLayoutError,
     DatasetNotFoundError,
@@ -25,7 +26,7 @@ def mnist(make, tmp_path):
 def test_an_empty_split(make, tmp_path):
     make.mnist_like("mnist", test_per_class=0)
     with pytest.raises(DataLayoutError, match=f"{tmp_path}/mnist: the test split is empty"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_a_class_without_training_images(make, mnist, tmp_path):
@@ -33,13 +34,13 @@ def test_a_class_without_training_images(make, mnist, tmp_path):
     labels[labels == 9] = 8
     make.relabel_idx("mnist", "train", labels)
     with pytest.raises(DataLayoutError, match="no training images for classes \\[9\\] \\(1 of 10\\); the data is"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_a_task_without_test_images(make, mnist, tmp_path):
     make.relabel_idx("mnist", "t10k", np.zeros_like(mnist["t10k"][1]))
     with pytest.raises(DataLayoutError, match="no test images for the classes of task \\d+"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_labels_out_of_range(make, mnist, tmp_path):
@@ -47,20 +48,20 @@ def test_labels_out_of_range(make, mnist, tmp_path):
     labels[0] = 12
     make.relabel_idx("mnist", "train", labels)
     with pytest.raises(DataLayoutError, match="train labels out of range \\[0, 10\\): 12"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_images_and_labels_of_different_counts(make, mnist, tmp_path):
     make.relabel_idx("mnist", "t10k", mnist["t10k"][1][:-1])
     with pytest.raises(DataLayoutError, match=f"{tmp_path}/mnist: 20 t10k images but 19 labels; re-download the IDX files"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_not_an_idx_file(mnist, tmp_path):
     with gzip.open(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", "wb") as handle:
         handle.write(b"<html>a download error page</html>")
     with pytest.raises(DataLayoutError, match="train-images-idx3-ubyte.gz is not an unsigned-byte IDX file"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_cub_tables_that_disagree(make, tmp_path):
@@ -68,7 +69,7 @@ def test_cub_tables_that_disagree(make, tmp_path):
     lines = (root / "image_class_labels.txt").read_text().splitlines()
     (root / "image_class_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(DataLayoutError, match="list different image ids; restore them from CUB_200_2011.tgz"):
-        build_benchmark("cub200", data_root=tmp_path)
+        build_benchmark(DataConfig("cub200", root=tmp_path))
 
 
 def test_manifests_of_another_format_or_with_overlapping_splits(make, tmp_path):
@@ -81,8 +82,8 @@ def test_manifests_of_another_format_or_with_overlapping_splits(make, tmp_path):
     overlapping = {**manifest, "test": [*manifest["test"], manifest["train"][0]]}
     path = write_manifest(overlapping, tmp_path / "overlap.json")
     with pytest.raises(DataLayoutError, match="lists files in both train and test"):
-        build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8, num_tasks=2,
-                        memory_budget_mb=0)
+        build_benchmark(DataConfig("imagenet-r", root=tmp_path, split_manifest=path, num_tasks=2, memory_budget_mb=0),
+                        image_size=8)
 
 
 class _RunsCode:
@@ -103,7 +104,7 @@ def test_a_crafted_cifar_batch_file_that_would_run_code_is_refused(make, tmp_pat
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({"data": _RunsCode(f"touch {marker}")}))
     with pytest.raises(DataLayoutError, match="refusing to read .*data_batch_3: it refers to posix.system, which no "
                                               "CIFAR batch file holds"):
-        build_benchmark("cifar10", data_root=tmp_path)
+        build_benchmark(DataConfig("cifar10", root=tmp_path))
     assert not marker.exists()
 
 
@@ -114,7 +115,7 @@ def test_a_cifar_batch_file_written_by_python_2_reads(make, tmp_path):
     entry = {"batch_label": b"training batch 1 of 5", "labels": list(range(10)) * 4,
              "data": np.random.randint(0, 256, (40, 3072), dtype=np.uint8), "filenames": [b"x.png"] * 40}
     (folder / "data_batch_1").write_bytes(pickle.dumps(entry, protocol=2))
-    bench = build_benchmark("cifar10", data_root=tmp_path, num_tasks=5)
+    bench = build_benchmark(DataConfig("cifar10", root=tmp_path, num_tasks=5))
     assert sum(len(task.train) for task in bench.tasks) == 5 * 40
 
 
@@ -122,11 +123,11 @@ def test_a_truncated_gz_file_is_named(mnist, tmp_path):
     path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataLayoutError, match=f"{path} is truncated or not gzip data"):
-        build_benchmark("mnist", data_root=tmp_path)
+        build_benchmark(DataConfig("mnist", root=tmp_path))
 
 
 def test_an_explicit_data_root_that_does_not_exist_is_an_error(mnist, tmp_path, monkeypatch):
     monkeypatch.setenv("NORGA_DATA", str(tmp_path))  # which holds the data: no silent fallback to it
     with pytest.raises(DatasetNotFoundError, match=f"data root {tmp_path / 'nowhere'} does not exist"):
-        build_benchmark("mnist", data_root=tmp_path / "nowhere")
-    assert len(build_benchmark("mnist").tasks) == 5  # unset, $NORGA_DATA is read
+        build_benchmark(DataConfig("mnist", root=tmp_path / "nowhere"))
+    assert len(build_benchmark(DataConfig("mnist")).tasks) == 5  # unset, $NORGA_DATA is read

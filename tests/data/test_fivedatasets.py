@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from norga.config import DataConfig
 from norga.data import build_benchmark, dataset_order
 from norga.data.fivedatasets import OFFICIAL_ORDER, cifar_style_flags
 
@@ -37,7 +38,7 @@ def five_root(make, tmp_path):
 
 
 def test_five_datasets_tasks_and_label_offsets(five_root):
-    bench = build_benchmark("5-datasets", data_root=five_root, seed=42, image_size=16)
+    bench = build_benchmark(DataConfig("5-datasets", root=five_root), seed=42, image_size=16)
     assert bench.num_classes == 50 and len(bench.tasks) == 5
     assert bench.record()["dataset_order"] == ["NotMNIST", "MNIST", "CIFAR10", "FashionMNIST", "SVHN"]
     train_sizes = {"NotMNIST": 20, "MNIST": 20, "CIFAR10": 50, "FashionMNIST": 30, "SVHN": 20}
@@ -63,8 +64,8 @@ def white_pixel_after_test_transform(task):
 
 @pytest.mark.parametrize("carryover", [False, True])
 def test_each_dataset_has_its_own_transform_unless_carryover(five_root, carryover):
-    bench = build_benchmark("5-datasets", data_root=five_root, seed=42, image_size=16, normalization="official",
-                            fiveds_transform_carryover=carryover)
+    data = DataConfig("5-datasets", root=five_root, normalization="official", fiveds_transform_carryover=carryover)
+    bench = build_benchmark(data, seed=42, image_size=16)
     cifar_value = pytest.approx((1 - CIFAR100_MEAN0) / CIFAR100_STD0, rel=1e-4)
     values = [white_pixel_after_test_transform(t) for t in bench.tasks]
     # order NotMNIST, MNIST, CIFAR10, FashionMNIST, SVHN
@@ -80,6 +81,6 @@ def test_each_dataset_has_its_own_transform_unless_carryover(five_root, carryove
 
 def test_five_datasets_errors(five_root):
     with pytest.raises(ValueError, match="5-datasets has exactly 5 tasks"):
-        build_benchmark("5-datasets", data_root=five_root, num_tasks=10)
+        build_benchmark(DataConfig("5-datasets", root=five_root, num_tasks=10))
     with pytest.raises(ValueError, match="fiveds_transform_carryover only applies to the 5-datasets"):
-        build_benchmark("cifar10", data_root=five_root, fiveds_transform_carryover=True)
+        build_benchmark(DataConfig("cifar10", root=five_root, fiveds_transform_carryover=True))

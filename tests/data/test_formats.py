@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from norga.config import DataConfig
 from norga.data import (
     DataLayoutError,
     DatasetNotFoundError,
@@ -16,7 +17,7 @@ from norga.data.registry import SOURCES, locate
 
 def test_svhn_mat_pixels_and_labels(make, tmp_path):
     data = make.svhn()
-    bench = build_benchmark("svhn", data_root=tmp_path, seed=0, image_size=32)
+    bench = build_benchmark(DataConfig("svhn", root=tmp_path), seed=0, image_size=32)
     assert len(bench.tasks) == 5 and sum(len(t.train) for t in bench.tasks) == 30
     pixels, digits = data["test"]
     task = bench.tasks[1]
@@ -28,7 +29,7 @@ def test_svhn_mat_pixels_and_labels(make, tmp_path):
 
 def test_notmnist_folder_labels_are_letters(make, tmp_path):
     make.notmnist()
-    bench = build_benchmark("notmnist", data_root=tmp_path, seed=1, num_tasks=2, image_size=28)
+    bench = build_benchmark(DataConfig("notmnist", root=tmp_path, num_tasks=2), seed=1, image_size=28)
     assert bench.class_names == list("ABCDEFGHIJ")
     assert sum(len(t.train) for t in bench.tasks) == 30 and sum(len(t.test) for t in bench.tasks) == 20
     task = bench.tasks[0]
@@ -45,16 +46,16 @@ def test_notmnist_broken_file_is_named_or_skipped_and_counted(make, tmp_path):
     make.notmnist()
     (tmp_path / "notMNIST" / "Train" / "C" / "bad.png").write_bytes(b"garbage")
     with pytest.raises(UnreadableImageError, match="C/bad.png"):
-        build_benchmark("notmnist", data_root=tmp_path)
-    bench = build_benchmark("notmnist", data_root=tmp_path, skip_unreadable=True, image_size=28)
+        build_benchmark(DataConfig("notmnist", root=tmp_path))
+    bench = build_benchmark(DataConfig("notmnist", root=tmp_path, skip_unreadable=True), image_size=28)
     assert bench.record()["skipped_unreadable"] == 1 and sum(len(t.train) for t in bench.tasks) == 30
 
 
 def test_notmnist_read_from_the_zip_without_extracting(make, tmp_path):
     make.notmnist_zip(broken="notMNIST/Train/B/broken.png")
     with pytest.raises(UnreadableImageError, match="broken.png"):
-        build_benchmark("notmnist", data_root=tmp_path)
-    bench = build_benchmark("notmnist", data_root=tmp_path, skip_unreadable=True, image_size=28, num_tasks=1)
+        build_benchmark(DataConfig("notmnist", root=tmp_path))
+    bench = build_benchmark(DataConfig("notmnist", root=tmp_path, skip_unreadable=True, num_tasks=1), image_size=28)
     assert sorted(bench.tasks[0].train.targets) == sorted(list(range(10)) * 2)
     assert len(bench.tasks[0].test) == 10 and bench.record()["skipped_unreadable"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notMNIST.zip"]  # nothing extracted
@@ -62,7 +63,8 @@ def test_notmnist_read_from_the_zip_without_extracting(make, tmp_path):
 
 def test_cub_official_split_and_labels(make, tmp_path):
     root = make.cub(train_per_class=2, test_per_class=1)
-    bench = build_benchmark("cub200", data_root=tmp_path, seed=42, image_size=16, memory_budget_mb=0)  # file lists
+    bench = build_benchmark(DataConfig("cub200", root=tmp_path, memory_budget_mb=0),
+                            seed=42, image_size=16)  # file lists
     assert bench.num_classes == 200 and len(bench.tasks) == 10 and all(len(t.classes) == 20 for t in bench.tasks)
     assert bench.tasks[0].classes == sorted(class_order(200, 42)[:20])
     assert sum(len(t.train) for t in bench.tasks) == 400 and sum(len(t.test) for t in bench.tasks) == 200
@@ -71,7 +73,8 @@ def test_cub_official_split_and_labels(make, tmp_path):
     label = task.test.targets[0]
     assert task.test.images[0].name == f"{bench.class_names[label]}_2.jpg"  # is_training 0 -> test
     assert task.train[0][0].shape == (3, 16, 16)
-    held = build_benchmark("cub200", data_root=tmp_path, seed=42, image_size=16)  # small: decoded once, same data
+    held = build_benchmark(DataConfig("cub200", root=tmp_path),
+                           seed=42, image_size=16)  # small: decoded once, same data
     assert held.tasks[0].test.in_memory and not task.test.in_memory
     assert held.split_sha256() == bench.split_sha256()
     assert all(torch.equal(held.tasks[0].test.load(i), task.test.load(i)) for i in range(len(task.test)))
@@ -81,21 +84,21 @@ def test_cub_errors(make, tmp_path):
     root = make.cub(num_classes=200)
     (root / "images" / "005.Bird_4" / "005.Bird_4_0.jpg").unlink()
     with pytest.raises(DataLayoutError, match="1 images listed in .*images.txt are missing.*005.Bird_4_0.jpg"):
-        build_benchmark("cub200", data_root=tmp_path)
+        build_benchmark(DataConfig("cub200", root=tmp_path))
     (root / "train_test_split.txt").unlink()
     with pytest.raises(DataLayoutError, match="train_test_split.txt is missing"):
-        build_benchmark("cub200", data_root=tmp_path)
+        build_benchmark(DataConfig("cub200", root=tmp_path))
 
 
 def test_cub_with_too_few_classes(make, tmp_path):
     make.cub(num_classes=3)
     with pytest.raises(DataLayoutError, match="found 3 classes, cub200 has 200"):
-        build_benchmark("cub200", data_root=tmp_path)
+        build_benchmark(DataConfig("cub200", root=tmp_path))
 
 
 def test_any_torchvision_dataset(make, tmp_path):
     data = make.mnist_like("MNIST/raw", compress=False)
-    bench = build_benchmark("torchvision/MNIST", data_root=tmp_path, num_tasks=5, image_size=28, seed=5)
+    bench = build_benchmark(DataConfig("torchvision/MNIST", root=tmp_path, num_tasks=5), image_size=28, seed=5)
     assert bench.num_classes == 10 and bench.class_names[3] == "3 - three"
     assert sum(len(t.train) for t in bench.tasks) == 60
     task = bench.tasks[0]
@@ -103,9 +106,9 @@ def test_any_torchvision_dataset(make, tmp_path):
     assert torch.equal(task.test.load(0), torch.from_numpy(data["t10k"][0][first]).expand(3, -1, -1))
     assert task.test[0][0].shape == (3, 28, 28) and bench.record()["torchvision_class"] == "MNIST"
     with pytest.raises(DatasetNotFoundError, match="torchvision/KMNIST not found.*download=True"):
-        build_benchmark("torchvision/KMNIST", data_root=tmp_path)
+        build_benchmark(DataConfig("torchvision/KMNIST", root=tmp_path))
     with pytest.raises(ValueError, match="torchvision has no dataset 'Nope'; known: .*'CIFAR10'"):
-        build_benchmark("torchvision/Nope", data_root=tmp_path)
+        build_benchmark(DataConfig("torchvision/Nope", root=tmp_path))
 
 
 def test_locate_prefers_the_explicit_root(make, tmp_path, monkeypatch):

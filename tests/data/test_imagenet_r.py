@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from norga.config import DataConfig
 from norga.data import (
     DataLayoutError,
     build_benchmark,
@@ -59,7 +60,7 @@ def test_manifest_round_trip_and_tampering(make, tmp_path):
 def test_imagenet_r_benchmark_uses_the_manifest(make, tmp_path):
     root = make.imagenet_r()
     before = snapshot(root)
-    bench = build_benchmark("imagenet-r", data_root=tmp_path, seed=42, image_size=8)
+    bench = build_benchmark(DataConfig("imagenet-r", root=tmp_path), seed=42, image_size=8)
     assert bench.num_classes == 200 and len(bench.tasks) == 10 and all(len(t.classes) == 20 for t in bench.tasks)
     assert [len(t.train) for t in bench.tasks] == [80] * 10 and [len(t.test) for t in bench.tasks] == [20] * 10
     record = bench.record()["split_manifest"]
@@ -68,7 +69,8 @@ def test_imagenet_r_benchmark_uses_the_manifest(make, tmp_path):
     # an explicit manifest is used as given (here: another seed's split), and recorded
     other = make_split_manifest(root, "imagenet-r", seed=3)
     path = write_manifest(other, tmp_path / "other.json")
-    explicit = build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path, image_size=8, memory_budget_mb=0)
+    explicit = build_benchmark(DataConfig("imagenet-r", root=tmp_path, split_manifest=path, memory_budget_mb=0),
+                               image_size=8)
     assert explicit.record()["split_manifest"] == {"source": str(path), "version": 1, "sha256": other["sha256"]}
     test_files = {str(p.relative_to(root)) for t in explicit.tasks for p in t.test.images}
     assert test_files == set(other["test"])
@@ -79,19 +81,19 @@ def test_imagenet_r_benchmark_uses_the_manifest(make, tmp_path):
 def test_imagenet_r_errors(make, tmp_path):
     root = make.imagenet_r(num_classes=199, per_class=2)
     with pytest.raises(DataLayoutError, match="found 199 classes, imagenet-r has 200"):
-        build_benchmark("imagenet-r", data_root=tmp_path)
+        build_benchmark(DataConfig("imagenet-r", root=tmp_path))
     moved = tmp_path / "official" / "imagenet-r"
     (moved / "train" / "n0").mkdir(parents=True)
     (moved / "test" / "n0").mkdir(parents=True)
     with pytest.raises(DataLayoutError, match="official code's split moved the files.*Extract imagenet-r.tar again"):
-        build_benchmark("imagenet-r", data_root=tmp_path / "official")
+        build_benchmark(DataConfig("imagenet-r", root=tmp_path / "official"))
     manifest = make_split_manifest(root, "imagenet-r")
     path = write_manifest(manifest, tmp_path / "m.json")
     (root / manifest["train"][0]).unlink()
     with pytest.raises(DataLayoutError, match="missing under"):
-        build_benchmark("imagenet-r", data_root=tmp_path, split_manifest=path)
+        build_benchmark(DataConfig("imagenet-r", root=tmp_path, split_manifest=path))
     with pytest.raises(ValueError, match="split_manifest only applies to imagenet-r"):
-        build_benchmark("cub200", data_root=tmp_path, split_manifest=path)
+        build_benchmark(DataConfig("cub200", root=tmp_path, split_manifest=path))
 
 
 def test_manifest_command_line_makes_and_verifies(make, tmp_path, capsys):
@@ -126,6 +128,6 @@ def test_the_shipped_manifest_is_package_data_and_preferred(make, tmp_path, monk
     root = make.imagenet_r(per_class=3)
     fixture = write_manifest(make_split_manifest(root, "imagenet-r", seed=5), tmp_path / "shipped.json")
     monkeypatch.setattr(folders, "shipped_manifest", lambda: fixture)
-    bench = build_benchmark("imagenet-r", data_root=tmp_path, image_size=8)
+    bench = build_benchmark(DataConfig("imagenet-r", root=tmp_path), image_size=8)
     assert bench.record()["split_manifest"]["source"] == str(fixture)
     assert bench.record()["split_manifest"]["sha256"] == read_manifest(fixture)["sha256"]

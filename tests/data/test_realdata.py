@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from norga.config import DataConfig
 from norga.data import build_benchmark, class_order
 
 REAL = os.environ.get("NORGA_DATA")
@@ -19,7 +20,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 @pytest.mark.skipif(not REAL or not (Path(REAL or "/") / "fashion-mnist").is_dir(),
                     reason="real Fashion-MNIST absent: set NORGA_DATA to ../shared/data")
 def test_real_fashion_mnist_counts():
-    bench = build_benchmark("fashion-mnist", image_size=32, seed=42)
+    bench = build_benchmark(DataConfig("fashion-mnist"), image_size=32, seed=42)
     assert bench.source == str(Path(REAL) / "fashion-mnist")
     assert [len(t.train) for t in bench.tasks] == [12000] * 5 and [len(t.test) for t in bench.tasks] == [2000] * 5
     assert np.bincount([y for t in bench.tasks for y in t.train.targets]).tolist() == [6000] * 10
@@ -36,7 +37,7 @@ def test_real_fashion_mnist_counts():
                     "(.ci/run does)")
 def test_real_cifar10_jpeg_counts(monkeypatch, tmp_path):
     monkeypatch.setenv("NORGA_DATA", str(tmp_path))  # only the JPEG folders, not pickles elsewhere
-    bench = build_benchmark("cifar10", image_size=32, seed=42)
+    bench = build_benchmark(DataConfig("cifar10"), image_size=32, seed=42)
     assert bench.source == CIFAR10_JPG and bench.class_names == CIFAR10_CLASSES
     assert [len(t.train) for t in bench.tasks] == [10000] * 5 and [len(t.test) for t in bench.tasks] == [2000] * 5
     assert np.bincount([y for t in bench.tasks for y in t.train.targets]).tolist() == [5000] * 10
@@ -53,7 +54,7 @@ ARCHIVE = Path(REAL or "/") / "cifar10" / "cifar10-jpg.tar.gz"
                     "../shared/data (it holds cifar10/cifar10-jpg.tar.gz)")
 def test_real_cifar10_read_from_its_archive(monkeypatch):
     monkeypatch.delenv("NORGA_CIFAR10_JPG", raising=False)
-    bench = build_benchmark("cifar10", image_size=32, seed=1)
+    bench = build_benchmark(DataConfig("cifar10"), image_size=32, seed=1)
     assert bench.source == str(ARCHIVE) and bench.class_names == CIFAR10_CLASSES
     assert [len(t.train) for t in bench.tasks] == [10000] * 5 and [len(t.test) for t in bench.tasks] == [2000] * 5
     assert [t.classes for t in bench.tasks] == [sorted(class_order(10, 1)[2 * i : 2 * i + 2]) for i in range(5)]

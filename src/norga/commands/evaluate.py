@@ -62,24 +62,25 @@ def handle(args: argparse.Namespace) -> int:
 
     def evaluate(built, dist):
         RunDirectory(args.run_dir, create=False, write=False).check_benchmark(built.records)
-        return reevaluate(args.run_dir, built.model, built.tasks, built.num_classes, stored, config, changes,
-                          task=None if args.task is None else args.task - 1, slots=args.slots,
-                          device=built.device, dist=dist, init_generator=built.init_generator)
+        return reevaluate(args.run_dir, built, stored, changes, task=None if args.task is None else args.task - 1,
+                          slots=args.slots, dist=dist)
 
     return evaluate_and_report(config, evaluate, args.output)
 
 
 def evaluate_and_report(config, evaluate, output) -> int:
-    """Build `config`'s model and data (each process of a torchrun job), ``evaluate(built, dist)``, then on
-    rank 0 write the record (to `output`, default the run's evaluations/) and print its table."""
-    from norga.engine.build import build_run, resolve_device
+    """Resolve `config` and build its model and data (each process of a torchrun job), ``evaluate(built, dist)``,
+    then on rank 0 write the record (to `output`, default the run's evaluations/) and print its table."""
+    from norga.engine.build import build_run
     from norga.engine.reevaluate import format_evaluation, write_evaluation
+    from norga.engine.resolve import resolve_config
     from norga.runtime.distributed import init_distributed, shutdown_distributed
 
-    dist = init_distributed(resolve_device(config.device).type)
+    resolved = resolve_config(config)
+    dist = init_distributed(resolved.device.type)
     finished = False
     try:
-        evaluation = evaluate(build_run(config), dist)
+        evaluation = evaluate(build_run(resolved), dist)
         finished = True
     finally:
         shutdown_distributed(clean=finished)
@@ -105,12 +106,10 @@ def handle_official(args: argparse.Namespace) -> int:
                                     "official run's --output_dir (it holds checkpoint/task<K>_checkpoint.pth)")
     from norga.engine.official_evaluation import default_output, evaluate_official, official_config
 
-    stored, config, changes = official_config(args.preset, args.overrides)
+    _, config, changes = official_config(args.preset, args.overrides)
 
     def evaluate(built, dist):
-        return evaluate_official(args.tii_dir, args.prompt_dir, args.preset, built.model, built.tasks,
-                                 built.num_classes, stored, config, changes,
-                                 task=None if args.task is None else args.task - 1, slots=args.slots,
-                                 device=built.device, dist=dist, init_generator=built.init_generator)
+        return evaluate_official(args.tii_dir, args.prompt_dir, args.preset, built, changes,
+                                 task=None if args.task is None else args.task - 1, slots=args.slots, dist=dist)
 
     return evaluate_and_report(config, evaluate, args.output or default_output(args.prompt_dir))

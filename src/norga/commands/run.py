@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from norga.config_io import load_config
@@ -44,25 +45,23 @@ def handle(args: argparse.Namespace) -> int:
         from norga.engine.run_dir import run_stamp
 
         run_dir = args.run_dir or Path(config.output_dir) / f"{name}-{run_stamp()}"
-    from norga.engine.build import build_run, resolve_device  # torch, timm and data readers load only for a run
+    from norga.engine.build import build_run  # torch, timm and data readers load only for a run
     from norga.engine.loop import run_experiment
     from norga.engine.progress import Progress
+    from norga.engine.resolve import resolve_config
     from norga.runtime.distributed import init_distributed, shutdown_distributed
 
-    dist = init_distributed(resolve_device(config.device).type)  # under torchrun: join the job
+    resolved = resolve_config(config)  # once: the device, amp and data root the run records
+    dist = init_distributed(resolved.device.type)  # under torchrun: join the job
     finished = False
     try:
         run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamp for every process
         args.resumable = (run_dir / "config.yaml", f"norga run --resume {run_dir}")  # for Ctrl-C and a full disk
-        built = build_run(config)
-        device = built.device
-        if dist.enabled and device.type == "cuda":
-            device = torch_device_of_rank(dist.local_rank)
-        matrices = run_experiment(
-            config, built.model, built.tasks, built.num_classes, run_dir, resume=bool(args.resume), device=device,
-            progress=Progress.for_command(args.quiet, enabled=dist.is_main), records=built.records, dist=dist,
-            init_generator=built.init_generator,
-        )
+        built = build_run(resolved)
+        if dist.enabled and built.device.type == "cuda":
+            built = replace(built, device=torch_device_of_rank(dist.local_rank))
+        matrices = run_experiment(built, run_dir, resume=bool(args.resume),
+                                  progress=Progress.for_command(args.quiet, enabled=dist.is_main), dist=dist)
         finished = True
     finally:
         shutdown_distributed(clean=finished)

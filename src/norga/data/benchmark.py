@@ -1,7 +1,7 @@
 """Continual benchmarks: labelled image sources split into tasks by the seeded official class order.
 
-One entry point, `build_benchmark(name, ...)`, over a registry of benchmark names (`BENCHMARKS`, plus
-``torchvision/<DatasetClass>`` for any torchvision classification dataset).
+One entry point, `build_benchmark(DataConfig(benchmark=name, ...), ...)`, over a registry of benchmark names
+(`BENCHMARKS`, plus ``torchvision/<DatasetClass>`` for any torchvision classification dataset).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from norga.config import DataConfig
 from norga.data.datasets import ImageDataset, SourceData
 from norga.data.decode import ReadOptions
 from norga.data.errors import BenchmarkOptionError, DataLayoutError, DatasetNotFoundError
@@ -84,21 +85,22 @@ class ContinualBenchmark:
 
 @dataclass
 class _Options:
+    """How to build a benchmark: the data section, the seed and what only the backbone knows."""
+
+    data: DataConfig
     seed: int
-    num_tasks: int | None
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    normalization: str
-    train_per_class: int | None
-    test_per_class: int | None
-    download: bool
-    reading: ReadOptions
     train_transform: Callable | None
     test_transform: Callable | None
 
+    @property
+    def reading(self) -> ReadOptions:
+        return ReadOptions(self.data.skip_unreadable, self.data.memory_budget_mb, self.data.split_manifest)
+
     def transforms(self, cifar_style: bool) -> tuple[Callable, Callable]:
-        train, test = build_transforms(self.image_size, self.mean, self.std, self.normalization, cifar_style)
+        train, test = build_transforms(self.image_size, self.mean, self.std, self.data.normalization, cifar_style)
         return self.train_transform or train, self.test_transform or test
 
 
@@ -113,14 +115,14 @@ def subsample_per_class(dataset: ImageDataset, per_class: int, seed: int) -> Ima
     return dataset.subset(chosen)
 
 
-def _read(name: str, data_root, opts: _Options) -> tuple[SourceData, str]:
+def _read(name: str, opts: _Options) -> tuple[SourceData, str]:
     """Read source `name` and check it holds the classes the benchmark needs."""
     if name.startswith(TORCHVISION_PREFIX):
-        roots = search_roots(data_root)
+        roots = search_roots(opts.data.root)
         if not roots:
             raise DatasetNotFoundError(f"{name}: no data root to look in: {SET_ROOT}")
-        return read_torchvision(name[len(TORCHVISION_PREFIX):], roots[0], opts.download), str(roots[0])
-    path = locate(name, data_root, opts.download)
+        return read_torchvision(name[len(TORCHVISION_PREFIX):], roots[0], opts.data.download), str(roots[0])
+    path = locate(name, opts.data.root, opts.data.download)
     data = SOURCES[name].read(path, opts.reading)
     if not isinstance(data, SourceData):
         data = SourceData(*data)
@@ -146,10 +148,10 @@ def _check_classes(data: SourceData, num_classes: int, where: str) -> None:
 
 def _sized(data: SourceData, opts: _Options) -> tuple[ImageDataset, ImageDataset]:
     train, test = data.train, data.test
-    if opts.train_per_class is not None:
-        train = subsample_per_class(train, opts.train_per_class, opts.seed)
-    if opts.test_per_class is not None:
-        test = subsample_per_class(test, opts.test_per_class, opts.seed)
+    if opts.data.train_per_class is not None:
+        train = subsample_per_class(train, opts.data.train_per_class, opts.seed)
+    if opts.data.test_per_class is not None:
+        test = subsample_per_class(test, opts.data.test_per_class, opts.seed)
     return train, test
 
 
@@ -169,9 +171,9 @@ def _skipped(*datasets: ImageDataset) -> dict:
     return {"skipped_unreadable": len(files), "skipped_files": files[:20]}
 
 
-def _split_benchmark(name: str, data_root, opts: _Options, fiveds_transform_carryover=False):
+def _split_benchmark(name: str, opts: _Options) -> ContinualBenchmark:
     """One labelled source, classes shuffled by the seed and cut into tasks."""
-    data, where = _read(name, data_root, opts)
+    data, where = _read(name, opts)
     source = SOURCES.get(name)
     num_classes = (source.num_classes if source else 0) or len(data.class_names)
     _check_classes(data, num_classes, where)
@@ -180,19 +182,20 @@ def _split_benchmark(name: str, data_root, opts: _Options, fiveds_transform_carr
     order = class_order(num_classes, opts.seed)
     transforms = opts.transforms(bool(source and source.cifar_style))
     tasks = [_task(i, classes, train, test, transforms, where)
-             for i, classes in enumerate(split_into_tasks(order, opts.num_tasks or default_tasks))]
+             for i, classes in enumerate(split_into_tasks(order, opts.data.num_tasks or default_tasks))]
     details = {**data.details, **_skipped(data.train, data.test)}
     return ContinualBenchmark(name, num_classes, order, list(data.class_names), tasks, where, details)
 
 
-def _five_datasets(name: str, data_root, opts: _Options, fiveds_transform_carryover=False):
+def _five_datasets(name: str, opts: _Options) -> ContinualBenchmark:
     """5-Datasets: one task per dataset in the seeded official order, labels offset by 10 per position."""
-    if opts.num_tasks not in (None, 5):
-        raise BenchmarkOptionError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.num_tasks}")
+    if opts.data.num_tasks not in (None, 5):
+        raise BenchmarkOptionError(f"5-datasets has exactly 5 tasks (one per dataset), not {opts.data.num_tasks}")
     order = dataset_order(opts.seed)
+    carryover = cifar_style_flags(order, opts.data.fiveds_transform_carryover)
     tasks, names, paths, skipped = [], [], {}, []
-    for index, (dataset, cifar_style) in enumerate(zip(order, cifar_style_flags(order, fiveds_transform_carryover))):
-        data, where = _read(SOURCE_OF[dataset], data_root, opts)
+    for index, (dataset, cifar_style) in enumerate(zip(order, carryover)):
+        data, where = _read(SOURCE_OF[dataset], opts)
         _check_classes(data, 10, where)
         train, test = (d.relabel(10 * index) for d in _sized(data, opts))
         classes = list(range(10 * index, 10 * index + 10))
@@ -200,8 +203,7 @@ def _five_datasets(name: str, data_root, opts: _Options, fiveds_transform_carryo
         names += [f"{dataset}:{c}" for c in data.class_names]
         paths[dataset] = where
         skipped += [data.train, data.test]
-    details = {"dataset_order": order, "sources": paths, **_skipped(*skipped),
-               "cifar_style_transforms": cifar_style_flags(order, fiveds_transform_carryover)}
+    details = {"dataset_order": order, "sources": paths, **_skipped(*skipped), "cifar_style_transforms": carryover}
     return ContinualBenchmark(name, 50, list(range(50)), names, tasks, "; ".join(paths.values()), details)
 
 
@@ -214,78 +216,76 @@ def known_benchmarks() -> list[str]:
     return [*sorted(BENCHMARKS), f"{TORCHVISION_PREFIX}<DatasetClass>"]
 
 
-def _builder(name: str, split_manifest, fiveds_transform_carryover: bool) -> Callable[..., ContinualBenchmark]:
-    """The builder of benchmark `name`, after checking the options given fit it."""
+def _builder(data: DataConfig) -> Callable[[str, _Options], ContinualBenchmark]:
+    """The builder of ``data.benchmark``, after checking the data section's options fit it."""
+    name = data.benchmark
     if name.startswith(TORCHVISION_PREFIX):
         builder = _split_benchmark
     elif name in BENCHMARKS:
         builder = BENCHMARKS[name]
     else:
         raise BenchmarkOptionError(f"unknown benchmark {name!r}; known: {known_benchmarks()}")
-    if split_manifest is not None and name != "imagenet-r":
+    if data.split_manifest is not None and name != "imagenet-r":
         raise BenchmarkOptionError(f"split_manifest only applies to imagenet-r (the one without an official split), "
                                    f"not {name!r}")
-    if fiveds_transform_carryover and builder is not _five_datasets:
+    if data.fiveds_transform_carryover and builder is not _five_datasets:
         raise BenchmarkOptionError("fiveds_transform_carryover only applies to the 5-datasets benchmark")
     return builder
 
 
-def _refuse_missing_root(data_root: str | Path | None, download: bool) -> None:
+def _refuse_missing_root(data: DataConfig) -> None:
     """An explicit data root that does not exist is an error, never a fall-back to $NORGA_DATA."""
-    if data_root is not None and not download and not Path(data_root).is_dir():
-        raise DatasetNotFoundError(f"data root {data_root} does not exist: fix data.root (--set data.root=DIR), or "
+    if data.root is not None and not data.download and not Path(data.root).is_dir():
+        raise DatasetNotFoundError(f"data root {data.root} does not exist: fix data.root (--set data.root=DIR), or "
                                    "leave it unset to read $NORGA_DATA, or allow a download into it with "
                                    "data.download=true")
 
 
-def check_benchmark_data(name: str, *, data_root: str | Path | None = None, download: bool = False,
-                         split_manifest: str | Path | None = None, fiveds_transform_carryover: bool = False) -> str | None:
-    """The cheap checks of `build_benchmark`, before anything slow (a backbone download) is started: the name and
-    options fit, and every dataset the benchmark reads is where it is looked for (downloaded when `download`).
+def check_benchmark_data(data: DataConfig) -> str | None:
+    """The search for the data section's benchmark, before anything slow (a backbone download) is started: the
+    name and options fit, and every dataset the benchmark reads is where it is looked for (downloaded when
+    ``data.download``).
 
-    Returns the data root to record, absolute: the search root (`data_root`, else $NORGA_DATA) the data was found
-    under, so a run resumes without the environment; `data_root` itself when it was found elsewhere.
+    Returns the data root to record, absolute: the search root (``data.root``, else $NORGA_DATA) the data was found
+    under, so a run resumes without the environment; ``data.root`` itself when it was found elsewhere.
     """
-    builder = _builder(name, split_manifest, fiveds_transform_carryover)
-    _refuse_missing_root(data_root, download)
-    roots = search_roots(data_root)
-    if name.startswith(TORCHVISION_PREFIX):
+    builder = _builder(data)
+    _refuse_missing_root(data)
+    roots = search_roots(data.root)
+    if data.benchmark.startswith(TORCHVISION_PREFIX):
         if not roots:
-            raise DatasetNotFoundError(f"{name}: no data root to look in: {SET_ROOT}")
+            raise DatasetNotFoundError(f"{data.benchmark}: no data root to look in: {SET_ROOT}")
         return str(roots[0].resolve())
-    found = [locate(source, data_root, download) for source in
-             (SOURCE_OF.values() if builder is _five_datasets else [name])]
+    found = [locate(source, data.root, data.download) for source in
+             (SOURCE_OF.values() if builder is _five_datasets else [data.benchmark])]
     for root in roots:
         if any(path.resolve().is_relative_to(root.resolve()) for path in found):
             return str(root.resolve())
-    return str(Path(data_root).resolve()) if data_root else None
+    return str(Path(data.root).resolve()) if data.root else None
 
 
 def build_benchmark(
-    name: str, *, data_root: str | Path | None = None, seed: int = 42, num_tasks: int | None = None,
-    image_size: int = 224, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
-    normalization: str = "backbone", train_per_class: int | None = None, test_per_class: int | None = None,
-    download: bool = False, fiveds_transform_carryover: bool = False, skip_unreadable: bool = False,
-    memory_budget_mb: int = 2048, split_manifest: str | Path | None = None, train_transform: Callable | None = None,
+    data: DataConfig, *, seed: int = 42, image_size: int = 224, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    std: tuple[float, ...] = (0.5, 0.5, 0.5), train_transform: Callable | None = None,
     test_transform: Callable | None = None,
 ) -> ContinualBenchmark:
-    """Read benchmark `name`, order its classes by `seed` and split them into `num_tasks` tasks.
+    """Read the benchmark the data section `data` describes, order its classes by `seed` and split them into
+    ``data.num_tasks`` tasks, read from ``data.root`` (`check_benchmark_data` finds the root a run records).
 
-    ``image_size``, ``mean``, ``std``: the backbone's input (see `transforms.backbone_input`);
-    ``normalization``: "backbone" (mean/std above) or "official" (NORGA_SPEC P7); ``train_transform`` /
-    ``test_transform`` replace the official transforms; ``skip_unreadable``: leave out (and count) image files
-    that cannot be decoded instead of failing; ``memory_budget_mb``: image-file datasets whose decoded pixels fit
-    are decoded once and held in memory (0: decode on access); ``split_manifest``: an ImageNet-R split manifest file;
-    ``fiveds_transform_carryover``: reproduce the official 5-datasets transform bug (P6).
+    ``image_size``, ``mean``, ``std``: the backbone's input (see `transforms.backbone_input`); ``train_transform``
+    / ``test_transform`` replace the official transforms. Of `data` (`norga.config.DataConfig`):
+    ``normalization`` "backbone" (mean/std above) or "official" (NORGA_SPEC P7); ``skip_unreadable`` leaves out
+    (and counts) image files that cannot be decoded instead of failing; ``memory_budget_mb``: image-file datasets
+    whose decoded pixels fit are decoded once and held in memory (0: decode on access); ``split_manifest``: an
+    ImageNet-R split manifest file; ``fiveds_transform_carryover`` reproduces the official 5-datasets transform bug
+    (P6).
     """
-    builder = _builder(name, split_manifest, fiveds_transform_carryover)
-    _refuse_missing_root(data_root, download)
-    opts = _Options(seed, num_tasks, image_size, tuple(mean), tuple(std), normalization, train_per_class,
-                    test_per_class, download, ReadOptions(skip_unreadable, memory_budget_mb, split_manifest),
-                    train_transform, test_transform)
-    bench = builder(name, data_root, opts, fiveds_transform_carryover=fiveds_transform_carryover)
-    bench.details.update({"seed": seed, "normalization": normalization, "image_size": image_size,
-                          "train_per_class": train_per_class, "test_per_class": test_per_class,
+    builder = _builder(data)
+    _refuse_missing_root(data)
+    opts = _Options(data, seed, image_size, tuple(mean), tuple(std), train_transform, test_transform)
+    bench = builder(data.benchmark, opts)
+    bench.details.update({"seed": seed, "normalization": data.normalization, "image_size": image_size,
+                          "train_per_class": data.train_per_class, "test_per_class": data.test_per_class,
                           "custom_transforms": train_transform is not None or test_transform is not None,
-                          "compat": {"fiveds_transform_carryover": fiveds_transform_carryover}})
+                          "compat": {"fiveds_transform_carryover": data.fiveds_transform_carryover}})
     return bench

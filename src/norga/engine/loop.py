@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from norga.config import ConfigError, RunConfig
+from norga.config import ConfigError
 from norga.engine.evaluation import evaluate_seen_tasks
 from norga.engine.joint import training_schedule
 from norga.engine.progress import Progress, evaluation_line, warnings_logged
@@ -21,8 +21,7 @@ from norga.kill_points import kill_point
 from norga.methods import method_class
 from norga.methods.base import ContinualMethod
 from norga.metrics import AccuracyMatrix
-from norga.nn import PromptedViT
-from norga.runtime.context import RunContext, TaskDatasets
+from norga.runtime.context import BuiltRun, RunContext
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.runtime.divergence import TrainingDiverged
 from norga.runtime.seeding import seed_everything
@@ -47,31 +46,25 @@ class Engine:
 
     def __init__(
         self,
-        config: RunConfig,
-        model: PromptedViT,
-        tasks: Sequence[TaskDatasets],
-        num_classes: int,
+        built: BuiltRun,
         run_dir: RunDirectory,
-        device: torch.device,
         progress: Progress | None = None,
         after_epoch: Callable[[Position], None] | None = None,
         dist: Distributed = SINGLE_PROCESS,
-        init_generator: torch.Generator | None = None,
     ) -> None:
-        self.config = config
+        config = self.config = built.config
         self.run_dir = run_dir
         seed_everything(config.seed)  # before any module the method creates is initialised
         feature_dir = run_dir.path / "feature_cache" if config.cache_features_on_disk else None
         self.joint = config.data.joint  # one training step on the union of all tasks (engine/joint.py)
-        self.context = RunContext(config, model.to(device), training_schedule(tasks, self.joint), num_classes, device,
-                                  workers=config.data.workers, feature_dir=feature_dir, test_tasks=tasks, dist=dist,
-                                  init_generator=init_generator)
+        self.context = RunContext(built, train_tasks=training_schedule(built.tasks, self.joint),
+                                  feature_dir=feature_dir, dist=dist)
         self.method: ContinualMethod = method_class(config.method)(self.context, config.settings)
         if dist.enabled and (refusal := self.method.data_parallel_refusal()) is not None:
             raise ValueError(refusal)
         run_dir.config_hash = identity_hash(config)
         self.num_tasks = len(self.context.tasks)  # training steps
-        self.matrices = {name: AccuracyMatrix(len(tasks), joint=self.joint) for name in self.matrix_names()}
+        self.matrices = {name: AccuracyMatrix(len(built.tasks), joint=self.joint) for name in self.matrix_names()}
         self.position = Position()
         self.progress = progress or Progress("off")
         self.context.batch_progress = self.progress.batches
@@ -259,27 +252,20 @@ class Engine:
 
 
 def open_run(
-    config: RunConfig,
-    model: PromptedViT,
-    tasks: Sequence[TaskDatasets],
-    num_classes: int,
+    built: BuiltRun,
     run_dir: Path | str,
     *,
     resume: bool = False,
-    device: torch.device | None = None,
     progress: Progress | None = None,
     after_epoch: Callable[[Position], None] | None = None,
-    records: dict | None = None,
     dist: Distributed = SINGLE_PROCESS,
-    init_generator: torch.Generator | None = None,
 ) -> Engine:
-    """The engine of a new run directory (written: config, environment) or of one to resume (state loaded and
-    checked: it must belong to this run, config and data).
+    """The engine of `built` (`build_run`) in a new run directory (written: its resolved config, environment) or
+    in one to resume (state loaded and checked: it must belong to this run, config and data).
 
-    `records` (backbone and benchmark provenance) go into environment.json with the software versions;
-    `init_generator` (`BuiltRun.init_generator`) initialises the method's parameters. In a distributed run
-    (`dist`) every process calls this; only rank 0 writes the run directory. The directory is locked until
-    the engine's `run` ends.
+    ``built.records`` (backbone and benchmark provenance) go into environment.json with the software versions;
+    ``built.init_generator`` initialises the method's parameters. In a distributed run (`dist`) every process calls
+    this; only rank 0 writes the run directory. The directory is locked until the engine's `run` ends.
     """
     failure = None
     if dist.is_main:
@@ -296,18 +282,17 @@ def open_run(
     if not dist.is_main:
         directory = RunDirectory(Path(run_dir), create=False, write=False)
     try:
-        environment = {"device": str(device or "cpu"), "processes": dist.world_size, **(records or {})}
+        environment = {"device": str(built.device), "processes": dist.world_size, **built.records}
         if resume:
-            directory.check_benchmark(records or {})
-        engine = Engine(config, model, tasks, num_classes, directory, device or torch.device("cpu"), progress,
-                        after_epoch, dist, init_generator)
+            directory.check_benchmark(built.records)
+        engine = Engine(built, directory, progress, after_epoch, dist)
         if resume:
             engine.resume()
             if not directory.read_environment():  # killed before it was written
                 directory.run_id = directory.run_id or uuid.uuid4().hex
                 directory.write_environment(environment)
         else:  # once the method is built: a folder with a config.yaml is a run that `--resume` can continue
-            directory.write_config(config)
+            directory.write_config(built.config)
             directory.write_environment(environment)
     except BaseException:
         if resume:
@@ -316,16 +301,16 @@ def open_run(
             directory.discard()
         raise
     engine.progress.start({
-        "run_dir": str(directory.path.resolve()), "method": config.method, "joint": engine.joint,
+        "run_dir": str(directory.path.resolve()), "method": built.config.method, "joint": engine.joint,
         "threads": torch.get_num_threads(), "processes": dist.world_size, "steps": engine.num_tasks,
-        **(records or {}), "device": str(device or "cpu"),
+        **built.records, "device": str(built.device),
         **({"resumed_at": engine.position.to_dict()} if resume else {}),
     })
     return engine
 
 
 def run_experiment(*args, **kwargs) -> dict[str, AccuracyMatrix]:
-    """Library entry point: run (or resume) one experiment on already-built model and task data (the arguments
-    are those of `open_run`); returns the run's matrices by name ("accuracy", "task_identity" where the method
-    infers tasks, and the method's own, e.g. HiDe-Prompt's "before_tap")."""
+    """Library entry point: run (or resume) one built experiment (the arguments are those of `open_run`), e.g.
+    ``run_experiment(build_run(resolve_config(config)), run_dir)``; returns the run's matrices by name ("accuracy",
+    "task_identity" where the method infers tasks, and the method's own, e.g. HiDe-Prompt's "before_tap")."""
     return open_run(*args, **kwargs).run()

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from norga.config import ConfigError, RunConfig
 from norga.config_io import load_config
 from norga.engine.reevaluate import Evaluation, evaluation_method, measure
 from norga.engine.resume_changes import config_differences
 from norga.methods import method_class, method_names
+from norga.runtime.context import BuiltRun
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.storage import CheckpointError
 
@@ -70,15 +69,13 @@ def default_output(prompt_dir: Path) -> Path:
     return prompt_dir.with_name(f"{prompt_dir.name}-evaluations")
 
 
-def evaluate_official(tii_dir: Path, prompt_dir: Path, preset: str, model, tasks, num_classes: int,
-                      stored: RunConfig, config: RunConfig, changes: dict[str, tuple], task: int | None = None,
-                      slots: str = "predicted", device: torch.device | None = None,
-                      dist: Distributed = SINGLE_PROCESS, init_generator: torch.Generator | None = None
+def evaluate_official(tii_dir: Path, prompt_dir: Path, preset: str, built: BuiltRun, changes: dict[str, tuple],
+                      task: int | None = None, slots: str = "predicted", dist: Distributed = SINGLE_PROCESS
                       ) -> OfficialEvaluation:
-    """Both official stages' checkpoints of `task` (0-based; None: the last both wrote) on the method `config`
-    builds on `model` and `tasks`, evaluated on every seen test task with `slots`."""
-    tii_dir, prompt_dir = Path(tii_dir), Path(prompt_dir)
-    method = evaluation_method(model, tasks, num_classes, config, slots, device, dist, init_generator)
+    """Both official stages' checkpoints of `task` (0-based; None: the last both wrote) on the method `built`'s
+    config names, built on its model and tasks, evaluated on every seen test task with `slots`."""
+    tii_dir, prompt_dir, config = Path(tii_dir), Path(prompt_dir), built.config
+    method = evaluation_method(built, slots, dist)
     steps = len(method.ctx.tasks)
     if task is None:
         both = sorted(set(method.official_tasks(tii_dir)) & set(method.official_tasks(prompt_dir)))

@@ -18,8 +18,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from norga.config import ConfigError, RunConfig
 from norga.config_io import load_config
 from norga.engine.evaluation import evaluate_seen_tasks
@@ -28,7 +26,7 @@ from norga.engine.resume_changes import config_differences, identity_hash
 from norga.engine.run_dir import CONFIG, ENVIRONMENT, run_stamp
 from norga.methods import method_class
 from norga.metrics import AccuracyMatrix
-from norga.runtime.context import RunContext
+from norga.runtime.context import BuiltRun, RunContext
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.runtime.seeding import seed_everything
 from norga.storage import CheckpointError, load_checkpoint, write_json, write_text
@@ -109,14 +107,11 @@ def last_checkpointed_task(run_dir: Path, num_tasks: int) -> int:
     return done[-1]
 
 
-def evaluation_method(model, tasks, num_classes: int, config: RunConfig, slots: str = "predicted",
-                      device: torch.device | None = None, dist: Distributed = SINGLE_PROCESS,
-                      init_generator: torch.Generator | None = None):
-    """The method `config` names, freshly built on `model` and `tasks` for an evaluation with `slots`."""
+def evaluation_method(built: BuiltRun, slots: str = "predicted", dist: Distributed = SINGLE_PROCESS):
+    """The method ``built.config`` names, freshly built on `built`'s model and tasks for an evaluation with `slots`."""
+    config = built.config
     seed_everything(config.seed)
-    context = RunContext(config, model.to(device or "cpu"), training_schedule(tasks, config.data.joint), num_classes,
-                         device or torch.device("cpu"), workers=config.data.workers, test_tasks=tasks, dist=dist,
-                         init_generator=init_generator)
+    context = RunContext(built, train_tasks=training_schedule(built.tasks, config.data.joint), dist=dist)
     method = method_class(config.method)(context, config.settings)
     if slots not in method.slot_modes:
         raise ConfigError(f"--slots {slots}: {config.method} has {', '.join(method.slot_modes)} only")
@@ -140,14 +135,12 @@ def measure(method, task: int, slots: str, config: RunConfig) -> tuple[list[int]
                     for name in COLUMNS if name in matrices}
 
 
-def reevaluate(run_dir: Path, model, tasks, num_classes: int, stored: RunConfig, config: RunConfig,
-               changes: dict[str, tuple], task: int | None = None, slots: str = "predicted",
-               device: torch.device | None = None, dist: Distributed = SINGLE_PROCESS,
-               init_generator: torch.Generator | None = None) -> Evaluation:
-    """Evaluate `run_dir`'s checkpoint after `task` (0-based; None: the last) on `model` and `tasks` (built from
-    `config` by `build_run`), with `slots` (one of the method's `slot_modes`)."""
-    run_dir = Path(run_dir)
-    method = evaluation_method(model, tasks, num_classes, config, slots, device, dist, init_generator)
+def reevaluate(run_dir: Path, built: BuiltRun, stored: RunConfig, changes: dict[str, tuple], task: int | None = None,
+               slots: str = "predicted", dist: Distributed = SINGLE_PROCESS) -> Evaluation:
+    """Evaluate `run_dir`'s checkpoint after `task` (0-based; None: the last) on `built` (`build_run` of the
+    evaluation's config), with `slots` (one of the method's `slot_modes`)."""
+    run_dir, config = Path(run_dir), built.config
+    method = evaluation_method(built, slots, dist)
     steps = len(method.ctx.tasks)
     task = last_checkpointed_task(run_dir, steps) if task is None else task
     if not 0 <= task < steps:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,24 @@ class TaskDatasets:
     train: Dataset
     train_eval: Dataset
     test: Dataset
+
+
+@dataclass
+class BuiltRun:
+    """A run ready to start: its resolved config and what was built from it (`norga.engine.build.build_run`).
+
+    The engine and `RunContext` take it whole; a run assembled by hand (a model of your own) fills it directly.
+    """
+
+    config: RunConfig  # resolved (amp bf16 or none, data root absolute): what runs and what config.yaml records
+    model: PromptedViT
+    tasks: list[TaskDatasets]
+    num_classes: int
+    device: torch.device
+    #: The seeded stream after the backbone and head, where methods initialise their parameters (None: a stream
+    #: from the seed alone).
+    init_generator: torch.Generator | None = None
+    records: dict[str, Any] = field(default_factory=dict)  # provenance for environment.json (backbone, benchmark ...)
 
 
 class TrainBatch(NamedTuple):
@@ -61,31 +79,23 @@ class RunContext:
     """Shared by the engine and a method: seeded (and, across processes, sharded) batches, class masks,
     feature caches, and the loss helpers that keep a distributed run equal to one process."""
 
-    def __init__(
-        self,
-        config: RunConfig,
-        model: PromptedViT,
-        tasks: Sequence[TaskDatasets],
-        num_classes: int,
-        device: torch.device,
-        workers: int = 0,
-        feature_dir: Path | None = None,
-        test_tasks: Sequence[TaskDatasets] | None = None,
-        dist: Distributed = SINGLE_PROCESS,
-        init_generator: torch.Generator | None = None,
-    ) -> None:
-        self.config = config
+    def __init__(self, built: BuiltRun, *, train_tasks: Sequence[TaskDatasets] | None = None,
+                 feature_dir: Path | None = None, dist: Distributed = SINGLE_PROCESS) -> None:
+        """`built`'s model (moved to its device) and tasks; `train_tasks` (default: its tasks) is what the method
+        trains on when that differs from what is tested (a joint run)."""
+        config = self.config = built.config
         #: Where methods draw their parameters' random initialisation: `build_run` continues its own seeded
         #: stream here (after the backbone and head), so a run's prompts are a function of the seed alone.
-        self.init_generator = init_generator or generator(config.seed, "init")
-        self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
+        self.init_generator = built.init_generator or generator(config.seed, "init")
+        # the frozen backbone never trains; methods switch to train() where they do
+        self.model = model = built.model.to(built.device).eval()
         if config.amp == "bf16":  # else autocast re-casts the frozen weights at every forward
             model.hold_frozen_weights_in(torch.bfloat16)
-        self.tasks = list(tasks)  # what the method trains on, task after task
-        self.test_tasks = list(test_tasks) if test_tasks is not None else self.tasks  # what is evaluated (joint: differ)
-        self.num_classes = num_classes
-        self.device = device
-        self.workers = workers
+        self.test_tasks = list(built.tasks)  # what is evaluated
+        self.tasks = list(train_tasks) if train_tasks is not None else self.test_tasks  # trained on, task after task
+        self.num_classes = num_classes = built.num_classes
+        self.device = built.device
+        self.workers = config.data.workers
         self.class_to_task = torch.full((num_classes,), -1, dtype=torch.long)
         for index, task in enumerate(self.tasks):
             self.class_to_task[task.classes] = index
