@@ -118,8 +118,6 @@ def crash_at(position: Position):
 
 def run_engine(config, directory, *, resume: bool = False, **kwargs) -> Engine:
     """Run (or resume) `config` on the engine fixtures as `norga run` does; returns the engine after its run."""
-    built = build(config)
-    engine = open_run(config, built.model, built.tasks, built.num_classes, directory, resume=resume,
-                      init_generator=built.init_generator, **kwargs)
+    engine = open_run(build(config), directory, resume=resume, **kwargs)
     engine.run()
     return engine
