@@ -145,7 +145,7 @@ def test_an_earlier_task_and_a_named_output_folder(official, capsys, tmp_path):
 @pytest.mark.parametrize(("arguments", "message"), [
     (("--set", "norga.prompt.length=3"), (r"'e_prompt.prompt' is shaped \(2, 2, 2, 4, 3, 64\) .* --set "
                                           r"norga.prompt.length")),
-    (("--set", "method=l2p"), "give a hide or norga preset"),
+    (("--set", "method=l2p"), "cannot read an official code.s checkpoints: give a preset of hide or norga"),
     (("--task", "3"), "the preset's benchmark has tasks 1 to 2"),
 ])
 def test_a_preset_that_does_not_fit_is_one_line_and_exit_2(official, capsys, tmp_path, arguments, message):
