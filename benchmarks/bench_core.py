@@ -40,13 +40,14 @@ def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str |
 
 def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100, amp: bool = False):
     """A randomly initialised prompt host of `model_kind` with NoRGa task prompts (tanh gate, blocks 0-4) and its
-    input image size; with `amp` its frozen weights are held in bf16 (as `norga.engine.RunContext` does)."""
+    input image size; with `amp` it is readied for bf16 as `norga.engine.RunContext` does (`prepare_for_bf16`)."""
+    from norga.runtime.precision import prepare_for_bf16
     from norga.nn import PromptedViT, TaskPromptedViT, TaskPrompts
 
     name, kwargs, _, size, length = MODEL_KINDS[model_kind]
     host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=num_classes, attention_impl=impl)
     if amp:
-        host.hold_frozen_weights_in(torch.bfloat16)
+        prepare_for_bf16(host)
     return TaskPromptedViT(host, TaskPrompts(host, num_slots, length, range(min(5, host.depth)), gate="tanh")), size
 
 

@@ -16,6 +16,7 @@ from norga.config import RunConfig
 from norga.nn import PromptedViT
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.runtime.features import FeatureSet, FrozenFeatureCache
+from norga.runtime.precision import prepare_for_bf16
 from norga.runtime.seeding import derive_seed, generator
 
 
@@ -79,8 +80,8 @@ class RunContext:
         #: stream here (after the backbone and head), so a run's prompts are a function of the seed alone.
         self.init_generator = init_generator or generator(config.seed, "init")
         self.model = model.eval()  # the frozen backbone never trains; methods switch to train() where they do
-        if config.amp == "bf16":  # else autocast re-casts the frozen weights at every forward
-            model.hold_frozen_weights_in(torch.bfloat16)
+        if config.amp == "bf16":
+            prepare_for_bf16(model)
         self.tasks = list(tasks)  # what the method trains on, task after task
         self.test_tasks = list(test_tasks) if test_tasks is not None else self.tasks  # what is evaluated (joint: differ)
         self.num_classes = num_classes
