@@ -282,22 +282,15 @@ def main() -> None:
         print(in_subprocess(__file__, args.threads, "profile", row=args.profile, batch=batch, quick=args.quick,
                             **fast)["table"])
         return
-    from norga.config import RunConfig
-
-    optional = {key: hasattr(RunConfig(), key) for key in ("cache_prompted_features", "compile")}
     measured_peaks = in_subprocess(__file__, args.threads, "peaks", native_bf16=facts["native_bf16"])
     dtype = "bf16" if amp else "fp32"
     print(machine_line(facts, args.threads) + (", QUICK (smoke sizes, not the figures to quote)" if args.quick else ""))
     print(f"matmul peak (best square product of {'/'.join(map(str, measured_peaks['sizes']['fp32']))}): "
           f"fp32 {measured_peaks['fp32']:.1f} GFLOP/s, bf16 {measured_peaks['bf16']:.1f} GFLOP/s "
           f"(of {'/'.join(map(str, measured_peaks['sizes']['bf16']))}); targets are fractions of the {dtype} peak")
-    from norga.nn import PromptedViT
-
-    how = "PromptedViT.compiled()" if callable(getattr(PromptedViT, "compiled", None)) else "torch.compile per block"
-    print(f"fast path: attention fused, amp {'bf16' if amp else 'none'} (--amp {args.amp}), "
-          f"compile {f'on ({how})' if args.compile else 'off'}, frozen-feature caching on, "
-          + ", ".join(f"config.{key} {'on' if present and (key != 'compile' or args.compile) else 'off' if present else 'n/a'}"
-                      for key, present in optional.items()))
+    print(f"fast path: attention fused, amp {'bf16 (prepare_for_bf16)' if amp else 'none'} (--amp {args.amp}), "
+          f"compile {'on (PromptedViT.compile_blocks)' if args.compile else 'off'}; pipeline: frozen-feature caching "
+          f"and memoised prompted test features (cache_prompted_features) on")
     print("reference path: attention reference, fp32, no caching\n")
 
     rows = args.only or list(ROWS)
@@ -318,7 +311,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"machine": facts, "load_average_after": load_after, "threads": args.threads, "quick": args.quick,
-                       "fast_path": {**fast, **optional}, "peaks_gflops": measured_peaks,
+                       "fast_path": fast, "peaks_gflops": measured_peaks,
                        "measurements": measured, "table": verdicts}, handle, indent=2)
 
 

@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 from _timing import machine, machine_line
 
-from norga.nn import IdentityGate, NoRGaGate, fused_prefix_attention, reference_prefix_attention
+from norga.nn import (
+    IdentityGate,
+    NoRGaGate,
+    fused_prefix_attention,
+    reference_prefix_attention,
+)
 
 BF16_ROUNDING = 2.0**-8
 LINES: list[str] = []
@@ -132,27 +137,32 @@ def _to_double(gate):
 
 
 # --------------------------------------------------------------------------------- 2. attention timing
+def _attention_steps(device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict:
+    """Forward + backward of the reference (under autocast in bf16) and of each fused kernel, on one input."""
+    batch, heads, tokens, length, dim = shape
+    gate = NoRGaGate("tanh").to(device)
+    qkv = [torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    prefixes = [torch.randn(batch, heads, length, dim, device=device, requires_grad=True) for _ in range(2)]
+    grad_out = torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype)
+
+    def step(attend, autocast=False, **kwargs):
+        def run():
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+                out = attend(*qkv, *prefixes, gate, dim**-0.5, **kwargs)
+            out.backward(grad_out.to(out.dtype))
+        return run
+
+    steps = {"reference": step(reference_prefix_attention, autocast=dtype == torch.bfloat16)}
+    for kernel in ("auto", "explicit", "bias"):
+        steps[kernel] = step(fused_prefix_attention, kernel=kernel)
+    return steps
+
+
 def attention_timing(device: str, quick: bool) -> dict:
-    batch, heads, tokens, length, dim = (2 if quick else 64), 12, 197, 20, 64
-    rows = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        gate = NoRGaGate("tanh").to(device)
-        qkv = [torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
-        prefixes = [torch.randn(batch, heads, length, dim, device=device, requires_grad=True) for _ in range(2)]
-        grad_out = torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype)
-
-        def step(attend, autocast=False, **kwargs):
-            def run():
-                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-                    out = attend(*qkv, *prefixes, gate, dim**-0.5, **kwargs)
-                out.backward(grad_out.to(out.dtype))
-            return run
-
-        steps = {"reference": step(reference_prefix_attention, autocast=dtype == torch.bfloat16)}
-        for kernel in ("auto", "explicit", "bias"):
-            steps[kernel] = step(fused_prefix_attention, kernel=kernel)
-        rows[str(dtype)] = median_ms(steps, device, warmup=2, repeats=3 if quick else 20)
-    say(f"2. attention fwd+bwd, B {batch}, 12 heads, 197 tokens, Lp {length}, tanh gate (ms, medians):")
+    shape = ((2 if quick else 64), 12, 197, 20, 64)
+    rows = {str(dtype): median_ms(_attention_steps(device, dtype, shape), device, warmup=2, repeats=3 if quick else 20)
+            for dtype in (torch.float32, torch.bfloat16)}
+    say(f"2. attention fwd+bwd, B {shape[0]}, 12 heads, 197 tokens, Lp {shape[3]}, tanh gate (ms, medians):")
     for dtype, ms in rows.items():
         say(f"   {dtype}: " + ", ".join(f"{name} {value:.2f}" for name, value in ms.items()))
     return rows
