@@ -1,6 +1,6 @@
 """Before/after of the bf16 attention on CPU, paired in one process: whole steps with the attention of 2026-12-06
 ("before": the fp32-accumulating prefix kernel, timm's SDPA flash kernel in unprompted blocks) against today's
-(`norga.engine.precision.prepare_for_bf16`: every block through the bf16 explicit kernel); with
+(`norga.runtime.precision.prepare_for_bf16`: every block through the bf16 explicit kernel); with
 ``--compare compile``, today's eager bf16 step against the same step with regional compile (`compile_blocks`:
 norms and MLPs compiled, attention eager). Steps alternate before/after (A, B, A, B, ...) and medians are
 reported, with the load average before and after. Usage:
@@ -55,7 +55,7 @@ def steps(row: str, compare: str = "attention") -> dict:
 @contextlib.contextmanager
 def _hold_only():
     """Build a model as `prepare_for_bf16` did before it routed plain blocks: hold the weights, nothing else."""
-    from norga.engine import precision
+    from norga.runtime import precision
 
     saved = precision.prepare_for_bf16
     precision.prepare_for_bf16 = lambda model: model.hold_frozen_weights_in(torch.bfloat16)

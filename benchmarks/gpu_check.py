@@ -226,7 +226,7 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from norga.engine.precision import native_bf16
+    from norga.runtime.precision import native_bf16
 
     start = time.perf_counter()
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none (CPU run)"
