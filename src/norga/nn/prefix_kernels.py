@@ -6,12 +6,16 @@ values shaped (B, H, Lp, d) (or (1, H, Lp, d) to share one prefix across the bat
 
     softmax([gate(q·Pkᵀ·scale), q·Kᵀ·scale]) · [Pv; V]
 
-The fused path picks, by device:
-- CPU, no dropout, any gate: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
+The fused path picks, by device and dtype:
+- CPU, no dropout, bf16/fp16 inputs (autocast), with or without a prefix: `_LowPrecisionPrefixAttention`, explicit
+  attention whose passes over the scores stay in the input dtype (the CPU flash kernel's bf16 backward is ~2x
+  slower than it; the fp32-accumulating kernel below adds four fp32 conversions of the score matrix);
+- CPU, no dropout, fp32, any gate: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
   makes fewer passes over the (N × (Lp+N)) score matrix than autograd does, and skips the token-side
   gradients when q, k, v need none (the first prompted layer of a frozen backbone). On CPU the fused
   flash kernel is no faster (its backward is ~2x slower than explicit batched matmuls here), and
   attention is then bound by its six batched matmuls;
+- no prefix otherwise: ``scaled_dot_product_attention``;
 - elsewhere, identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
 - otherwise (CUDA, dropout): SDPA with the gate's residual ``gate(s) - s`` as an additive bias on the
   prefix columns.
