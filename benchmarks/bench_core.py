@@ -38,41 +38,45 @@ def attention_step(impl: str, prompt_length: int, first_layer: bool, gate: str |
     return (lambda: attend(q, k, v, pk, pv, score_gate, dim**-0.5).backward(grad_out)), batch
 
 
-def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100, amp: bool = False):
+def prompted_model(impl: str, model_kind: str, num_slots: int = 10, num_classes: int = 100, amp: bool = False,
+                   device: str = "cpu"):
     """A randomly initialised prompt host of `model_kind` with NoRGa task prompts (tanh gate, blocks 0-4) and its
-    input image size; with `amp` its frozen weights are held in bf16 (as `norga.engine.RunContext` does)."""
+    input image size; with `amp` it is readied for bf16 as `norga.engine.RunContext` does (`prepare_for_bf16`)."""
+    from norga.runtime.precision import prepare_for_bf16
     from norga.nn import PromptedViT, TaskPromptedViT, TaskPrompts
 
     name, kwargs, _, size, length = MODEL_KINDS[model_kind]
     host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=num_classes, attention_impl=impl)
     if amp:
-        host.hold_frozen_weights_in(torch.bfloat16)
-    return TaskPromptedViT(host, TaskPrompts(host, num_slots, length, range(min(5, host.depth)), gate="tanh")), size
+        prepare_for_bf16(host)
+    model = TaskPromptedViT(host, TaskPrompts(host, num_slots, length, range(min(5, host.depth)), gate="tanh"))
+    return model.to(device), size
 
 
-def autocast(amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU when `amp`, else nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+def autocast(amp: bool, device: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `amp`, else nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
-def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool = False, compile: bool = False):
+def train_step(impl: str, model_kind: str, batch: int | None = None, amp: bool = False, compile: bool = False,
+               device: str = "cpu"):
     """One optimizer step on prompts, gate and head of a prompted ViT with a frozen backbone.
 
     `amp`: forward under bf16 autocast, the frozen weights held in bf16 as a run does; `compile`: `compile_model`
     (torch.compile) the model first.
     """
-    model, size = prompted_model(impl, model_kind, amp=amp)
+    model, size = prompted_model(impl, model_kind, amp=amp, device=device)
     model.train()
     batch = batch or MODEL_KINDS[model_kind][2]
     prompts = model.prompts.train_slot(1, "all")
     optimizer = torch.optim.Adam([{"params": prompts}, {"params": model.host.head_parameters(), "lr": 1e-4}], lr=1e-3)
     forward = compile_model(model) if compile else model
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, 100, (batch,))
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(amp):
+        with autocast(amp, device):
             logits = forward(images, 1, momentum=0.01).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from norga.config import ConfigError
 from norga.config_io import load_config
 from norga.engine.resolve import resolve_config
-from norga.nn import PromptedViT, TaskPrompts
+from norga.nn import PrefixAttention, PromptedViT, TaskPrompts
 from norga.nn.regional_compile import RECOMPILE_LIMIT, is_compiled
 from norga.runtime import precision
 
@@ -146,6 +146,37 @@ def test_frozen_weights_held_in_bf16_compute_exactly_what_autocast_computes_with
     assert _casts(recast, images, labels) - _casts(held, images, labels) >= len(frozen)  # no weight re-cast
     with pytest.raises(RuntimeError):  # documented: outside autocast an fp32 input meets bf16 weights
         held.host.forward_features(images)
+
+
+def _ops(model: Prompted, images: torch.Tensor, labels: torch.Tensor) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step(model, images, labels, autocast=True)
+    return {event.key for event in prof.key_averages()}
+
+
+def test_prepare_for_bf16_holds_the_weights_and_routes_every_block_past_the_cpu_flash_kernel():
+    """`prepare_for_bf16` (what a bf16 run does): weights held as before, and every block's attention, prompted
+    or not, through norga's kernels, which in bf16 on CPU are explicit (no flash attention: its bf16 backward is
+    ~2x slower there). The step stays within the bf16 bounds of `test_bf16_autocast_is_close_to_fp32`."""
+    model = tiny_model()
+    keys = list(model.state_dict())
+    held, prepared = copy.deepcopy(model), copy.deepcopy(model)
+    held.host.hold_frozen_weights_in(torch.bfloat16)
+    precision.prepare_for_bf16(prepared.host)
+    assert list(prepared.state_dict()) == keys  # the same weights under the same names
+    assert {param.dtype for param in prepared.host.frozen_matmul_parameters()} == {torch.bfloat16}
+    assert all(isinstance(block.attn, PrefixAttention) for block in prepared.host.backbone.blocks)
+    images, labels = batch(8, n=16)
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in _ops(held, images, labels)  # block 2 has no prompts: timm's SDPA
+    assert flash not in _ops(prepared, images, labels)
+    features, logits, grads = step(model, images, labels)
+    bf_features, bf_logits, bf_grads = step(prepared, images, labels, autocast=True)
+    assert 0 < relative_error(bf_features, features) < 0.02 and relative_error(bf_logits, logits) < 0.02
+    for name in grads:
+        assert relative_error(bf_grads[name], grads[name]) < 0.04, name
 
 
 # ---------------------------------------------------------------------------------- amp resolution

@@ -6,12 +6,16 @@ values shaped (B, H, Lp, d) (or (1, H, Lp, d) to share one prefix across the bat
 
     softmax([gate(q·Pkᵀ·scale), q·Kᵀ·scale]) · [Pv; V]
 
-The fused path picks, by device:
-- CPU, no dropout, any gate: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
+The fused path picks, by device and dtype:
+- CPU, no dropout, bf16/fp16 inputs (autocast), with or without a prefix: `_LowPrecisionPrefixAttention`, explicit
+  attention whose passes over the scores stay in the input dtype (the CPU flash kernel's bf16 backward is ~2x
+  slower than it; the fp32-accumulating kernel below adds four fp32 conversions of the score matrix);
+- CPU, no dropout, fp32, any gate: `_GatedPrefixAttention`, one autograd Function with a hand-written backward that
   makes fewer passes over the (N × (Lp+N)) score matrix than autograd does, and skips the token-side
   gradients when q, k, v need none (the first prompted layer of a frozen backbone). On CPU the fused
   flash kernel is no faster (its backward is ~2x slower than explicit batched matmuls here), and
   attention is then bound by its six batched matmuls;
+- no prefix otherwise: ``scaled_dot_product_attention``;
 - elsewhere, identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
 - otherwise (CUDA, dropout): SDPA with the gate's residual ``gate(s) - s`` as an additive bias on the
   prefix columns.
@@ -61,12 +65,15 @@ def fused_prefix_attention(
     kernel: str = "auto",
 ) -> Tensor:
     """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit", "bias" or "sdpa" (identity gate only)."""
+    explicit_here = q.device.type == "cpu" and dropout_p == 0.0
     if prefix_k is None:
+        if kernel in ("auto", "explicit") and explicit_here and q.dtype in LOW_PRECISION:
+            return _LowPrecisionPrefixAttention.apply(q, k, v, None, None, scale, None)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     prefix_k = _batch_like(prefix_k, k).to(q.dtype)
     prefix_v = _batch_like(prefix_v, v).to(q.dtype)
     if kernel == "auto":
-        kernel = "explicit" if q.device.type == "cpu" and dropout_p == 0.0 else "sdpa" if gate.is_identity else "bias"
+        kernel = "explicit" if explicit_here else "sdpa" if gate.is_identity else "bias"
     if kernel == "sdpa":
         if not gate.is_identity:
             raise ValueError("kernel='sdpa' has no gate: use it with the identity gate only")
@@ -76,10 +83,15 @@ def fused_prefix_attention(
     if kernel == "explicit":
         if dropout_p != 0.0:
             raise ValueError("the explicit fused prefix kernel has no attention dropout; use kernel='bias'")
-        return _GatedPrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale, gate, *gate.gate_parameters())
+        function = _LowPrecisionPrefixAttention if q.dtype in LOW_PRECISION else _GatedPrefixAttention
+        return function.apply(q, k, v, prefix_k, prefix_v, scale, gate, *gate.gate_parameters())
     if kernel == "bias":
         return _bias_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale, dropout_p)
     raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit', 'bias' or 'sdpa'")
+
+
+#: Input dtypes the explicit kernel computes in their own precision (`_LowPrecisionPrefixAttention`).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _batch_like(prefix: Tensor, tokens: Tensor) -> Tensor:
@@ -168,4 +180,70 @@ class _GatedPrefixAttention(torch.autograd.Function):
             grad_pk, grad_pv = grad_keys[:, :, :length], grad_values[:, :, :length]
         else:
             grad_pk, grad_pv = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale), grad_values
+        return (grad_q, grad_k, grad_v, grad_pk, grad_pv, None, None, *grad_params)
+
+
+class _LowPrecisionPrefixAttention(torch.autograd.Function):
+    """Explicit (gated prefix) attention for bf16/fp16 inputs on CPU: every pass over the score matrix in the
+    input's dtype.
+
+    It computes what `reference_prefix_attention` computes under autocast (scores from a bf16 matrix product,
+    scaled in bf16, softmax accumulated in fp32 and written in bf16, bf16 products), with the gate applied in
+    fp32 on the small prefix block and its result rounded to the input dtype. Its memory passes over the
+    (N × (Lp+N)) scores are the minimum an explicit attention makes: softmax forward and backward
+    (``_softmax_backward_data``, the kernel autograd uses) and one scaling, against the four extra fp32
+    conversions of `_GatedPrefixAttention`; it keeps bf16 probabilities (half the memory). Without a prefix it is
+    plain attention: on CPU the flash kernel's bf16 backward is slower than this.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, scale, gate, *gate_params):
+        length = 0 if prefix_k is None else prefix_k.shape[2]
+        keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=2)
+        values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
+        scores = torch.matmul(q, keys.transpose(-2, -1)).mul_(scale)
+        prefix_scores = None
+        if length:
+            prefix_scores = scores[..., :length].float()
+            scores[..., :length] = gate.gate(prefix_scores, *gate_params)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        out = torch.matmul(probs, values)
+        ctx.scale, ctx.gate, ctx.length = scale, gate, length
+        ctx.save_for_backward(q, keys, values, prefix_scores, probs, out, *gate_params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, keys, values, prefix_scores, probs, out, *gate_params = ctx.saved_tensors
+        length = ctx.length
+        if ctx.needs_input_grad[:3] == (False, False, False):  # only the prefix columns matter
+            probs, values = probs[..., :length], values[:, :, :length]
+        grad_values = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_probs = torch.matmul(grad_out, values.transpose(-2, -1))
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype) if any(
+            ctx.needs_input_grad[:3]) else None
+        grad_params: list[Tensor | None] = [None] * len(gate_params)
+        if length:  # the gate's block in fp32, as the reference (fp32 gate output) differentiates it
+            delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)  # rowsum(dP ∘ P) = rowsum(dO ∘ O)
+            grad_gated = (grad_probs[..., :length].float() - delta).mul_(probs[..., :length].float())
+            leaves = [prefix_scores.detach().requires_grad_(), *(p.detach().requires_grad_(need)
+                      for p, need in zip(gate_params, ctx.needs_input_grad[7:]))]
+            with torch.enable_grad():
+                gated = ctx.gate.gate(*leaves)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(gated, wanted, grad_gated))
+            grad_prefix_scores, *grad_params = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+            if grad_scores is None:
+                grad_scores = grad_prefix_scores.to(q.dtype)
+            else:
+                grad_scores[..., :length] = grad_prefix_scores
+
+        grad_q = grad_k = grad_v = grad_pk = grad_pv = None
+        grad_keys = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
+        if any(ctx.needs_input_grad[:3]):
+            grad_q = torch.matmul(grad_scores, keys).mul_(ctx.scale)
+            grad_k, grad_v = grad_keys[:, :, length:], grad_values[:, :, length:]
+        if length:
+            grad_pk, grad_pv = grad_keys[:, :, :length], grad_values[:, :, :length]
         return (grad_q, grad_k, grad_v, grad_pk, grad_pv, None, None, *grad_params)

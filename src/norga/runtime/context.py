@@ -16,6 +16,7 @@ from norga.config import RunConfig
 from norga.nn import PromptedViT
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.runtime.features import FeatureSet, FrozenFeatureCache
+from norga.runtime.precision import prepare_for_bf16
 from norga.runtime.seeding import derive_seed, generator
 
 
@@ -89,8 +90,8 @@ class RunContext:
         self.init_generator = built.init_generator or generator(config.seed, "init")
         # the frozen backbone never trains; methods switch to train() where they do
         self.model = model = built.model.to(built.device).eval()
-        if config.amp == "bf16":  # else autocast re-casts the frozen weights at every forward
-            model.hold_frozen_weights_in(torch.bfloat16)
+        if config.amp == "bf16":  # frozen weights held in bf16 (no re-cast per forward), norga's bf16 attention
+            prepare_for_bf16(model)
         self.test_tasks = list(built.tasks)  # what is evaluated
         self.tasks = list(train_tasks) if train_tasks is not None else self.test_tasks  # trained on, task after task
         self.num_classes = num_classes = built.num_classes
