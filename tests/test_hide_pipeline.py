@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from engine_fixtures import make_engine, tiny_config
 
-from norga.methods.hide import pipeline as hide_module
 from norga.methods.base import PredictRequest
+from norga.methods.hide import task_adaptive
+from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.nn import Prefix
 
 NO_LOG = lambda epoch, logs: None  # noqa: E731
@@ -162,7 +163,7 @@ def test_the_task_identity_step_equals_its_independent_recomputation(tmp_path):
     with torch.no_grad():
         frozen = ctx.model.forward_features(images)
     before = {k: v.clone() for k, v in method.tii.state_dict().items()}
-    copy = hide_module.TaskIdentityModel(ctx.model.embed_dim, ctx.num_classes, method.settings.tii.mlp_hidden)
+    copy = TaskIdentityModel(ctx.model.embed_dim, ctx.num_classes, method.settings.tii.mlp_hidden)
     copy.load_state_dict(before)
     copy.train()
     loss = slow_masked_ce(copy(frozen), labels, ctx.classes(1))
@@ -177,7 +178,7 @@ def test_the_task_identity_step_equals_its_independent_recomputation(tmp_path):
 def test_the_task_adaptive_stages_sample_every_seen_class_and_only_those(tmp_path, monkeypatch, stage):
     engine = pipeline(tmp_path)
     seen_labels = []
-    original = hide_module.official_tap_batches
+    original = task_adaptive.official_tap_batches
 
     def spy(gaussians, classes, *rest):
         for features, labels in original(gaussians, classes, *rest):
@@ -186,7 +187,7 @@ def test_the_task_adaptive_stages_sample_every_seen_class_and_only_those(tmp_pat
 
     run_phases(engine, 0)
     run_phases(engine, 1, until=stage)
-    monkeypatch.setattr(hide_module, "official_tap_batches", spy)
+    monkeypatch.setattr(task_adaptive, "official_tap_batches", spy)
     run_phases_named(engine, 1, stage)
     sampled = set(torch.cat(seen_labels).tolist())
     assert sampled == set(engine.context.classes_until(1))
