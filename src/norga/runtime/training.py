@@ -67,6 +67,7 @@ class PhaseTraining:
         ``lr_scale``), its lr schedule and gradient clipping; the modules in `train` are in training mode while the
         phase runs and in evaluation mode after it. `cfg` is a section of ``self.settings``: a diverged epoch names
         its learning rate setting."""
+        groups = [dict(group, params=list(group["params"])) for group in groups]
         params = [param for group in groups for param in group["params"]]
         self._phase_optimizer(groups, cfg, start_epoch)
         lr_key = self.setting_key(cfg, "lr")

@@ -1,9 +1,10 @@
 """HiDe-Prompt and NoRGa (HiDe-Prompt with a non-linear residual gate): two registered methods, one pipeline.
 
-Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run:
-task-identity model training -> its class Gaussians -> its task-adaptive training (t > 0); then prompt
-training on slot t (copied from t-1, momentum blend, CE + contrastive) -> momentum commit -> prompted
-class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of the head (t > 0).
+Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run: the
+task-identity component's phases (`task_identity.TaskIdentity`: model training -> its class Gaussians -> its
+task-adaptive training, t > 0); then prompt training on slot t (copied from t-1, momentum blend, CE + contrastive)
+-> momentum commit -> prompted class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of the
+head on them (`task_adaptive.TaskAdaptiveTraining`, t > 0).
 """
 
 from __future__ import annotations
