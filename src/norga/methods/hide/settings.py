@@ -30,11 +30,12 @@ class TAPConfig:
     momentum: Fraction = 0.9  # SGD's
     official_chunking: bool = True  # NORGA_SPEC P16: use only |C_<t| chunks per epoch
 
+    # fixed, not settings: the official TAP's optimizer (Adam's knobs none)
     optimizer: ClassVar[str] = "sgd"
     schedule: ClassVar[str] = "cosine_annealing"
     clip_grad: ClassVar[float | None] = None
     weight_decay: ClassVar[float] = 0.0
-    betas: ClassVar[list[float] | None] = None  # Adam's knobs: not SGD's
+    betas: ClassVar[list[float] | None] = None
     eps: ClassVar[float | None] = None
 
 
