@@ -1,8 +1,8 @@
 """Optimizer steps and learning-rate schedules written out by hand, as the official code runs them.
 
-Adam (betas 0.9/0.999, eps 1e-8, L2 weight decay added to the gradient) and SGD (momentum 0.9, dampening 0,
-the first step's buffer the gradient itself), after clipping the global gradient norm to `clip` (scale
-``clip / (norm + 1e-6)`` when below 1). Learning rate of epoch e: base lr times the schedule's factor, where
+Adam (betas 0.9/0.999, eps 1e-8 unless given, L2 weight decay added to the gradient) and SGD (momentum 0.9 unless
+given, dampening 0, the first step's buffer the gradient itself), after clipping the global gradient norm to `clip`
+(scale ``clip / (norm + 1e-6)`` when below 1). Learning rate of epoch e: base lr times the schedule's factor, where
 the official code steps its timm scheduler with the epoch index after each epoch (epoch 0 trains at the
 base lr), and CODA-Prompt's own schedule is ``cos(99π·e / (200·(epochs−1)))``.
 """
@@ -35,8 +35,10 @@ def epoch_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
 class HandOptimizer:
     """Adam or SGD over named tensors, one step at a time; a tensor with no gradient (None) is left alone."""
 
-    def __init__(self, kind: str, weight_decay: float, clip: float | None) -> None:
+    def __init__(self, kind: str, weight_decay: float, clip: float | None, momentum: float = SGD_MOMENTUM,
+                 betas: tuple[float, float] = (BETA1, BETA2), eps: float = ADAM_EPS) -> None:
         self.kind, self.weight_decay, self.clip = kind, weight_decay, clip
+        self.momentum, self.betas, self.eps = momentum, betas, eps
         self.state: dict[str, dict[str, Tensor]] = {}
         self.steps = 0
         self.clip_scales: list[float] = []
@@ -57,12 +59,13 @@ class HandOptimizer:
             p = params[name]
             state = self.state.setdefault(name, {})
             if self.kind == "sgd":
-                state["buffer"] = g.clone() if "buffer" not in state else SGD_MOMENTUM * state["buffer"] + g
+                state["buffer"] = g.clone() if "buffer" not in state else self.momentum * state["buffer"] + g
                 new[name] = p - lr * state["buffer"]
             else:
-                state["m"] = BETA1 * state.get("m", torch.zeros_like(p)) + (1 - BETA1) * g
-                state["v"] = BETA2 * state.get("v", torch.zeros_like(p)) + (1 - BETA2) * g * g
-                m_hat = state["m"] / (1 - BETA1**self.steps)
-                v_hat = state["v"] / (1 - BETA2**self.steps)
-                new[name] = p - lr * m_hat / (torch.sqrt(v_hat) + ADAM_EPS)
+                beta1, beta2 = self.betas
+                state["m"] = beta1 * state.get("m", torch.zeros_like(p)) + (1 - beta1) * g
+                state["v"] = beta2 * state.get("v", torch.zeros_like(p)) + (1 - beta2) * g * g
+                m_hat = state["m"] / (1 - beta1**self.steps)
+                v_hat = state["v"] / (1 - beta2**self.steps)
+                new[name] = p - lr * m_hat / (torch.sqrt(v_hat) + self.eps)
         return new

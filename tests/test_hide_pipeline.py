@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from engine_fixtures import make_engine, tiny_config
 
-from norga.methods.hide import pipeline as hide_module
 from norga.methods.base import PredictRequest
+from norga.methods.hide import task_adaptive
+from norga.methods.hide.gaussians import official_tap_batches
+from norga.methods.hide.task_identity import TaskIdentityModel
 from norga.nn import Prefix
+from norga.runtime.seeding import generator
 
 NO_LOG = lambda epoch, logs: None  # noqa: E731
 
@@ -162,7 +165,7 @@ def test_the_task_identity_step_equals_its_independent_recomputation(tmp_path):
     with torch.no_grad():
         frozen = ctx.model.forward_features(images)
     before = {k: v.clone() for k, v in method.tii.state_dict().items()}
-    copy = hide_module.TaskIdentityModel(ctx.model.embed_dim, ctx.num_classes, method.settings.tii.mlp_hidden)
+    copy = TaskIdentityModel(ctx.model.embed_dim, ctx.num_classes, method.settings.tii.mlp_hidden)
     copy.load_state_dict(before)
     copy.train()
     loss = slow_masked_ce(copy(frozen), labels, ctx.classes(1))
@@ -177,7 +180,7 @@ def test_the_task_identity_step_equals_its_independent_recomputation(tmp_path):
 def test_the_task_adaptive_stages_sample_every_seen_class_and_only_those(tmp_path, monkeypatch, stage):
     engine = pipeline(tmp_path)
     seen_labels = []
-    original = hide_module.official_tap_batches
+    original = task_adaptive.official_tap_batches
 
     def spy(gaussians, classes, *rest):
         for features, labels in original(gaussians, classes, *rest):
@@ -186,10 +189,34 @@ def test_the_task_adaptive_stages_sample_every_seen_class_and_only_those(tmp_pat
 
     run_phases(engine, 0)
     run_phases(engine, 1, until=stage)
-    monkeypatch.setattr(hide_module, "official_tap_batches", spy)
+    monkeypatch.setattr(task_adaptive, "official_tap_batches", spy)
     run_phases_named(engine, 1, stage)
     sampled = set(torch.cat(seen_labels).tolist())
     assert sampled == set(engine.context.classes_until(1))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_a_tap_epoch_is_sgd_with_its_momentum_on_the_gaussian_draws_of_the_seen_classes(tmp_path, momentum):
+    """The head's TAP after task 1, one epoch (official chunking: |C_<1| chunks of samples_per_class draws): the head
+    moves as hand-written SGD with momentum m (v <- m·v + g, w <- w - lr·v) on CE masked to the seen classes."""
+    engine = pipeline(tmp_path, **{"wtp.tap.momentum": momentum, "wtp.tap.epochs": 1})
+    method, ctx = engine.method, engine.context
+    run_phases(engine, 0)
+    run_phases(engine, 1, until="tap")
+    cfg, seen = method.settings.wtp.tap, ctx.classes_until(1)
+    draws = list(official_tap_batches(method.prompt_gaussians, seen, len(ctx.classes(0)), cfg.samples_per_class,
+                                      generator(ctx.config.seed, "tap", 1, 0)))
+    assert len(draws) == 2 and len(list(ctx.model.head_parameters())) == 2  # weight, bias: no fc_norm here
+    weight, bias = [p.detach().clone() for p in ctx.model.head_parameters()]
+    velocity = None
+    for features, labels in draws:
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        grads = torch.autograd.grad(slow_masked_ce(F.linear(features, w, b), labels, seen), [w, b])
+        velocity = list(grads) if velocity is None else [momentum * v + g for v, g in zip(velocity, grads)]
+        weight, bias = weight - cfg.lr * velocity[0], bias - cfg.lr * velocity[1]
+    run_phases_named(engine, 1, "tap")
+    for after, expected in zip(ctx.model.head_parameters(), (weight, bias)):
+        torch.testing.assert_close(after.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_tap_trains_the_classifier_it_names_and_nothing_else(tmp_path):

@@ -52,17 +52,15 @@ class TinyTuning(PhaseTraining, ContinualMethod):
 
     def run_phase(self, task, phase, start_epoch, on_epoch_end) -> None:
         cfg = self.settings.train
-        params = self.trained_parameters()
-        self._phase_optimizer([{"params": params}], cfg, start_epoch)
         allowed = self.ctx.class_mask(task)
-        self.model.train()
-        for epoch in range(start_epoch, cfg.epochs):
-            total = 0.0
-            for batch in self.ctx.train_loader(task, epoch, cfg.batch_size):
-                ce = F.cross_entropy(masked_logits(self.logits(batch.images), allowed), batch.labels, reduction="none")
-                total += self._step(self.ctx.batch_mean(ce, batch), params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key=f"{self.name}.train.lr")
-        self.model.eval()
+
+        def loss(batch) -> Tensor:
+            ce = F.cross_entropy(masked_logits(self.logits(batch.images), allowed), batch.labels, reduction="none")
+            return self.ctx.batch_mean(ce, batch)
+
+        self.train_phase(cfg, [{"params": self.trained_parameters()}],
+                         lambda epoch: self.ctx.train_loader(task, epoch, cfg.batch_size), loss, start_epoch,
+                         on_epoch_end, train=[self.model])
 
     @torch.inference_mode()
     def predict(self, request: PredictRequest) -> Prediction:

@@ -84,9 +84,14 @@ class BackboneConfig:
     timm_kwargs: dict = field(default_factory=dict)
 
 
+#: The optimizers' own knobs at their standard values (what a knob left at None means).
+SGD_MOMENTUM, ADAM_BETAS, ADAM_EPS = 0.9, (0.9, 0.999), 1e-8
+
+
 @dataclass
 class OptimConfig:
-    """One gradient-training phase (a building block of method settings)."""
+    """One gradient-training phase (a building block of method settings): its optimizer with every knob, schedule,
+    epochs and batch size. A knob of the other optimizer is refused at config load (`check`)."""
 
     epochs: Count = 20
     lr: PositiveFloat = 0.00025
@@ -95,6 +100,20 @@ class OptimConfig:
     schedule: Literal["constant", "step", "cosine", "coda_cosine"] = "constant"  # step: x0.1 every 30 epochs
     clip_grad: PositiveFloat | None = 1.0
     weight_decay: NonNegativeFloat = 0.0
+    momentum: Fraction | None = None  # sgd only; None: 0.9
+    betas: list[Fraction] | None = None  # adam only, [β1, β2] below 1; None: [0.9, 0.999]
+    eps: PositiveFloat | None = None  # adam only; None: 1e-8
+
+    def check(self, section: str) -> None:
+        """Refuse a knob the chosen optimizer does not have, and Adam betas that are not two numbers below 1."""
+        foreign = {"adam": ("momentum",), "sgd": ("betas", "eps")}[self.optimizer]
+        for knob in foreign:
+            if getattr(self, knob) is not None:
+                other = "adam" if self.optimizer == "sgd" else "sgd"
+                raise ConfigError(f"{section}.{knob} is a knob of {other}, but {section}.optimizer is "
+                                  f"{self.optimizer}: remove {section}.{knob} or set {section}.optimizer={other}")
+        if self.betas is not None and (len(self.betas) != 2 or max(self.betas) >= 1.0):
+            raise ConfigError(f"{section}.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas}")
 
 
 @dataclass
@@ -103,6 +122,21 @@ class EvalConfig:
 
     batch_size: PositiveInt = 128
     mask_final_logits: bool = True  # argmax over seen classes; False = official, over all classes (P17)
+
+
+def section_path(settings: Any, section: Any) -> str:
+    """The dotted path of the object `section` (e.g. an `OptimConfig`) inside the settings dataclass tree
+    `settings`, found by identity: ``"wtp.train"``. A setting's key is then ``f"{method}.{path}.{field}"``."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if value is section:
+            return f.name
+        if hasattr(value, "__dataclass_fields__"):
+            try:
+                return f"{f.name}.{section_path(value, section)}"
+            except LookupError:
+                continue
+    raise LookupError(f"{type(section).__name__} is not a section of these {type(settings).__name__}")
 
 
 #: The top-level keys every run has, besides `method` and the method's own section.

@@ -114,7 +114,12 @@ def build_config(data: dict) -> RunConfig:
 
 
 def _checked(settings: Any, section: str) -> Any:
-    """A method's settings after its own cross-field check (``check(section)``, raising ConfigError), if it has one."""
+    """A method's settings after the cross-field checks (``check(dotted key)``, raising ConfigError) of its nested
+    sections (e.g. every `OptimConfig`'s) and then its own, where they have one."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            _checked(value, f"{section}.{f.name}")
     check = getattr(settings, "check", None)
     if callable(check):
         check(section)
@@ -258,6 +263,9 @@ def _coerce(value: Any, field_type: Any) -> Any:
     if typing.get_origin(field_type) is list and isinstance(value, list):
         (item,) = typing.get_args(field_type) or (Any,)
         return [_coerce(v, item) for v in value]
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType) and isinstance(value, list):
+        lists = [arg for arg in typing.get_args(field_type) if typing.get_origin(arg) is list]
+        return _coerce(value, lists[0]) if len(lists) == 1 else value
     return value
 
 

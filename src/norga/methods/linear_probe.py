@@ -47,8 +47,7 @@ class LinearProbe(PhaseTraining, ContinualMethod):
         def batches(epoch: int):
             return self.ctx.frozen_training_batches(task, epoch, cfg.batch_size, self.settings.augment, "linear_probe")
 
-        self._fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end,
-                             "linear_probe.train.lr")
+        self.fit_classifier(self.head, batches, self.ctx.class_mask(task), cfg, start_epoch, on_epoch_end)
 
     @torch.inference_mode()
     def predict(self, request: PredictRequest) -> Prediction:

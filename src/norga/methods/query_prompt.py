@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from norga.methods.base import Capabilities, ContinualMethod, Phase, Prediction, PredictRequest, unfitting_blocks
 from norga.nn.gates import ScoreGate, apply_gate_schedule, make_gate
-from norga.runtime.context import RunContext
-from norga.runtime.optim import schedule_factor, set_epoch_lr
+from norga.runtime.context import RunContext, TrainBatch
 from norga.runtime.training import PhaseTraining, masked_logits
 
 log = logging.getLogger("norga")
@@ -111,21 +110,18 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
             self.begin_task(task)
         apply_gate_schedule(self.prompts["gates"].values(), self.settings.gate_train_tasks, task)
         params = [p for p in [*self.model.head_parameters(), *self.prompts.parameters()] if p.requires_grad]
-        self._phase_optimizer([{"params": params}], cfg, start_epoch)
         allowed = self.ctx.class_mask(task)
-        self.model.train()
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
-            total = 0.0
-            for batch in self.ctx.train_loader(task, epoch, cfg.batch_size):
-                query = self._training_query(batch.images)
-                with self.ctx.autocast():
-                    out = self.prompted(batch.images, query, task, train=True)
-                    ce = F.cross_entropy(masked_logits(out.logits.float(), allowed), batch.labels, reduction="none")
-                    loss = self.ctx.batch_mean(ce + out.sample_loss, batch) + self.ctx.replicated_term(out.penalty)
-                total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key=f"{self.name}.train.lr")
-        self.model.eval()
+
+        def loss(batch: TrainBatch) -> Tensor:
+            """Masked cross-entropy plus the method's per-sample term and its penalty on the parameters."""
+            query = self._training_query(batch.images)
+            with self.ctx.autocast():
+                out = self.prompted(batch.images, query, task, train=True)
+                ce = F.cross_entropy(masked_logits(out.logits.float(), allowed), batch.labels, reduction="none")
+                return self.ctx.batch_mean(ce + out.sample_loss, batch) + self.ctx.replicated_term(out.penalty)
+
+        self.train_phase(cfg, [{"params": params}], lambda epoch: self.ctx.train_loader(task, epoch, cfg.batch_size),
+                         loss, start_epoch, on_epoch_end, train=[self.model])
 
     def _training_query(self, images: Tensor) -> Tensor:
         """The frozen CLS feature of an augmented batch, computed in eval mode (the official frozen model)."""

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 
-from norga.config import OptimConfig
+from norga.config import ADAM_BETAS, ADAM_EPS, SGD_MOMENTUM
 
-SCHEDULES = ("constant", "step", "cosine", "coda_cosine")
+SCHEDULES = ("constant", "step", "cosine", "coda_cosine", "cosine_annealing")
 STEP_DECAY_EPOCHS, STEP_DECAY_RATE, COSINE_MIN_LR = 30, 0.1, 1e-5
+
+
+class PhaseOptimization(Protocol):
+    """What a training phase's settings give its loop: `norga.config.OptimConfig`, or a section that fixes some of
+    these as class constants (e.g. HiDe-Prompt's TAP: SGD with torch's cosine annealing)."""
+
+    epochs: int
+    lr: float
+    optimizer: str
+    schedule: str
+    clip_grad: float | None
+    weight_decay: float
+    momentum: float | None
+    betas: list[float] | None
+    eps: float | None
 
 
 def schedule_factor(schedule: str, epoch: int, epochs: int, base_lr: float) -> float:
@@ -18,12 +34,15 @@ def schedule_factor(schedule: str, epoch: int, epochs: int, base_lr: float) -> f
 
     The official code steps timm's scheduler with the epoch index *after* each epoch, so epoch e trains
     with the value for e-1 (epoch 0 with the base lr): a 'step' decay starts at epoch 31. 'coda_cosine' is
-    CODA-Prompt's own schedule, ``cos(99π·e / (200·(epochs−1)))`` at epoch e (down to ≈1.6 % at the last).
+    CODA-Prompt's own schedule, ``cos(99π·e / (200·(epochs−1)))`` at epoch e (down to ≈1.6 % at the last);
+    'cosine_annealing' is torch's CosineAnnealingLR (`cosine_annealing_factor`, HiDe-Prompt's TAP).
     """
     if schedule == "constant" or epoch == 0:
         return 1.0
     if schedule == "coda_cosine":
         return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+    if schedule == "cosine_annealing":
+        return cosine_annealing_factor(epoch, epochs)
     t = epoch - 1
     if schedule == "step":
         return STEP_DECAY_RATE ** (t // STEP_DECAY_EPOCHS)
@@ -40,16 +59,20 @@ def cosine_annealing_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def build_optimizer(groups: Iterable[dict], config: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or SGD over parameter groups; each group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
+def build_optimizer(groups: Iterable[dict], config: PhaseOptimization) -> torch.optim.Optimizer:
+    """Adam or SGD over parameter groups, every knob from `config` (a knob left at None: its standard value); each
+    group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
     groups = [dict(group, lr=config.lr * group.get("lr_scale", 1.0)) for group in groups if group["params"]]
     for group in groups:
         group.setdefault("lr_scale", 1.0)
         group["base_lr"] = group["lr"]
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+        betas = ADAM_BETAS if config.betas is None else tuple(config.betas)
+        eps = ADAM_EPS if config.eps is None else config.eps
+        return torch.optim.Adam(groups, lr=config.lr, betas=betas, eps=eps, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        momentum = SGD_MOMENTUM if config.momentum is None else config.momentum
+        return torch.optim.SGD(groups, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam' or 'sgd'")
 
 

@@ -1,24 +1,25 @@
-"""What every gradient-trained method shares: masked logits, the optimizer step (gradients summed over
-processes in a distributed run), the per-epoch finiteness check, a fresh optimizer per phase that survives a
-resume, training a classifier on masked logits, and checkpoints that hold exactly what the method owns and
-trains."""
+"""What every gradient-trained method shares: masked logits and the one training loop of a phase (optimizer, lr
+schedule, steps with gradients summed over processes in a distributed run, the per-epoch divergence check, train/eval
+switching, a mid-phase resume), training a classifier on masked logits, and checkpoints that hold exactly what the
+method owns and trains."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from norga.config import OptimConfig
+from norga.config import section_path
 from norga.runtime.context import RunContext, TrainBatch
 from norga.runtime.divergence import DivergenceGuard
-from norga.runtime.optim import build_optimizer, schedule_factor, set_epoch_lr
+from norga.runtime.optim import PhaseOptimization, build_optimizer, schedule_factor, set_epoch_lr
 from norga.storage import CheckpointError
 
 NEG_INF = float("-inf")
+Batch = TypeVar("Batch")
 
 
 def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
@@ -27,13 +28,14 @@ def masked_logits(logits: Tensor, allowed: Tensor) -> Tensor:
 
 
 class PhaseTraining:
-    """Mixin for methods whose phases train with an optimizer; needs ``self.model`` (a `PromptedViT`) and
-    ``self.ctx`` (the `RunContext`).
+    """Mixin for methods whose phases train with an optimizer; needs ``self.model`` (a `PromptedViT`), ``self.ctx``
+    (the `RunContext`), ``self.name`` and ``self.settings`` (where each phase's `OptimConfig` sits).
 
-    Data-parallel phases (the default) train on this process's shard of each batch with a loss that is its
-    share of the whole batch's (`RunContext.batch_mean`, `replicated_term`); `_step` sums the gradients over
-    processes. Replicated phases (``sharded=False``: every process draws the same samples, e.g. TAP on
-    Gaussian features) skip that.
+    `train_phase` is the one training loop: a method (or a component it owns) gives it the phase's settings, its
+    parameter groups, its batches and its loss. Data-parallel phases (the default) train on this process's shard of
+    each batch with a loss that is its share of the whole batch's (`RunContext.batch_mean`, `replicated_term`); the
+    step sums the gradients over processes. Replicated phases (``sharded=False``: every process draws the same
+    samples, e.g. TAP on Gaussian features) skip that.
 
     Its checkpoints hold exactly what the method owns and trains, whatever it is and wherever it is attached:
     the modules it names in `owned_modules` and the host parameters it trains (`PromptedViT.trained_parameters`,
@@ -43,11 +45,67 @@ class PhaseTraining:
 
     model: nn.Module
     ctx: RunContext
+    name: str
+    settings: Any
     optimizer: torch.optim.Optimizer | None = None
     _saved_optimizer: dict | None = None
     _guard: DivergenceGuard | None = None
 
-    def _phase_optimizer(self, groups: list[dict], cfg: OptimConfig, start_epoch: int) -> None:
+    def train_phase(
+        self,
+        cfg: PhaseOptimization,
+        groups: Sequence[dict],
+        batches: Callable[[int], Iterable[Batch]],
+        loss: Callable[[Batch], Tensor],
+        start_epoch: int,
+        on_epoch_end: Callable[[int, dict], None],
+        train: Sequence[nn.Module] = (),
+        sharded: bool = True,
+    ) -> None:
+        """Epochs `start_epoch` .. ``cfg.epochs - 1`` of a phase: minimise ``loss(batch)`` over ``batches(epoch)``
+        with the optimizer `cfg` names over the parameter `groups` (dicts with ``params`` and optionally
+        ``lr_scale``), its lr schedule and gradient clipping; the modules in `train` are in training mode while the
+        phase runs and in evaluation mode after it. `cfg` is a section of ``self.settings``: a diverged epoch names
+        its learning rate setting."""
+        groups = [dict(group, params=list(group["params"])) for group in groups]
+        params = [param for group in groups for param in group["params"]]
+        self._phase_optimizer(groups, cfg, start_epoch)
+        lr_key = self.setting_key(cfg, "lr")
+        for module in train:
+            module.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            total = 0.0
+            for batch in batches(epoch):
+                total += self._step(loss(batch), params, cfg, sharded)
+            self._end_epoch(epoch, total, cfg, on_epoch_end, sharded, lr_key)
+        for module in train:
+            module.eval()
+
+    def fit_classifier(
+        self,
+        classifier: nn.Module,
+        batches: Callable[[int], Iterable[TrainBatch]],
+        allowed: Tensor,
+        cfg: PhaseOptimization,
+        start_epoch: int,
+        on_epoch_end: Callable[[int, dict], None],
+    ) -> None:
+        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)`` (of inputs)."""
+
+        def loss(batch: TrainBatch) -> Tensor:
+            logits = masked_logits(classifier(batch.images), allowed)
+            return self.ctx.batch_mean(F.cross_entropy(logits, batch.labels, reduction="none"), batch)
+
+        self.train_phase(cfg, [{"params": list(classifier.parameters())}], batches, loss, start_epoch, on_epoch_end,
+                         train=[classifier])
+
+    def setting_key(self, section: Any, field: str) -> str:
+        """The dotted config key of `field` of `section`, a part of this method's settings (``norga.wtp.train.lr``)."""
+        return f"{self.name}.{section_path(self.settings, section)}.{field}"
+
+    # ------------------------------------------------------------ the loop's parts
+    def _phase_optimizer(self, groups: Sequence[dict], cfg: PhaseOptimization, start_epoch: int) -> None:
         """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
         mid-phase, it gets the interrupted phase's saved state back, with the learning rates of the current
         config (a resume may lower them)."""
@@ -64,9 +122,8 @@ class PhaseTraining:
             for group, base_lr in zip(self.optimizer.param_groups, base_lrs):
                 group["base_lr"] = base_lr
 
-    def _step(self, loss: Tensor, params: Iterable[Tensor], cfg: OptimConfig, sharded: bool = True) -> Tensor:
+    def _step(self, loss: Tensor, params: list[Tensor], cfg: PhaseOptimization, sharded: bool) -> Tensor:
         """One optimizer step; returns the detached loss (no host sync: finiteness is checked per epoch)."""
-        params = list(params)
         self._guard.observe(loss, params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -77,10 +134,8 @@ class PhaseTraining:
         self.optimizer.step()
         return loss.detach()
 
-    def _end_epoch(
-        self, epoch: int, total: Tensor | float, cfg: OptimConfig, on_epoch_end: Callable[[int, dict], None],
-        sharded: bool = True, lr_key: str = "the learning rate",
-    ) -> None:
+    def _end_epoch(self, epoch: int, total: Tensor | float, cfg: PhaseOptimization,
+                   on_epoch_end: Callable[[int, dict], None], sharded: bool, lr_key: str) -> None:
         """Refuse a diverged epoch (`DivergenceGuard`; `lr_key` names the learning rate setting that drives this
         phase) before anything is checkpointed, then report the epoch."""
         total = float(self.ctx.dist.all_sum(total) if sharded else total)
@@ -93,31 +148,6 @@ class PhaseTraining:
             return {}
         rates = [float(group["lr"]) for group in self.optimizer.param_groups]
         return {"lr": rates[0] if len(set(rates)) == 1 else rates}
-
-    def _fit_classifier(
-        self,
-        classifier: nn.Module,
-        batches: Callable[[int], Iterable[TrainBatch]],
-        allowed: Tensor,
-        cfg: OptimConfig,
-        start_epoch: int,
-        on_epoch_end: Callable[[int, dict], None],
-        lr_key: str,
-    ) -> None:
-        """Train `classifier` with cross-entropy on logits masked to `allowed` over ``batches(epoch)`` (of inputs);
-        `lr_key` is the dotted config key of ``cfg.lr``."""
-        params = list(classifier.parameters())
-        classifier.train()
-        self._phase_optimizer([{"params": params}], cfg, start_epoch)
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
-            total = 0.0
-            for batch in batches(epoch):
-                logits = masked_logits(classifier(batch.images), allowed)
-                loss = self.ctx.batch_mean(F.cross_entropy(logits, batch.labels, reduction="none"), batch)
-                total += self._step(loss, params, cfg)
-            self._end_epoch(epoch, total, cfg, on_epoch_end, lr_key=lr_key)
-        classifier.eval()
 
     # ------------------------------------------------------------------- state
     def _optimizer_state(self) -> dict | None:

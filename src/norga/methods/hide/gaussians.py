@@ -48,6 +48,11 @@ class ClassGaussians:
         self._cov[label] = cov.float()
         self._factor[label] = self._cholesky(label, cov)
 
+    def add_classes(self, features: Tensor, labels: Tensor, classes: Sequence[int]) -> None:
+        """Fit the Gaussian of each class of `classes` from the rows of `features` whose label it is."""
+        for label in classes:
+            self.add_class(label, features[labels == label])
+
     def _cholesky(self, label: int, cov: Tensor) -> Tensor:
         extra = 0.0
         eye = torch.eye(len(cov), dtype=cov.dtype)

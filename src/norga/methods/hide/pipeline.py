@@ -1,9 +1,10 @@
 """HiDe-Prompt and NoRGa (HiDe-Prompt with a non-linear residual gate): two registered methods, one pipeline.
 
-Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run:
-task-identity model training -> its class Gaussians -> its task-adaptive training (t > 0); then prompt
-training on slot t (copied from t-1, momentum blend, CE + contrastive) -> momentum commit -> prompted
-class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of the head (t > 0).
+Per task t, in the official order of both of its stages (NORGA_SPEC §2.1-2.2), fused into one run: the
+task-identity component's phases (`task_identity.TaskIdentity`: model training -> its class Gaussians -> its
+task-adaptive training, t > 0); then prompt training on slot t (copied from t-1, momentum blend, CE + contrastive)
+-> momentum commit -> prompted class Gaussians -> evaluation before TAP (t > 0) -> task-adaptive training of the
+head on them (`task_adaptive.TaskAdaptiveTraining`, t > 0).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from norga.config import OptimConfig
 from norga.methods.base import (
     SLOT_MODES,
     Capabilities,
@@ -29,7 +29,7 @@ from norga.methods.base import (
     PredictRequest,
     unfitting_blocks,
 )
-from norga.methods.hide.gaussians import ClassGaussians, official_tap_batches
+from norga.methods.hide.gaussians import ClassGaussians
 from norga.methods.hide.official_checkpoints import (
     OfficialCheckpointError,
     official_task_checkpoints,
@@ -37,15 +37,14 @@ from norga.methods.hide.official_checkpoints import (
 )
 from norga.methods.hide.official_tii import load_official_task
 from norga.methods.hide.prompted_memo import PromptedFeatureMemo
-from norga.methods.hide.settings import HiDeSettings, NoRGaSettings, TAPConfig
-from norga.methods.hide.task_identity import TaskIdentityModel
+from norga.methods.hide.settings import HiDeSettings, NoRGaSettings
+from norga.methods.hide.task_adaptive import TaskAdaptiveTraining
+from norga.methods.hide.task_identity import TaskIdentity, TaskIdentityModel
 from norga.methods.registry import register_method
 from norga.nn import TaskPrompts
 from norga.nn.gates import NoRGaGate
 from norga.nn.prompt_keys import majority_vote
 from norga.runtime.context import RunContext, TrainBatch
-from norga.runtime.features import FeatureSet
-from norga.runtime.optim import cosine_annealing_factor, schedule_factor, set_epoch_lr
 from norga.runtime.seeding import generator
 from norga.runtime.training import PhaseTraining, masked_logits
 from norga.storage import CheckpointError
@@ -86,14 +85,23 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                                        settings.prompt.layers, gate=self._gate(), prefix_layout=settings.prefix_layout,
                                        generator=context.init_generator).to(context.device)
             self.prompts.freeze()
-        self.tii = TaskIdentityModel(self.model.embed_dim, context.num_classes, settings.tii.mlp_hidden,
-                                     fc_norm=self.model.has_fc_norm).to(context.device)  # official MoCo v3 variant
-        self.tii_gaussians = ClassGaussians()
+        self.task_identity = TaskIdentity(self, settings.tii)
         self.prompt_gaussians = ClassGaussians()
+        self.head_adaptation = TaskAdaptiveTraining(self.prompt_gaussians, settings.wtp.tap, "tap")
         self.optimizer: torch.optim.Optimizer | None = None
         self._saved_optimizer: dict | None = None
         memoise = self.prompts is not None and settings.cache_prompted_features and settings.prefix_layout == "correct"
         self.prompted_memo = PromptedFeatureMemo(self._slot_version) if memoise else None
+
+    @property
+    def tii(self) -> TaskIdentityModel:
+        """The task-identity component's model (checkpoint key ``tii``)."""
+        return self.task_identity.model
+
+    @property
+    def tii_gaussians(self) -> ClassGaussians:
+        """The task-identity component's class Gaussians of frozen features."""
+        return self.task_identity.gaussians
 
     def _gate(self) -> str:
         return self.gate_kind
@@ -108,73 +116,46 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     # ----------------------------------------------------------------- phases
     def phases(self, task: int) -> list[Phase]:
         s = self.settings
-        later = task > 0
-        phases = [Phase("tii_train", s.tii.train.epochs), Phase("tii_stats")]
-        if later:
-            phases.append(Phase("tii_tap", s.tii.tap.epochs))
+        phases = self.task_identity.phases(task)
         phases += [Phase("wtp_train", s.wtp.train.epochs), Phase("momentum"), Phase("prompt_stats")]
-        if later:
+        if task > 0:
             phases += [Phase("evaluate_before_tap", evaluate="before_tap"), Phase("tap", s.wtp.tap.epochs)]
         return phases
 
     def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
-        trainers = {"tii_train": self._train_tii, "tii_tap": self._tii_tap, "wtp_train": self._train_prompts,
-                    "tap": self._head_tap}
-        steps = {"tii_stats": self._tii_stats, "momentum": self._commit_momentum, "prompt_stats": self._prompt_stats}
-        if phase.name in trainers:
-            trainers[phase.name](task, start_epoch, on_epoch_end)
+        if phase.name in TaskIdentity.PHASES:
+            self.task_identity.run_phase(task, phase, start_epoch, on_epoch_end)
+        elif phase.name == "wtp_train":
+            self._train_prompts(task, start_epoch, on_epoch_end)
+        elif phase.name == "tap":  # TAP of the prompted model's classifier: the head, and fc_norm where it has one
+            self.head_adaptation.run(self, task, self.model.classify, self.model.head_parameters(), start_epoch,
+                                     on_epoch_end)
         else:
-            steps[phase.name](task)
-
-    # ------------------------------------------------------ task identity model
-    def _train_tii(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        s = self.settings.tii
-
-        def batches(epoch: int):
-            return self.ctx.frozen_training_batches(task, epoch, s.train.batch_size, s.augment, "tii")
-
-        self._fit_classifier(self.tii, batches, self.ctx.class_mask(task), s.train, start_epoch, on_epoch_end,
-                             f"{self.name}.tii.train.lr")
-
-    def _tii_stats(self, task: int) -> None:
-        self._add_class_statistics(self.tii_gaussians, self.ctx.frozen_train_features(task), task)
-
-    def _add_class_statistics(self, gaussians: ClassGaussians, encoded: FeatureSet, task: int) -> None:
-        """One Gaussian per class of `task` from the rows of `encoded` (features, labels) with that label."""
-        for label in self.ctx.classes(task):
-            gaussians.add_class(label, encoded.features[encoded.labels == label])
-
-    def _tii_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        self.tii.train()
-        self._tap(task, start_epoch, on_epoch_end, self.settings.tii.tap, self.tii_gaussians,
-                  list(self.tii.parameters()), self.tii, "tii_tap", f"{self.name}.tii.tap.lr")
+            {"momentum": self._commit_momentum, "prompt_stats": self._prompt_stats}[phase.name](task)
 
     # ---------------------------------------------------------- prompt training
-    def _train_prompts(self, task: int, start_epoch: int, on_epoch_end) -> None:
+    def _train_prompts(self, task: int, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
         s, model = self.settings, self.model
         prompt_params = []
         if self.prompts is not None:
             if start_epoch == 0 and task > 0:
                 self.prompts.pool.copy_slot(task - 1, task)
             prompt_params = self.prompts.train_slot(task, self._gate_schedule())
-        head = model.head_parameters()
         groups = [{"params": prompt_params}] if prompt_params else []
-        self._phase_optimizer([*groups, {"params": head, "lr_scale": s.wtp.head_lr_scale}], s.wtp.train, start_epoch)
+        groups.append({"params": model.head_parameters(), "lr_scale": s.wtp.head_lr_scale})
         momentum = s.prompt.momentum if task > 0 else 0.0
         allowed = self.ctx.class_mask(task)
         prototypes = self.prompt_gaussians.means(self.ctx.classes_before(task)) if task > 0 else None
-        params = [*prompt_params, *head]
-        model.train()
-        for epoch in range(start_epoch, s.wtp.train.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(s.wtp.train.schedule, epoch, s.wtp.train.epochs, s.wtp.train.lr))
-            total = 0.0
-            for batch in self.ctx.train_loader(task, epoch, s.wtp.train.batch_size):
-                with self.ctx.autocast():
-                    out = model(batch.images, prefixes=self._prefixes(task, len(batch.images), momentum))
-                    loss = self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
-                total += self._step(loss, params, s.wtp.train)
-            self._end_epoch(epoch, total, s.wtp.train, on_epoch_end, lr_key=f"{self.name}.wtp.train.lr")
-        model.eval()
+
+        def loss(batch: TrainBatch) -> Tensor:
+            with self.ctx.autocast():
+                out = model(batch.images, prefixes=self._prefixes(task, len(batch.images), momentum))
+                return self._prompt_loss(out.logits.float(), out.features.float(), batch, allowed, prototypes)
+
+        def batches(epoch: int):
+            return self.ctx.train_loader(task, epoch, s.wtp.train.batch_size)
+
+        self.train_phase(s.wtp.train, groups, batches, loss, start_epoch, on_epoch_end, train=[model])
         if self.prompts is not None:
             self.prompts.freeze()
 
@@ -191,48 +172,24 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
             self.prompts.pool.commit_blend(task, self.settings.prompt.momentum)
 
     def _prompt_stats(self, task: int) -> None:
-        dataset = self.ctx.tasks[task].train_eval
+        if self.prompts is not None and self.settings.class_stats_batches == "official":
+            self._official_prompt_stats(task)
+            return
         if self.prompts is None:  # without prompts the prompted features are the frozen ones, computed once
-            self._add_class_statistics(self.prompt_gaussians, self.ctx.frozen_train_features(task), task)
-            return
-        if self.settings.class_stats_batches == "official":
-            labels = self.ctx.frozen_train_features(task).labels
-            for label in self.ctx.classes(task):
-                order = official_class_order(labels, label, generator(self.ctx.config.seed, "prompt_stats", task,
-                                                                      label))
-                encoded = self.ctx.map_batches(Subset(dataset, order.tolist()), self.settings.wtp.train.batch_size,
-                                               lambda images, _, rows: (self.encode(images, task),))[0]
-                self.prompt_gaussians.add_class(label, encoded)
-            return
-        encoded = self.ctx.encode_dataset(dataset, lambda images: self.encode(images, task))
-        self._add_class_statistics(self.prompt_gaussians, encoded, task)
+            encoded = self.ctx.frozen_train_features(task)
+        else:
+            encoded = self.ctx.encode_dataset(self.ctx.tasks[task].train_eval, lambda images: self.encode(images, task))
+        self.prompt_gaussians.add_classes(encoded.features, encoded.labels, self.ctx.classes(task))
 
-    def _head_tap(self, task: int, start_epoch: int, on_epoch_end) -> None:
-        """TAP of the prompted model's classifier: the head, and fc_norm where the backbone has one (official)."""
-        self._tap(task, start_epoch, on_epoch_end, self.settings.wtp.tap, self.prompt_gaussians,
-                  self.model.head_parameters(), self.model.classify, "tap", f"{self.name}.wtp.tap.lr")
-
-    # ------------------------------------------------------------------ shared
-    def _tap(self, task, start_epoch, on_epoch_end, cfg: TAPConfig, gaussians, params, classifier, key,
-             lr_key: str) -> None:
-        """Task-adaptive prediction: retrain `classifier` on Gaussian samples of every seen class (`lr_key`: the
-        dotted key of ``cfg.lr``)."""
-        optim_cfg = OptimConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", clip_grad=None)
-        self._phase_optimizer([{"params": params}], optim_cfg, start_epoch)
-        seen = self.ctx.classes_until(task)
-        allowed = self.ctx.class_mask_until(task)
-        previous = len(self.ctx.classes_before(task))
-        for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, cosine_annealing_factor(epoch, cfg.epochs))
-            rng = generator(self.ctx.config.seed, key, task, epoch)
-            total = 0.0
-            chunks = official_tap_batches(gaussians, seen, previous if cfg.official_chunking else len(seen),
-                                          cfg.samples_per_class, rng)
-            for features, labels in chunks:  # the same samples in every process: no gradient exchange
-                features, labels = features.to(self.ctx.device), labels.to(self.ctx.device)
-                loss = F.cross_entropy(masked_logits(classifier(features), allowed), labels)
-                total += self._step(loss, params, optim_cfg, sharded=False)
-            self._end_epoch(epoch, total, optim_cfg, on_epoch_end, sharded=False, lr_key=lr_key)
+    def _official_prompt_stats(self, task: int) -> None:
+        """Each class's statistics from its own images in shuffled batches of wtp.train.batch_size (official)."""
+        dataset = self.ctx.tasks[task].train_eval
+        labels = self.ctx.frozen_train_features(task).labels
+        for label in self.ctx.classes(task):
+            order = official_class_order(labels, label, generator(self.ctx.config.seed, "prompt_stats", task, label))
+            encoded = self.ctx.map_batches(Subset(dataset, order.tolist()), self.settings.wtp.train.batch_size,
+                                           lambda images, _, rows: (self.encode(images, task),))[0]
+            self.prompt_gaussians.add_class(label, encoded)
 
     # --------------------------------------------------------------- inference
     def encode(self, images: Tensor, slots: Tensor | int) -> Tensor:
@@ -240,12 +197,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         with self.ctx.autocast():
             return self.model.forward_features(images, prefixes=self._prefixes(slots, len(images))).float()
 
-    @torch.inference_mode()
     def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
         """Task-identity inference from frozen features (masked to the seen classes)."""
-        self.tii.eval()
-        logits = masked_logits(self.tii(frozen_features.to(self.ctx.device)), self.ctx.class_mask_until(seen_tasks - 1))
-        return self.ctx.class_to_task[logits.argmax(dim=1).cpu()]
+        return self.task_identity.predict_tasks(frozen_features, seen_tasks)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -355,11 +309,12 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return {"prompts": self.prompts if self.prompts is not None else nn.Module(), "tii": self.tii}
 
     def heavy_state_dict(self) -> dict[str, Any]:
-        return {"tii_gaussians": self.tii_gaussians.state_dict(), "prompt_gaussians": self.prompt_gaussians.state_dict()}
+        return {"tii_gaussians": self.task_identity.heavy_state_dict(),
+                "prompt_gaussians": self.prompt_gaussians.state_dict()}
 
     def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            self.tii_gaussians.load_state_dict(state["tii_gaussians"])
+            self.task_identity.load_heavy_state_dict(state["tii_gaussians"])
             self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
 
 

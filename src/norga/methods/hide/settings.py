@@ -4,7 +4,7 @@ Sup-21K script's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from norga.config import (
     ConfigError,
@@ -21,13 +21,22 @@ from norga.nn.gates import GateTrainTasks, ScoreGateKind
 
 @dataclass
 class TAPConfig:
-    """Task-adaptive prediction: a classifier retrained on Gaussian samples of all seen classes' features."""
+    """Task-adaptive prediction: a classifier retrained on Gaussian samples of all seen classes' features, with the
+    official optimizer: SGD with momentum and torch's cosine annealing, no clipping, no weight decay (fixed, below)."""
 
     epochs: Count = 30
     lr: PositiveFloat = 0.005
-    samples_per_class: PositiveInt = 640
-    momentum: Fraction = 0.9
+    samples_per_class: PositiveInt = 640  # per class and epoch, also the size of a batch (official)
+    momentum: Fraction = 0.9  # SGD's
     official_chunking: bool = True  # NORGA_SPEC P16: use only |C_<t| chunks per epoch
+
+    # fixed, not settings: the official TAP's optimizer (Adam's knobs none)
+    optimizer: ClassVar[str] = "sgd"
+    schedule: ClassVar[str] = "cosine_annealing"
+    clip_grad: ClassVar[float | None] = None
+    weight_decay: ClassVar[float] = 0.0
+    betas: ClassVar[list[float] | None] = None
+    eps: ClassVar[float | None] = None
 
 
 @dataclass

@@ -1,10 +1,19 @@
-"""The task-identity-inference (TII) model: frozen CLS features -> residual MLP -> head over all classes."""
+"""Task-identity inference (TII) as a component a method owns: the model (frozen CLS features -> residual MLP ->
+head over all classes), its per-class Gaussians and its task-adaptive stage, trained in the owner's phases."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from norga.methods.base import Phase
+from norga.methods.hide.gaussians import ClassGaussians
+from norga.methods.hide.settings import TIISettings
+from norga.methods.hide.task_adaptive import TaskAdaptiveTraining
+from norga.runtime.training import PhaseTraining, masked_logits
 
 
 class ResidualMLP(nn.Module):
@@ -55,3 +64,71 @@ class TaskIdentityModel(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.head(self.embed(features))
+
+
+class TaskIdentity:
+    """HiDe-Prompt's first stage as a component: per task, `model` learns the task's classes from frozen features
+    (``tii_train``), `gaussians` gets each class's frozen-feature statistics (``tii_stats``), and from the second task
+    on the model is retrained on samples of every seen class (``tii_tap``); then it predicts each image's task.
+
+    `owner` is the method that owns it: it runs these phases in its training loop and `settings` is a section of
+    its settings (so a diverged phase names e.g. ``hide.tii.train.lr``).
+    """
+
+    PHASES = ("tii_train", "tii_stats", "tii_tap")
+
+    def __init__(self, owner: PhaseTraining, settings: TIISettings) -> None:
+        ctx = owner.ctx
+        self.owner, self.settings = owner, settings
+        self.model = TaskIdentityModel(ctx.model.embed_dim, ctx.num_classes, settings.mlp_hidden,
+                                       fc_norm=ctx.model.has_fc_norm).to(ctx.device)  # official MoCo v3 variant
+        self.gaussians = ClassGaussians()
+        self.adaptation = TaskAdaptiveTraining(self.gaussians, settings.tap, "tii_tap")
+
+    def phases(self, task: int) -> list[Phase]:
+        phases = [Phase("tii_train", self.settings.train.epochs), Phase("tii_stats")]
+        if task > 0:
+            phases.append(Phase("tii_tap", self.settings.tap.epochs))
+        return phases
+
+    def run_phase(self, task: int, phase: Phase, start_epoch: int, on_epoch_end: Callable[[int, dict], None]) -> None:
+        """Run one of its `PHASES`."""
+        ctx = self.owner.ctx
+        if phase.name == "tii_train":
+            s = self.settings
+
+            def batches(epoch: int):
+                return ctx.frozen_training_batches(task, epoch, s.train.batch_size, s.augment, "tii")
+
+            self.owner.fit_classifier(self.model, batches, ctx.class_mask(task), s.train, start_epoch, on_epoch_end)
+        elif phase.name == "tii_stats":
+            encoded = ctx.frozen_train_features(task)
+            self.gaussians.add_classes(encoded.features, encoded.labels, ctx.classes(task))
+        elif phase.name == "tii_tap":
+            self.adaptation.run(self.owner, task, self.model, list(self.model.parameters()), start_epoch, on_epoch_end,
+                                train=[self.model])
+        else:
+            raise KeyError(f"{phase.name!r} is not a task-identity phase; its phases are {self.PHASES}")
+
+    @torch.inference_mode()
+    def predict_tasks(self, frozen_features: Tensor, seen_tasks: int) -> Tensor:
+        """The task of each image from its frozen features (the argmax over the seen classes)."""
+        ctx = self.owner.ctx
+        self.model.eval()
+        logits = masked_logits(self.model(frozen_features.to(ctx.device)), ctx.class_mask_until(seen_tasks - 1))
+        return ctx.class_to_task[logits.argmax(dim=1).cpu()]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The model's weights (in every checkpoint)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def heavy_state_dict(self) -> dict[str, Any]:
+        """The class Gaussians (changed only between phases)."""
+        return self.gaussians.state_dict()
+
+    def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
+        self.gaussians.load_state_dict(state)
