@@ -33,9 +33,6 @@ VARIANTS = {
     "l2p": [{"prompt_type": "prefix", "g_length": 2, "g_layers": [1], "gate": "tanh"}],
     "sprompt": [{"g_length": 2, "g_layers": [1]}],
 }
-#: Known settings that nothing reads, each to be wired or removed by its method's owner (then the entry must go: the
-#: test fails while a listed setting is read).
-KNOWN_UNREAD = {"ranpac": {"first_session"}}  # one allowed value, 'none': first-session adaptation is not built
 
 
 def sections(settings: Any, prefix: str = "") -> dict[str, Any]:
@@ -109,9 +106,6 @@ def test_every_declared_setting_is_read_by_a_config_load_and_a_tiny_run(tmp_path
         engine.run()
         left = set(reads.unread(config.settings, engine.method.settings))
         unread = left if unread is None else unread & left
-    known = KNOWN_UNREAD.get(method, set())
-    assert known <= unread, f"{sorted(known - unread)} are read now: take them out of KNOWN_UNREAD"
-    unread -= known
     assert not unread, (f"{method} settings that nothing reads: {', '.join(f'{method}.{key}' for key in sorted(unread))}"
                         " (wire them or remove them; one read only under another setting: add a run to VARIANTS)")
 

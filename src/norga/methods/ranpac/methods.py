@@ -120,7 +120,6 @@ class RanPACSettings:
     lambda_fit_fraction: Annotated[float, Range(0.0, 1.0, exclusive_min=True)] = 0.8  # of a task's samples, seeded split: fit each λ; the rest validate
     scores: Literal["inner", "cosine"] = "inner"  # inner: official; cosine: LAMDA-PILOT's port (normalised rows)
     official_float32: bool = False  # compat: G, Q, the λ search (one LU solve per λ) and the solve in float32
-    first_session: Literal["none"] = "none"  # first-session adaptation on task 0; none: the "No Phase 1" ablation
 
     def check(self, section: str) -> None:
         if not self.lambdas:
