@@ -1,7 +1,7 @@
 """A short check for a machine with one CUDA GPU (under 5 minutes): prefix attention correct there, and the
 suite's steps as fractions of that GPU's measured matmul peak.
 
-1. Correctness: every fused prefix-attention kernel ("auto", "explicit", "bias", "sdpa" for the identity gate)
+1. Correctness: every fused prefix-attention kernel ("auto", "explicit", "bias", "flex", "sdpa" for the identity gate)
    against the fp64 reference on the same inputs, outputs and all gradients, in fp32 (TF32 off) and bf16; in
    bf16 each kernel's error is compared with the reference path's own under autocast (the bound the CPU tests use).
 2. Attention alone, forward + backward at ViT-B/16 shapes: reference vs each kernel, ms (CUDA-synchronised medians).
@@ -18,6 +18,7 @@ show the script works where no GPU is lent. Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -103,7 +104,7 @@ def correctness(device: str) -> list[dict]:
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         for gate_kind in ("tanh", "sigmoid", "identity"):
-            kernels = ["auto", "explicit", "bias"] + (["sdpa"] if gate_kind == "identity" else [])
+            kernels = ["auto", "explicit", "bias", "flex"] + (["sdpa"] if gate_kind == "identity" else [])
             for seed in range(2):
                 gate, qkv, prefixes, grad_out = _case(device, dtype, gate_kind, seed)
                 gate64 = _to_double(gate)
@@ -155,6 +156,8 @@ def _attention_steps(device: str, dtype: torch.dtype, shape: tuple[int, ...]) ->
     steps = {"reference": step(reference_prefix_attention, autocast=dtype == torch.bfloat16)}
     for kernel in ("auto", "explicit", "bias"):
         steps[kernel] = step(fused_prefix_attention, kernel=kernel)
+    if torch.device(device).type == "cuda":  # flex attention is fused only when compiled (eager is its reference)
+        steps["flex (compiled)"] = step(torch.compile(functools.partial(fused_prefix_attention, kernel="flex")))
     return steps
 
 

@@ -1,4 +1,8 @@
-"""Gated prefix attention: reference vs a per-(sample, head) loop, fused vs reference (outputs and gradients)."""
+"""Gated prefix attention: reference vs a per-(sample, head) loop, fused vs reference (outputs and gradients).
+
+`NORGA_TEST_DEVICE=cuda` runs them on a GPU (every tensor made there by default), as `tools/device_check.sh` does."""
+
+import os
 
 import pytest
 import torch
@@ -11,6 +15,14 @@ from norga.nn import (
 )
 
 B, H, N, LP, D = 3, 4, 19, 5, 16
+DEVICE = os.environ.get("NORGA_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """Tensors and gates of every test are made on NORGA_TEST_DEVICE (default cpu)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def random_gate(activation="tanh", dtype=torch.float32):
@@ -91,6 +103,31 @@ def test_fused_is_exact_in_fp64(kernel):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
     for got, want in zip(grads(actual, inputs, grad_out), grads(expected, inputs, grad_out)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "identity"])
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_flex_kernel_is_exact_in_fp64(activation, shared_prefix):
+    """flex_attention with the gate as a score modification of the prefix columns: the output everywhere, the
+    gradients (α and τ through the captured parameters too) where flex has a backward (not on CPU)."""
+    gate = IdentityGate() if activation == "identity" else random_gate(activation, torch.float64)
+    with_grad = DEVICE != "cpu"
+    q, k, v, pk, pv = (t.detach().requires_grad_(with_grad)
+                       for t in random_inputs(torch.float64, shared_prefix=shared_prefix))
+    expected = loop_attention(q, k, v, pk, pv, gate, D**-0.5)
+    actual = fused_prefix_attention(q, k, v, pk, pv, gate, D**-0.5, kernel="flex")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    if with_grad:
+        inputs = [q, k, v, pk, pv, *gate.gate_parameters()]
+        grad_out = torch.randn_like(expected)
+        for got, want in zip(grads(actual, inputs, grad_out), grads(expected, inputs, grad_out)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_flex_kernel_refuses_dropout():
+    q, k, v, pk, pv = (t.detach() for t in random_inputs())
+    with pytest.raises(ValueError, match="no attention dropout"):
+        fused_prefix_attention(q, k, v, pk, pv, random_gate(), D**-0.5, dropout_p=0.1, kernel="flex")
 
 
 def test_fused_first_layer_case_only_prompt_gradients():

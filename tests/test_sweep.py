@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,11 +120,13 @@ def test_without_ray_the_sweep_says_how_to_install_it_and_writes_nothing(tmp_pat
     assert not (tmp_path / "s").exists()
 
 
-def made_up_sweep(tmp_path, results: dict[str, dict | None]) -> SweepDirectory:
+def made_up_sweep(tmp_path, results: dict[str, dict | None], axes: dict | None = None, overrides=(),
+                  name: str = "sweep") -> SweepDirectory:
     """A sweep directory whose trials' results.json hold the given made-up metrics (None: the run never finished)."""
-    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": {"method": ["norga", "hide"], "seed": [0, 1, 2]}})
+    sweep = SweepSpec.from_dict({"base": "tiny_smoke", "axes": axes or {"method": ["norga", "hide"], "seed": [0, 1, 2]},
+                                 "set": list(overrides)})
     trials = expand(sweep)
-    directory = SweepDirectory.create(tmp_path / "sweep", sweep, trials, [t.assignment["method"] for t in trials],
+    directory = SweepDirectory.create(tmp_path / name, sweep, trials, [t.assignment["method"] for t in trials],
                                       [t.assignment["seed"] for t in trials])
     for trial in trials:
         metrics = results[trial.id]
@@ -172,6 +175,7 @@ def test_summary_and_paired_differences_match_hand_computed_values(tmp_path):
     fa = pairs["final_average_accuracy"]
     # shared seeds 0, 1: differences 60 - 58 = 2 and 62 - 61 = 1: mean 1.5, sd sqrt(0.5), t(0.975, 1) = 12.7062
     assert (fa["method_a"], fa["method_b"], fa["n"], fa["seeds"]) == ("norga", "hide", 2, [0, 1])
+    assert fa["setting_a"] == fa["setting_b"] == ""
     assert fa["mean_difference"] == pytest.approx(1.5) and fa["sd"] == pytest.approx(math.sqrt(0.5))
     half = 12.706204736174707 * math.sqrt(0.5) / math.sqrt(2)
     assert (fa["ci_low"], fa["ci_high"]) == (pytest.approx(1.5 - half), pytest.approx(1.5 + half))
@@ -216,6 +220,57 @@ def test_report_rewrites_tables_and_plot_without_ray_and_shows_a_dash_for_unreco
     assert (directory.path / "sweep.png").stat().st_size > 10_000
 
 
+def test_several_sweeps_report_as_one_table_with_pairs_across_them_and_across_settings(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    first = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(60, 70, 10, 50),
+                                     "method=norga__seed=1": metrics(62, 70, 12, 50)},
+                          axes={"method": ["norga"], "seed": [0, 1]}, name="a")
+    second = made_up_sweep(tmp_path, {"method=hide__prompt.length=3__seed=0": metrics(57, 70, 10, 50),
+                                      "method=hide__prompt.length=3__seed=1": metrics(58, 70, 12, 50),
+                                      "method=hide__prompt.length=4__seed=0": metrics(59, 70, 10, 50),
+                                      "method=hide__prompt.length=4__seed=1": metrics(61, 70, 12, 50)},
+                           axes={"method": ["hide"], "prompt.length": [3, 4], "seed": [0, 1]}, name="b")
+    assert main(["sweep", "--report", str(first.path), str(second.path), "--into", str(tmp_path / "ab"),
+                 "--pairs-with", "norga"]) == 0
+    out = capsys.readouterr().out
+    assert "6 of 6 trials complete" in out
+    pairs = json.loads((tmp_path / "ab" / "paired.json").read_text())["pairs"]
+    fa = {(p["method_a"], p["setting_a"], p["method_b"], p["setting_b"]): p for p in pairs
+          if p["metric"] == "final_average_accuracy"}
+    # three arms, three pairs: norga − hide(3): 3, 4 -> 3.5; norga − hide(4): 1, 1 -> 1; hide(3) − hide(4): -2, -3
+    assert fa[("norga", "", "hide", "prompt.length=3")]["mean_difference"] == pytest.approx(3.5)
+    assert fa[("norga", "", "hide", "prompt.length=4")]["mean_difference"] == pytest.approx(1.0)
+    assert fa[("hide", "prompt.length=3", "hide", "prompt.length=4")]["mean_difference"] == pytest.approx(-2.5)
+    assert "norga (base) − hide (prompt.length=3)" in out
+    assert "hide (prompt.length=3) − hide (prompt.length=4)" not in out  # --pairs-with norga: printed pairs only
+    sources = json.loads((tmp_path / "ab" / "sources.json").read_text())["sweeps"]
+    assert sources == [str(first.path), str(second.path)]
+    rows = json.loads((tmp_path / "ab" / "sweep.json").read_text())["trials"]
+    assert {Path(r["run_dir"]).parent for r in rows} == {first.path, second.path}
+    assert not (first.path / "paired.json").exists()  # the sources are left as they were
+
+
+def test_combining_sweeps_refuses_overlaps_other_overrides_and_a_missing_into(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    one_seed = {"method": ["norga"], "seed": [0]}
+    first = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(60, 70, 10, 50)}, axes=one_seed, name="a")
+    again = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(61, 70, 10, 50)}, axes=one_seed, name="b")
+    other = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(61, 70, 10, 50)}, axes=one_seed, name="c",
+                          overrides=["data.test_per_class=7"])
+    for dirs, into, message in [((first, again), "x", "both hold norga (base, tiny_smoke, seed 0)"),
+                                ((first, other), "y", "pairs across them would compare different experiments"),
+                                ((first, again), None, "add --into OUT")]:
+        argv = ["sweep", "--report", *(str(d.path) for d in dirs)] + (["--into", str(tmp_path / into)] if into else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        if into:
+            assert not (tmp_path / into).exists()  # nothing written
+    assert main(["sweep", "quickstart", "--grid", "seed=0", "--into", str(tmp_path / "z")]) == 2
+    assert "--into goes with --report" in capsys.readouterr().err
+
+
 def test_sweep_directories_are_exclusive_and_locked_while_they_run(tmp_path):
     sweep = spec(seed=[0])
     trials = expand(sweep)
@@ -257,7 +312,6 @@ def test_a_worker_attempt_counts_once_its_file_is_in_place_not_while_it_is_being
 
 
 def test_the_documented_specs_expand_as_they_say(tmp_path):
-    from pathlib import Path
     from textwrap import dedent
 
     from norga.commands.sweep import EPILOG
@@ -274,7 +328,6 @@ def test_the_documented_specs_expand_as_they_say(tmp_path):
 
 
 def test_the_demo_spec_runs_five_rows_on_three_seeds_and_only_hide_goes_without_prompts():
-    from pathlib import Path
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sweep_demo.yaml")
     configs = [trial_config(spec, trial) for trial in expand(spec)]

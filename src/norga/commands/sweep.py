@@ -1,5 +1,6 @@
 """`norga sweep SPEC.yaml` / `norga sweep BASE --grid KEY=V1,V2 ...`: a grid of trials on Ray, resumable, with
-mean ± sd over seeds and paired differences; `--report DIR` re-prints and re-plots a sweep."""
+mean ± sd over seeds and paired differences; `--report DIR [DIR ...]` re-prints and re-plots a sweep, or the
+union of several into `--into`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from norga.config import ConfigError
+from norga.storage import write_json
 
 EPILOG = """examples:
   norga sweep quickstart --grid method=norga,hide --grid seed=0,1,2
@@ -16,6 +18,7 @@ EPILOG = """examples:
   norga sweep sweep.yaml --address 10.0.0.1:6379          # an existing Ray cluster (`ray start --head` ...)
   norga sweep --resume runs/sweep-quickstart-20261201-101500   # unfinished trials only, from their checkpoints
   norga sweep --report runs/sweep-quickstart-20261201-101500   # tables and plot again, nothing runs
+  norga sweep --report runs/sweep-a runs/sweep-b --into runs/a+b --pairs-with norga   # several sweeps as one
 
 A spec file (YAML):
   base: quickstart                       # a preset or config YAML (or an axis `preset: [...]` instead)
@@ -42,7 +45,12 @@ def add_parser(subparsers) -> None:
                         help="override a config value for every trial (repeatable)")
     parser.add_argument("--dir", type=Path, help="the sweep directory (default: OUTPUT_DIR/sweep-NAME-TIMESTAMP)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="run a sweep's unfinished trials")
-    parser.add_argument("--report", type=Path, metavar="DIR", help="re-print and re-plot a sweep; runs nothing")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="DIR",
+                        help="re-print and re-plot a sweep, or several as one table (with --into); runs nothing")
+    parser.add_argument("--into", type=Path, metavar="OUT",
+                        help="with several --report directories: the folder for their combined tables and plot")
+    parser.add_argument("--pairs-with", metavar="METHOD",
+                        help="print only the paired differences that involve METHOD (the files keep all)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N",
                         help="CPUs (and torch threads) per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="N",
@@ -61,7 +69,13 @@ def handle(args: argparse.Namespace) -> int:
     refuse_under_torchrun("sweep")
     if args.report:
         _refuse_with(args, "--report", ("spec", "grid", "overrides", "dir", "resume"))
-        return report(SweepDirectory.open(args.report))
+        directories = [SweepDirectory.open(path) for path in args.report]
+        if len(directories) > 1 and args.into is None:
+            raise ConfigError("several --report directories are written together: add --into OUT (a new folder "
+                              "for their combined tables and plot)")
+        return report(directories, args.into, args.pairs_with)
+    if args.into or args.pairs_with:
+        raise ConfigError(f"{'--into' if args.into else '--pairs-with'} goes with --report DIR ...")
     resources = _resources(args)
     if args.resume:
         _refuse_with(args, "--resume", ("spec", "grid", "overrides", "dir"))
@@ -104,23 +118,35 @@ def run(directory, configs, resources) -> int:
     return 0
 
 
-def report(directory) -> int:
-    """Tables and plot from the trials' results.json files; prints the summary and the paired differences."""
+def report(directories, into: Path | None = None, pairs_with: str | None = None) -> int:
+    """Tables and plot from the trials' results.json files (of one sweep directory, or of several written into
+    `into`); prints the summary and the paired differences (those involving `pairs_with` when given)."""
     from norga.sweep import aggregate
     from norga.sweep.plot import SWEEP_PLOT, plot_sweep
 
-    rows = aggregate.trial_rows(directory)
+    directories = directories if isinstance(directories, list) else [directories]
+    if into is None:
+        rows, out = aggregate.trial_rows(directories[0]), directories[0].path
+    else:
+        rows, out = aggregate.combined_rows(directories), Path(into)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({"sweeps": [str(d.path) for d in directories]}, out / COMBINED_SOURCES)
     summary, pairs = aggregate.summarize(rows), aggregate.paired_differences(rows)
-    aggregate.write_tables(directory.path, rows, summary, pairs)
-    plot_sweep(summary, rows, directory.path / SWEEP_PLOT)
+    aggregate.write_tables(out, rows, summary, pairs)
+    plot_sweep(summary, rows, out / SWEEP_PLOT)
     complete = sum(row["status"] == "complete" for row in rows)
     print(f"{complete} of {len(rows)} trials complete; mean ± sd over seeds:")
     print(aggregate.format_summary(summary))
-    if pairs:
+    shown = [p for p in pairs if pairs_with in (None, p["method_a"], p["method_b"])]
+    if shown:
         print("\npaired differences on shared seeds:")
-        print(aggregate.format_paired(pairs))
-    print(f"\ntables: {directory.path}/{{sweep,summary,paired}}.csv  plot: {directory.path / SWEEP_PLOT}")
+        print(aggregate.format_paired(shown))
+    print(f"\ntables: {out}/{{sweep,summary,paired}}.csv  plot: {out / SWEEP_PLOT}")
     return 0
+
+
+#: In a combined report's folder: the sweep directories it was made from.
+COMBINED_SOURCES = "sources.json"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -19,6 +19,8 @@ The fused path picks, by device and dtype:
 - elsewhere, identity gate: one ``scaled_dot_product_attention`` over [prefix; tokens] (no mask);
 - otherwise (CUDA, dropout): SDPA with the gate's residual ``gate(s) - s`` as an additive bias on the
   prefix columns.
+``kernel="flex"`` is `flex_attention` with the gate as a score modification of the prefix columns (no dropout):
+`benchmarks/gpu_check.py` times it against "bias" on a GPU, where "auto" keeps "bias" until a device says otherwise.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def fused_prefix_attention(
     dropout_p: float = 0.0,
     kernel: str = "auto",
 ) -> Tensor:
-    """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit", "bias" or "sdpa" (identity gate only)."""
+    """Same result as `reference_prefix_attention` through fused kernels; `kernel` forces "explicit", "bias",
+    "flex" or "sdpa" (identity gate only)."""
     explicit_here = q.device.type == "cpu" and dropout_p == 0.0
     if prefix_k is None:
         if kernel in ("auto", "explicit") and explicit_here and q.dtype in LOW_PRECISION:
@@ -87,7 +90,12 @@ def fused_prefix_attention(
         return function.apply(q, k, v, prefix_k, prefix_v, scale, gate, *gate.gate_parameters())
     if kernel == "bias":
         return _bias_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale, dropout_p)
-    raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit', 'bias' or 'sdpa'")
+    if kernel == "flex":
+        if dropout_p != 0.0:
+            raise ValueError("the flex prefix kernel has no attention dropout; use kernel='bias'")
+        return _flex_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale)
+    raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit', 'bias', 'flex' or "
+                     "'sdpa'")
 
 
 #: Input dtypes the explicit kernel computes in their own precision (`_LowPrecisionPrefixAttention`).
@@ -112,6 +120,23 @@ def _bias_prefix_attention(
     keys = torch.cat([prefix_k, k], dim=2)
     values = torch.cat([prefix_v, v], dim=2)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def _flex_prefix_attention(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate, scale: float
+) -> Tensor:
+    """`flex_attention` over [prefix; tokens] with the gate as a score modification of the first Lp columns (its
+    parameters captured, so they get gradients). Eager here; on CUDA it is fused when the caller compiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    length, params = prefix_k.shape[2], gate.gate_parameters()
+
+    def gated(score: Tensor, batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return torch.where(key < length, gate.gate(score, *params), score)
+
+    keys = torch.cat([prefix_k, k], dim=2)
+    values = torch.cat([prefix_v, v], dim=2)
+    return flex_attention(q, keys, values, score_mod=gated, scale=scale)
 
 
 def _accumulation_dtype(tensor: Tensor) -> torch.dtype:

@@ -1,5 +1,5 @@
 """From finished trials to tables: one row per trial, mean ± sd per (method, setting, benchmark) over seeds, and
-paired differences between methods on the seeds they share, with a 95 % t confidence interval."""
+paired differences between arms (method and setting) on the seeds they share, with a 95 % t confidence interval."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from norga.config import ConfigError
 from norga.storage import atomic_write, load_json, write_json
 
 #: results.json key -> short label. Keys are read from `metrics`, else from the top level (task identity and
@@ -46,6 +47,28 @@ def trial_rows(directory) -> list[dict[str, Any]]:
     return rows
 
 
+def combined_rows(directories: Sequence) -> list[dict[str, Any]]:
+    """The trial rows of several `SweepDirectory`s as one table (run_dir made absolute), when they ran under the
+    same shared overrides (`set`) and no two hold the same (method, setting, benchmark, seed)."""
+    first = directories[0]
+    rows, seen = [], {}
+    for directory in directories:
+        if directory.spec.overrides != first.spec.overrides:
+            raise ConfigError(
+                f"{directory.path} ran with set {directory.spec.overrides} and {first.path} with "
+                f"{first.spec.overrides}: pairs across them would compare different experiments; combine sweeps "
+                "with the same `set` (make a differing setting an axis)")
+        for row in trial_rows(directory):
+            key = tuple(row[k] for k in (*GROUP_KEYS, "seed"))
+            if key in seen:
+                raise ConfigError(f"{directory.path} and {seen[key]} both hold {row['method']} "
+                                  f"({setting_label(row['setting'])}, {row['benchmark']}, seed {row['seed']}): "
+                                  "combine sweeps that do not overlap")
+            seen[key] = directory.path
+            rows.append({**row, "run_dir": str(directory.run_dir({"run_dir": row["run_dir"]}))})
+    return rows
+
+
 def describe(values: Sequence[float | None]) -> dict[str, float | int | None]:
     """n, mean and sample sd (n − 1) of the defined values; sd None below two values, mean None with none."""
     defined = [v for v in values if v is not None]
@@ -65,30 +88,31 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each two methods within a (setting, benchmark), per metric: method_a − method_b on the seeds both
+    """For each two arms (method and setting) of a benchmark, per metric: arm_a − arm_b on the seeds both
     finished, its mean, sd, n and 95 % t interval (None below two seeds)."""
     from scipy.stats import t as student_t
 
     complete = [r for r in rows if r["status"] == "complete"]
     pairs = []
-    for setting, benchmark in dict.fromkeys((r["setting"], r["benchmark"]) for r in complete):
-        cell = [r for r in complete if (r["setting"], r["benchmark"]) == (setting, benchmark)]
-        by_method: dict[str, dict] = {}
-        for r in cell:
-            by_method.setdefault(r["method"], {})[r["seed"]] = r
-        for a, b in itertools.combinations(by_method, 2):
+    for benchmark in dict.fromkeys(r["benchmark"] for r in complete):
+        by_arm: dict[tuple[str, str], dict] = {}
+        for r in complete:
+            if r["benchmark"] == benchmark:
+                by_arm.setdefault((r["method"], r["setting"]), {})[r["seed"]] = r
+        for a, b in itertools.combinations(by_arm, 2):
             for metric in METRICS:
-                seeds = [s for s in by_method[a] if s in by_method[b]
-                         and by_method[a][s][metric] is not None and by_method[b][s][metric] is not None]
+                seeds = [s for s in by_arm[a] if s in by_arm[b]
+                         and by_arm[a][s][metric] is not None and by_arm[b][s][metric] is not None]
                 if not seeds:
                     continue
-                differences = [by_method[a][s][metric] - by_method[b][s][metric] for s in seeds]
+                differences = [by_arm[a][s][metric] - by_arm[b][s][metric] for s in seeds]
                 stats = describe(differences)
                 half = (student_t.ppf((1 + CONFIDENCE) / 2, stats["n"] - 1) * stats["sd"] / math.sqrt(stats["n"])
                         if stats["sd"] is not None else None)
-                pairs.append({"setting": setting, "benchmark": benchmark, "method_a": a, "method_b": b,
-                              "metric": metric, "n": stats["n"], "seeds": seeds, "mean_difference": stats["mean"],
-                              "sd": stats["sd"], "ci_low": None if half is None else stats["mean"] - half,
+                pairs.append({"benchmark": benchmark, "method_a": a[0], "setting_a": a[1], "method_b": b[0],
+                              "setting_b": b[1], "metric": metric, "n": stats["n"], "seeds": seeds,
+                              "mean_difference": stats["mean"], "sd": stats["sd"],
+                              "ci_low": None if half is None else stats["mean"] - half,
                               "ci_high": None if half is None else stats["mean"] + half})
     return pairs
 
@@ -142,13 +166,20 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def format_paired(pairs: Sequence[dict[str, Any]]) -> str:
-    """Paired differences as a text table: mean, sd and 95 % interval of method_a − method_b."""
+    """Paired differences as a text table: mean, sd and 95 % interval of arm_a − arm_b (an arm's setting is shown
+    in the setting column when both share it, else beside its method)."""
     header = ["benchmark", "setting", "difference", "metric", "n", "mean", "sd", f"{CONFIDENCE:.0%} CI"]
 
     def number(value):
         return "—" if value is None else f"{value:+.2f}"
 
-    body = [[p["benchmark"], setting_label(p["setting"]), f"{p['method_a']} − {p['method_b']}", METRICS[p["metric"]],
+    def arms(p) -> tuple[str, str]:
+        if p["setting_a"] == p["setting_b"]:
+            return setting_label(p["setting_a"]), f"{p['method_a']} − {p['method_b']}"
+        return "—", (f"{p['method_a']} ({setting_label(p['setting_a'])}) − "
+                     f"{p['method_b']} ({setting_label(p['setting_b'])})")
+
+    body = [[p["benchmark"], *arms(p), METRICS[p["metric"]],
              str(p["n"]), number(p["mean_difference"]), "—" if p["sd"] is None else f"{p['sd']:.2f}",
              "—" if p["ci_low"] is None else f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]"] for p in pairs]
     return _table(header, body)
