@@ -251,6 +251,24 @@ def test_several_sweeps_report_as_one_table_with_pairs_across_them_and_across_se
     assert not (first.path / "paired.json").exists()  # the sources are left as they were
 
 
+def test_an_override_of_one_methods_section_makes_an_arm_of_its_own_when_sweeps_combine(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    axes = {"method": ["norga"], "seed": [0, 1]}
+    plain = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(60, 70, 10, 50),
+                                     "method=norga__seed=1": metrics(62, 70, 12, 50)}, axes=axes, name="a")
+    longer = made_up_sweep(tmp_path, {"method=norga__seed=0": metrics(61, 70, 10, 50),
+                                      "method=norga__seed=1": metrics(65, 70, 12, 50)}, axes=axes, name="b",
+                           overrides=["norga.prompt.length=3"])
+    assert main(["sweep", "--report", str(plain.path), str(longer.path), "--into", str(tmp_path / "ab")]) == 0
+    summary = json.loads((tmp_path / "ab" / "summary.json").read_text())["groups"]
+    assert [(g["method"], g["setting"]) for g in summary] == [("norga", ""), ("norga", "norga.prompt.length=3")]
+    fa = next(p for p in json.loads((tmp_path / "ab" / "paired.json").read_text())["pairs"]
+              if p["metric"] == "final_average_accuracy")
+    assert (fa["setting_b"], fa["mean_difference"]) == ("norga.prompt.length=3", pytest.approx(-2.0))  # -1, -3
+    assert "norga (base) − norga (norga.prompt.length=3)" in capsys.readouterr().out
+
+
 def test_combining_sweeps_refuses_overlaps_other_overrides_and_a_missing_into(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     one_seed = {"method": ["norga"], "seed": [0]}

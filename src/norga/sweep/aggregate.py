@@ -48,25 +48,48 @@ def trial_rows(directory) -> list[dict[str, Any]]:
 
 
 def combined_rows(directories: Sequence) -> list[dict[str, Any]]:
-    """The trial rows of several `SweepDirectory`s as one table (run_dir made absolute), when they ran under the
-    same shared overrides (`set`) and no two hold the same (method, setting, benchmark, seed)."""
-    first = directories[0]
+    """The trial rows of several `SweepDirectory`s as one table (run_dir made absolute). They must share their
+    shared overrides (`set` entries outside any method's section); an entry of one method's section
+    (`vptnsp.train.epochs=4`) joins that method's rows' setting, so it is an arm of its own. No two sweeps may
+    hold the same (method, setting, benchmark, seed)."""
+    first_shared = _shared_overrides(directories[0])
     rows, seen = [], {}
     for directory in directories:
-        if directory.spec.overrides != first.spec.overrides:
+        shared = _shared_overrides(directory)
+        if shared != first_shared:
             raise ConfigError(
-                f"{directory.path} ran with set {directory.spec.overrides} and {first.path} with "
-                f"{first.spec.overrides}: pairs across them would compare different experiments; combine sweeps "
-                "with the same `set` (make a differing setting an axis)")
+                f"{directory.path} ran with set {shared or []} and {directories[0].path} with {first_shared or []}: "
+                "pairs across them would compare different experiments; combine sweeps with the same shared `set` "
+                "(make a differing setting an axis)")
         for row in trial_rows(directory):
+            own = [_readable(o) for o in directory.spec.overrides if _section(o) == row["method"]]
+            row = {**row, "setting": ",".join(filter(None, [row["setting"], *own])),
+                   "run_dir": str(directory.run_dir({"run_dir": row["run_dir"]}))}
             key = tuple(row[k] for k in (*GROUP_KEYS, "seed"))
             if key in seen:
                 raise ConfigError(f"{directory.path} and {seen[key]} both hold {row['method']} "
                                   f"({setting_label(row['setting'])}, {row['benchmark']}, seed {row['seed']}): "
                                   "combine sweeps that do not overlap")
             seen[key] = directory.path
-            rows.append({**row, "run_dir": str(directory.run_dir({"run_dir": row["run_dir"]}))})
+            rows.append(row)
     return rows
+
+
+def _section(override: str) -> str | None:
+    """The method whose section a ``key=value`` override sets (``norga.tii.head=...``: norga), else None."""
+    from norga.methods import METHODS
+
+    head = override.partition("=")[0].strip().split(".")[0]
+    return head if head in METHODS else None
+
+
+def _shared_overrides(directory) -> list[str]:
+    return [o for o in directory.spec.overrides if _section(o) is None]
+
+
+def _readable(override: str) -> str:
+    key, _, value = override.partition("=")
+    return f"{key.strip()}={value.strip().strip(chr(34))}"
 
 
 def describe(values: Sequence[float | None]) -> dict[str, float | int | None]:
