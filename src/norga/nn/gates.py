@@ -83,6 +83,15 @@ class NoRGaGate(ScoreGate):
         return f"activation={self.activation!r}"
 
 
+class TokenMeanGate(ScoreGate):
+    """Each prefix column's score replaced by its mean over the query tokens: every token sees the same score
+    toward a prefix, the score of the tokens' mean query (SMoPE's aggregated expert score; linear, so exact).
+    Not a ``gate`` setting's kind: a method that scores its prefixes this way passes it itself."""
+
+    def gate(self, scores: Tensor, *params: Tensor) -> Tensor:
+        return scores.mean(dim=-2, keepdim=True).expand_as(scores)
+
+
 #: Gate kinds by config name: a factory per name. A new kind of gate is one `ScoreGate` subclass plus
 #: ``register_gate(name, factory)``; every ``gate`` setting then accepts its name.
 GATE_KINDS: dict[str, Callable[[], ScoreGate]] = {}
