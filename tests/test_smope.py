@@ -323,3 +323,34 @@ def test_no_normalisation_feeds_pixels_in_zero_one_as_the_official_code():
     scale, shift = torch.tensor([0.25, 0.2, 0.1])[:, None, None], torch.tensor([0.5, 0.4, 0.3])[:, None, None]
     torch.testing.assert_close(plain(image), normalised(image) * scale + shift)
     assert 0.0 <= float(plain(image).min()) and float(plain(image).max()) <= 1.0
+
+
+def test_the_training_loss_is_current_task_cross_entropy_plus_the_weighted_router_and_prototype_losses():
+    ctx = RunContext(build(tiny_config("smope")))
+    method = SMoPE(ctx, ctx.config.settings)
+    s, pool, model = method.settings, method.pool, method.model
+    torch.manual_seed(5)
+    pool.usage.random_(0, 5)
+    pool.cross_boundary("mean_nonzero")  # flags and a key snapshot, then keys that moved since
+    with torch.no_grad():
+        pool.keys.add_(0.1 * torch.randn_like(pool.keys))
+
+    def current_task_ce(logits: Tensor, labels: Tensor, task: int) -> Tensor:
+        classes = ctx.classes(task)
+        column = torch.tensor([classes.index(int(label)) for label in labels])
+        return -logits[:, classes].log_softmax(dim=1)[torch.arange(len(labels)), column].mean()
+
+    for task in (0, 1):
+        batch = next(iter(ctx.train_loader(task, 0, 4)))
+        record = []
+        logits = model(batch.images, attachments=pool.attachments(pool.frequent.float() * s.noise, record)).logits
+        router = sum(router_loss(r.scores, r.selected, s.noise) for r in record).mean()
+        expected = current_task_ce(logits, batch.labels, task) + s.alpha_router * router
+        if task > 0:
+            expected = expected + s.alpha_proto * prototype_loss(pool.old_keys, pool.keys, pool.frequent, s.top_k)
+        torch.testing.assert_close(method.training_loss(task, dense=False)(batch), expected)
+        dense_logits = model(batch.images, attachments=pool.attachments(None)).logits
+        torch.testing.assert_close(method.training_loss(task, dense=True)(batch),
+                                   current_task_ce(dense_logits, batch.labels, task))
+    proto = prototype_loss(pool.old_keys, pool.keys, pool.frequent, s.top_k)
+    assert float(s.alpha_router * router.detach()) > 1e-3 and float(s.alpha_proto * proto.detach()) > 1e-3

@@ -87,6 +87,18 @@ class SMoPE(PhaseTraining, ContinualMethod):
         s, ctx, model, pool = self.settings, self.ctx, self.model, self.pool
         groups = [{"params": [pool.keys, pool.values], "lr_scale": s.prompt_lr_scale},
                   {"params": model.head_parameters()}]
+
+        def batches(epoch: int):
+            return ctx.train_loader(task, epoch + epoch_offset, cfg.batch_size)
+
+        self.train_phase(cfg, groups, batches, self.training_loss(task, dense), start_epoch, on_epoch_end,
+                         train=[model], step_lr=self._training_lr(task, cfg))
+
+    def training_loss(self, task: int, dense: bool) -> Callable[[TrainBatch], Tensor]:
+        """The loss of a training batch of `task`: cross-entropy over the task's classes (earlier ones masked) and,
+        with top-K routing (not `dense`), ``alpha_router`` x the router loss and (t > 0) ``alpha_proto`` x the
+        prototype loss; the usage flags at the call decide the training penalty."""
+        s, ctx, model, pool = self.settings, self.ctx, self.model, self.pool
         allowed = ctx.class_mask(task)
         penalties = None if dense else pool.training_penalties(s.noise)
         margin = s.noise if s.router_margin else 0.0
@@ -106,11 +118,7 @@ class SMoPE(PhaseTraining, ContinualMethod):
                 total = total + ctx.replicated_term(alpha_proto * prototypes)
             return total
 
-        def batches(epoch: int):
-            return ctx.train_loader(task, epoch + epoch_offset, cfg.batch_size)
-
-        self.train_phase(cfg, groups, batches, loss, start_epoch, on_epoch_end, train=[model],
-                         step_lr=self._training_lr(task, cfg))
+        return loss
 
     def _training_lr(self, task: int, cfg: SMoPEOptim) -> Callable[[int, int, float], float] | None:
         """coswm's lr per iteration (None: the per-epoch schedule `cfg.schedule`)."""
