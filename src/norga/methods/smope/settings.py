@@ -40,7 +40,7 @@ class AlignmentConfig:
     official_chunking: bool = True  # only |C<t| batches of the draws per epoch, as the official code
 
     optimizer: ClassVar[str] = "adamw"
-    schedule: ClassVar[str] = "constant"  # replaced by the per-iteration cosine
+    schedule: ClassVar[str] = "constant"
     clip_grad: ClassVar[float | None] = None
     momentum: ClassVar[float | None] = None
     betas: ClassVar[list[float] | None] = None
@@ -49,7 +49,9 @@ class AlignmentConfig:
 
 @dataclass
 class SMoPESettings:
-    """SMoPE: one pool of prefix experts shared by every task, each sample routed to its top-K per head."""
+    """SMoPE: one pool of prefix experts shared by every task, each sample routed to its top-K per head. Sections:
+    `warmup` (task 0's dense warm-up on every expert, cross-entropy only; 0 epochs: none), `train` (top-K
+    training), `alignment` (classifier alignment after each task but the first)."""
 
     layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])  # prompted blocks
     num_experts: PositiveInt = 25  # per block and head: length-1 key/value prefixes in head space
@@ -61,7 +63,7 @@ class SMoPESettings:
     usage_threshold: Literal["mean_nonzero", "mean_all"] = "mean_nonzero"  # "frequently used": count >= mean of the non-zero counts (code) or of all (poster)
     unused_eval_penalty: NonNegativeFloat = 2.0  # evaluation: never-used experts' penalty x range (0: no exclusion)
     prompt_lr_scale: PositiveFloat = 5.0  # experts' lr over the head's (official "larger prompt lr")
-    warmup: SMoPEOptim = field(default_factory=lambda: SMoPEOptim(epochs=10))  # task 0's dense warm-up (every expert, no aux losses; 0 epochs: none)
+    warmup: SMoPEOptim = field(default_factory=lambda: SMoPEOptim(epochs=10))
     train: SMoPEOptim = field(default_factory=SMoPEOptim)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     official_iter_step: PositiveInt | None = None  # compat: the script's iter_step as coswm's iterations per epoch (None: the true number)
