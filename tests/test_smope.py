@@ -354,3 +354,21 @@ def test_the_training_loss_is_current_task_cross_entropy_plus_the_weighted_route
                                    current_task_ce(dense_logits, batch.labels, task))
     proto = prototype_loss(pool.old_keys, pool.keys, pool.frequent, s.top_k)
     assert float(s.alpha_router * router.detach()) > 1e-3 and float(s.alpha_proto * proto.detach()) > 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["explicit", "bias"])
+def test_the_fused_kernels_with_the_token_mean_gate_match_the_reference_and_flex_refuses_it(kernel):
+    from norga.nn import TokenMeanGate, fused_prefix_attention, reference_prefix_attention
+
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, HEADS, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(2, HEADS, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, HEADS, 7, 4, dtype=torch.float64)
+    results = []
+    for attend in (reference_prefix_attention, lambda *a: fused_prefix_attention(*a, kernel=kernel)):
+        out = attend(q, k, v, pk, pv, TokenMeanGate(), 0.5)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, pk, pv), grad_out)))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="flex prefix kernel modifies each score alone"):
+        fused_prefix_attention(q, k, v, pk, pv, TokenMeanGate(), 0.5, kernel="flex")
