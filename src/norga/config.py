@@ -63,7 +63,7 @@ class DataConfig:
     benchmark: str = "cifar100"
     root: str | None = None  # else $NORGA_DATA, else a download when allowed
     num_tasks: PositiveInt | None = None  # None: the benchmark's own number of tasks
-    normalization: Literal["backbone", "official"] = "backbone"  # NORGA_SPEC P7
+    normalization: Literal["backbone", "official", "none"] = "backbone"  # NORGA_SPEC P7; none: pixels in [0, 1]
     train_per_class: PositiveInt | None = None  # subsample the training set (quick runs)
     test_per_class: PositiveInt | None = None  # subsample the test set (quick runs; reported in the run record)
     workers: Count = 0
@@ -96,7 +96,7 @@ class OptimConfig:
     epochs: Count = 20
     lr: PositiveFloat = 0.00025
     batch_size: PositiveInt = 128
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # adamw: decoupled weight decay
     schedule: Literal["constant", "step", "cosine", "coda_cosine"] = "constant"  # step: x0.1 every 30 epochs
     clip_grad: PositiveFloat | None = 1.0
     weight_decay: NonNegativeFloat = 0.0
@@ -106,7 +106,7 @@ class OptimConfig:
 
     def check(self, section: str) -> None:
         """Refuse a knob the chosen optimizer does not have, and Adam betas that are not two numbers below 1."""
-        foreign = {"adam": ("momentum",), "sgd": ("betas", "eps")}[self.optimizer]
+        foreign = {"adam": ("momentum",), "adamw": ("momentum",), "sgd": ("betas", "eps")}[self.optimizer]
         for knob in foreign:
             if getattr(self, knob) is not None:
                 other = "adam" if self.optimizer == "sgd" else "sgd"

@@ -9,6 +9,7 @@ modules whose tensors they carry (and checkpoints them, `norga.runtime.training.
 The kinds here:
 
 - `Prefix`: prefix keys and values with a score gate in the block's `PrefixAttention` (prefix tuning, NoRGa);
+- `RoutedPrefix`: a prefix chosen per call from the block's own queries (a mixture of prefix experts, SMoPE);
 - `ProjectedPrefix`: prompts turned into prefixes by the block's own ``norm1`` and the key/value rows of its
   ``attn.qkv`` (VPT-NSP style);
 - `PromptTokens`: tokens prepended to the sequence before the block (prompt tuning, L2P);
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from norga.nn.gates import IdentityGate, ScoreGate
-from norga.nn.prefix_attention import PrefixAttention
+from norga.nn.prefix_attention import PrefixAttention, PrefixRoute
 from norga.nn.regional_compile import is_compiled, uncompiled
 
 log = logging.getLogger("norga")
@@ -72,6 +73,20 @@ class Prefix(NamedTuple):
 
     def bind(self, block: nn.Module, index: int) -> AbstractContextManager[None]:
         return prefix_attention(block, index).bound(self.key, self.value, self.gate or _NO_GATE)
+
+
+class RoutedPrefix(NamedTuple):
+    """A prefix the block's `PrefixAttention` asks for with its own queries: ``route(q)``, q (B, heads, N, head_dim)
+    after ``q_norm``, returns keys and values (B or 1, heads, Lp, head_dim); e.g. each sample's top-K experts of a
+    pool scored by the mean query (SMoPE). Bound with its score gate as `Prefix`."""
+
+    route: PrefixRoute
+    gate: ScoreGate | None = None
+    added_tokens = 0  # a class attribute, not a field
+    holds = "prefix"
+
+    def bind(self, block: nn.Module, index: int) -> AbstractContextManager[None]:
+        return prefix_attention(block, index).routed(self.route, self.gate or _NO_GATE)
 
 
 class ProjectedPrefix(NamedTuple):

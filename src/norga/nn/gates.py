@@ -38,6 +38,8 @@ class ScoreGate(nn.Module):
 
     #: True when the gate is exactly the identity (lets attention take the plain fused path).
     is_identity: bool = False
+    #: True when each gated score depends on that score alone (what a per-score modification, flex, can express).
+    elementwise: bool = True
 
     def gate_parameters(self) -> tuple[Tensor, ...]:
         """The tensors `gate` depends on besides the scores, in the order `gate` takes them."""
@@ -81,6 +83,17 @@ class NoRGaGate(ScoreGate):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+class TokenMeanGate(ScoreGate):
+    """Each prefix column's score replaced by its mean over the query tokens: every token sees the same score
+    toward a prefix, the score of the tokens' mean query (SMoPE's aggregated expert score; linear, so exact).
+    Not a ``gate`` setting's kind: a method that scores its prefixes this way passes it itself."""
+
+    elementwise = False
+
+    def gate(self, scores: Tensor, *params: Tensor) -> Tensor:
+        return scores.mean(dim=-2, keepdim=True).expand_as(scores)
 
 
 #: Gate kinds by config name: a factory per name. A new kind of gate is one `ScoreGate` subclass plus

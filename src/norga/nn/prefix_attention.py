@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from timm.layers import Attention
 from torch import Tensor, nn
@@ -13,6 +13,10 @@ from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_att
 
 ATTENTION_IMPLS = ("fused", "reference")
 
+#: Chooses a block's prefix from its own queries: ``route(q)`` with q (B, heads, N, head_dim) after ``q_norm``
+#: returns prefix keys and values, each (B or 1, heads, Lp, head_dim) (`PrefixAttention.routed`).
+PrefixRoute = Callable[[Tensor], tuple[Tensor, Tensor]]
+
 
 class PrefixAttention(nn.Module):
     """Multi-head self-attention whose keys/values are extended by per-sample prefixes.
@@ -21,7 +25,8 @@ class PrefixAttention(nn.Module):
     ``q_norm``, ``k_norm``, ``norm``, ``proj`` ...), so state-dict keys and weights stay those of the
     backbone. Prefixes are injected directly in per-head key/value space (not through ``qkv``), as in
     the official code; ``k_norm`` applies to the tokens' keys only. Without a bound prefix it computes
-    exactly the original attention.
+    exactly the original attention. A prefix is either given (`bound`) or chosen per call from the block's
+    queries (`routed`, e.g. a mixture of prefix experts routed by the mean query).
     """
 
     def __init__(self, attention: Attention, impl: str = "fused") -> None:
@@ -43,7 +48,7 @@ class PrefixAttention(nn.Module):
         self.proj = attention.proj
         self.proj_drop = attention.proj_drop
         self.impl = impl
-        self._prefix: tuple[Tensor, Tensor, ScoreGate] | None = None
+        self._prefix: tuple[PrefixRoute, ScoreGate] | None = None
 
     @property
     def impl(self) -> str:
@@ -55,24 +60,32 @@ class PrefixAttention(nn.Module):
             raise ValueError(f"unknown attention implementation {value!r}; choose one of {ATTENTION_IMPLS}")
         self._impl = value
 
-    @contextmanager
-    def bound(self, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate) -> Iterator[None]:
+    def bound(self, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate) -> AbstractContextManager[None]:
         """Use these prefixes, each (B or 1, heads, Lp, head_dim), and this score gate inside the block.
 
         Scoped and re-entrant: leaving the context restores whatever was bound before it (nothing, or an
         outer binding), also when the forward inside raises.
         """
+        self._check_prefix(prefix_k, prefix_v)
+        return self.routed(lambda _q: (prefix_k, prefix_v), gate)
+
+    @contextmanager
+    def routed(self, route: PrefixRoute, gate: ScoreGate) -> Iterator[None]:
+        """Use the prefix ``route(q)`` of each call's queries (checked as `bound`'s) and this score gate; scoped
+        and re-entrant as `bound`."""
+        outer, self._prefix = self._prefix, (route, gate)
+        try:
+            yield
+        finally:
+            self._prefix = outer
+
+    def _check_prefix(self, prefix_k: Tensor, prefix_v: Tensor) -> None:
         expected = (self.num_heads, self.head_dim)
         for name, prefix in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if prefix.dim() != 4 or (prefix.shape[1], prefix.shape[3]) != expected:
                 raise ValueError(
                     f"{name} must be shaped (batch, {expected[0]}, length, {expected[1]}), got {tuple(prefix.shape)}"
                 )
-        outer, self._prefix = self._prefix, (prefix_k, prefix_v, gate)
-        try:
-            yield
-        finally:
-            self._prefix = outer
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -82,7 +95,11 @@ class PrefixAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        prefix_k, prefix_v, gate = self._prefix if self._prefix is not None else (None, None, None)
+        prefix_k = prefix_v = gate = None
+        if self._prefix is not None:
+            route, gate = self._prefix
+            prefix_k, prefix_v = route(q)
+            self._check_prefix(prefix_k, prefix_v)
         dropout_p = self.attn_drop.p if self.training else 0.0
         attend = fused_prefix_attention if self.impl == "fused" else reference_prefix_attention
         x = attend(q, k, v, prefix_k, prefix_v, gate, self.scale, dropout_p)

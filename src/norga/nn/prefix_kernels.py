@@ -93,6 +93,9 @@ def fused_prefix_attention(
     if kernel == "flex":
         if dropout_p != 0.0:
             raise ValueError("the flex prefix kernel has no attention dropout; use kernel='bias'")
+        if not gate.elementwise:
+            raise ValueError(f"the flex prefix kernel modifies each score alone, but {type(gate).__name__} reads "
+                             "the other scores: use kernel='explicit' or 'bias'")
         return _flex_prefix_attention(q, k, v, prefix_k, prefix_v, gate, scale)
     raise ValueError(f"unknown fused prefix-attention kernel {kernel!r}; use 'auto', 'explicit', 'bias', 'flex' or "
                      "'sdpa'")

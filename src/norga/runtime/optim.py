@@ -59,21 +59,35 @@ def cosine_annealing_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def cosine_iteration_lr(step: int, total: int, base_lr: float, final_lr: float = 1e-6, freeze: int = 0,
+                        freeze_lr: float = 1e-6) -> float:
+    """The lr of 0-based iteration `step` in VQ-Prompt's and SMoPE's per-iteration schedule (``coswm``): `freeze`
+    iterations at `freeze_lr`, then a cosine from `base_lr` to `final_lr` over the rest of `total` iterations, then
+    `final_lr`."""
+    if step >= total:
+        return final_lr
+    if step < freeze:
+        return freeze_lr
+    done, length = step - freeze, total - freeze
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * done / length))
+
+
 def build_optimizer(groups: Iterable[dict], config: PhaseOptimization) -> torch.optim.Optimizer:
-    """Adam or SGD over parameter groups, every knob from `config` (a knob left at None: its standard value); each
+    """Adam, AdamW or SGD over parameter groups, every knob from `config` (a knob left at None: its standard value); each
     group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
     groups = [dict(group, lr=config.lr * group.get("lr_scale", 1.0)) for group in groups if group["params"]]
     for group in groups:
         group.setdefault("lr_scale", 1.0)
         group["base_lr"] = group["lr"]
-    if config.optimizer == "adam":
+    if config.optimizer in ("adam", "adamw"):  # adamw: decoupled weight decay (equal to adam without decay)
         betas = ADAM_BETAS if config.betas is None else tuple(config.betas)
         eps = ADAM_EPS if config.eps is None else config.eps
-        return torch.optim.Adam(groups, lr=config.lr, betas=betas, eps=eps, weight_decay=config.weight_decay)
+        adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return adam(groups, lr=config.lr, betas=betas, eps=eps, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         momentum = SGD_MOMENTUM if config.momentum is None else config.momentum
         return torch.optim.SGD(groups, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam' or 'sgd'")
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam', 'adamw' or 'sgd'")
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -61,12 +61,14 @@ class PhaseTraining:
         on_epoch_end: Callable[[int, dict], None],
         train: Sequence[nn.Module] = (),
         sharded: bool = True,
+        step_lr: Callable[[int, int, float], float] | None = None,
     ) -> None:
         """Epochs `start_epoch` .. ``cfg.epochs - 1`` of a phase: minimise ``loss(batch)`` over ``batches(epoch)``
         with the optimizer `cfg` names over the parameter `groups` (dicts with ``params`` and optionally
         ``lr_scale``), its lr schedule and gradient clipping; the modules in `train` are in training mode while the
         phase runs and in evaluation mode after it. `cfg` is a section of ``self.settings``: a diverged epoch names
-        its learning rate setting."""
+        its learning rate setting. `step_lr` replaces the per-epoch schedule by a per-iteration one: each group's
+        lr before step i of epoch e is ``step_lr(e, i, group's base lr)``."""
         groups = [dict(group, params=list(group["params"])) for group in groups]
         params = [param for group in groups for param in group["params"]]
         self._phase_optimizer(groups, cfg, start_epoch)
@@ -74,9 +76,13 @@ class PhaseTraining:
         for module in train:
             module.train()
         for epoch in range(start_epoch, cfg.epochs):
-            set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
+            if step_lr is None:
+                set_epoch_lr(self.optimizer, schedule_factor(cfg.schedule, epoch, cfg.epochs, cfg.lr))
             total = 0.0
-            for batch in batches(epoch):
+            for step, batch in enumerate(batches(epoch)):
+                if step_lr is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = step_lr(epoch, step, group["base_lr"])
                 total += self._step(loss(batch), params, cfg, sharded)
             self._end_epoch(epoch, total, cfg, on_epoch_end, sharded, lr_key)
         for module in train:

@@ -2,6 +2,8 @@
 
 As the official code: mean and unbiased covariance per class plus 1e-4·I. Unlike it, the Cholesky
 factor is computed once per class in float64 (NORGA_SPEC P15), with more jitter only if needed (recorded).
+``diagonal``: each dimension's population variance plus the jitter instead (VQ-Prompt's and SMoPE's
+classifier alignment), sampled without a factorisation.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ JITTER = 1e-4
 
 
 class ClassGaussians:
-    """Mean, covariance and cached Cholesky factor of each class's features."""
+    """Mean, covariance and cached Cholesky factor of each class's features (``diagonal``: the variances, each
+    dimension's standard deviation as the factor; covariances and factors are then vectors)."""
 
-    def __init__(self, shrinkage: float = 0.0, jitter: float = JITTER) -> None:
+    def __init__(self, shrinkage: float = 0.0, jitter: float = JITTER, diagonal: bool = False) -> None:
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-        self.shrinkage, self.jitter = shrinkage, jitter
+        self.shrinkage, self.jitter, self.diagonal = shrinkage, jitter, diagonal
         self._mean: dict[int, Tensor] = {}
         self._cov: dict[int, Tensor] = {}
         self._factor: dict[int, Tensor] = {}
@@ -38,12 +41,18 @@ class ClassGaussians:
         features = features.detach().to("cpu", torch.float64)
         if features.dim() != 2 or len(features) < 2:
             raise ValueError(f"class {label}: need at least 2 feature vectors shaped (n, dim), got {tuple(features.shape)}")
+        label = int(label)
+        if self.diagonal:
+            variance = features.var(dim=0, unbiased=False) + self.jitter
+            self._mean[label] = features.mean(dim=0).float()
+            self._cov[label] = variance.float()
+            self._factor[label] = variance.sqrt()
+            return
         dim = features.shape[1]
         cov = torch.cov(features.T)
         if self.shrinkage:
             cov = (1 - self.shrinkage) * cov + self.shrinkage * cov.diagonal().mean() * torch.eye(dim, dtype=cov.dtype)
         cov = cov + self.jitter * torch.eye(dim, dtype=cov.dtype)
-        label = int(label)
         self._mean[label] = features.mean(dim=0).float()
         self._cov[label] = cov.float()
         self._factor[label] = self._cholesky(label, cov)
@@ -81,7 +90,8 @@ class ClassGaussians:
         for label in labels:
             factor = self._factor[int(label)]
             noise = torch.randn(n_per_class, factor.shape[0], generator=generator, dtype=torch.float64)
-            draws.append((self._mean[int(label)].double() + noise @ factor.T).float())
+            spread = noise * factor if self.diagonal else noise @ factor.T
+            draws.append((self._mean[int(label)].double() + spread).float())
             targets.append(torch.full((n_per_class,), int(label), dtype=torch.long))
         return torch.cat(draws), torch.cat(targets)
 
@@ -94,10 +104,12 @@ class ClassGaussians:
             "factors": torch.stack([self._factor[c] for c in labels]) if labels else torch.empty(0),
             "shrinkage": self.shrinkage,
             "jitter": self.jitter,
+            "diagonal": self.diagonal,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.shrinkage, self.jitter = float(state["shrinkage"]), float(state["jitter"])
+        self.diagonal = bool(state.get("diagonal", False))  # files written before the option are full
         labels = state["labels"].tolist()
         self._mean = {c: state["means"][i] for i, c in enumerate(labels)}
         self._cov = {c: state["covariances"][i] for i, c in enumerate(labels)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,11 +20,15 @@ from norga.runtime.training import PhaseTraining, masked_logits
 @dataclass
 class TaskAdaptiveTraining:
     """Retrains a classifier on draws from `gaussians` (the statistics of every seen class) with the settings `tap`
-    (a section of the owning method's settings); `stream` names the draws' seed stream (seed, stream, task, epoch)."""
+    (a section of the owning method's settings: a `TAPConfig`, or one with the same fields and another optimizer);
+    `stream` names the draws' seed stream (seed, stream, task, epoch). `iteration_lr` replaces the section's
+    per-epoch schedule by a per-iteration one: ``iteration_lr(i, total, base_lr)`` at iteration i of `total` (SMoPE's
+    classifier alignment)."""
 
     gaussians: ClassGaussians
-    tap: TAPConfig
+    tap: TAPConfig | Any
     stream: str
+    iteration_lr: Callable[[int, int, float], float] | None = None
 
     def run(self, trainer: PhaseTraining, task: int, classifier: Callable[[Tensor], Tensor], params: list[Tensor],
             start_epoch: int, on_epoch_end: Callable[[int, dict], None], train: Sequence[nn.Module] = ()) -> None:
@@ -44,5 +49,13 @@ class TaskAdaptiveTraining:
             features, labels = batch
             return F.cross_entropy(masked_logits(classifier(features), allowed), labels)
 
+        step_lr = None
+        if self.iteration_lr is not None:
+            steps = min(chunks, len(seen))  # per epoch (`official_tap_batches`)
+            total, schedule = cfg.epochs * steps, self.iteration_lr
+
+            def step_lr(epoch: int, step: int, base_lr: float) -> float:
+                return schedule(epoch * steps + step, total, base_lr)
+
         trainer.train_phase(cfg, [{"params": params}], batches, loss, start_epoch, on_epoch_end, train=train,
-                            sharded=False)
+                            sharded=False, step_lr=step_lr)
