@@ -159,23 +159,30 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("crash_at", [Position(0, 0, 1), Position(0, 1, 0), Position(1, 0, 0)],
-                         ids=["mid-adaptation", "after-adaptation", "between-tasks"])
-def test_a_kill_during_or_after_the_adaptation_resumes_bit_identically(tmp_path, crash_at):
-    config = adapted_config(kind="adapter", epochs=3)  # the adapter has dropout: its masks must replay too
-    straight = run_fixture(config, tmp_path / "straight")
+RESUMED = adapted_config(kind="adapter", epochs=3)  # the adapter has dropout: its masks must replay too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("straight")
+    return directory, run_fixture(RESUMED, directory)
+
+
+@pytest.mark.parametrize("crash_at", [Position(0, 0, 1), Position(1, 0, 0)], ids=["mid-adaptation", "between-tasks"])
+def test_a_kill_during_or_after_the_adaptation_resumes_bit_identically(tmp_path, uninterrupted, crash_at):
+    straight_dir, straight = uninterrupted
 
     def crash(position):
         if position == crash_at:
             raise Crash(f"at {position}")
 
     with pytest.raises(Crash):
-        run_fixture(config, tmp_path / "crashed", after_epoch=crash)
-    resumed = run_fixture(config, tmp_path / "crashed", resume=True)
+        run_fixture(RESUMED, tmp_path / "crashed", after_epoch=crash)
+    resumed = run_fixture(RESUMED, tmp_path / "crashed", resume=True)
     for name in straight:
         assert torch.equal(torch.as_tensor(straight[name].correct), torch.as_tensor(resumed[name].correct)), name
-    first, second = (torch.load(tmp_path / run / "checkpoints" / "task3.pt", weights_only=True)
-                     for run in ("straight", "crashed"))
+    first, second = (torch.load(directory / "checkpoints" / "task3.pt", weights_only=True)
+                     for directory in (straight_dir, tmp_path / "crashed"))
     for key, value in first["method"]["adaptation"]["first_session"].items():
         assert torch.equal(value, second["method"]["adaptation"]["first_session"][key]), key
     assert torch.equal(first["method"]["readout"], second["method"]["readout"])

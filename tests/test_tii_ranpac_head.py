@@ -71,17 +71,25 @@ def test_the_predicted_task_is_the_argmax_of_summed_class_scores_and_of_the_task
         assert predicted.max() < seen  # only seen tasks
 
 
-def test_a_norga_run_with_the_ranpac_head_has_its_phases_record_and_no_mlp(tmp_path):
-    config = tiny_config("norga", **TINY_HEAD)
-    engine = make_engine(config, tmp_path / "run")
+CONFIG = tiny_config("norga", **TINY_HEAD)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("straight")
+    engine = make_engine(CONFIG, directory)
     assert [p.name for p in engine.method.phases(1)][:2] == ["tii_ridge", "wtp_train"]
-    matrices = engine.run()
+    return directory, engine, engine.run()
+
+
+def test_a_norga_run_with_the_ranpac_head_has_its_phases_record_and_no_mlp(uninterrupted):
+    directory, engine, matrices = uninterrupted
     assert engine.method.tii is None and dict(engine.method.owned_modules()["tii"].state_dict()) == {}
     assert "task_identity" in matrices
     record = engine.method.run_record()["tii_ranpac"]
-    assert record["projection_seed"] == derive_seed(config.seed, "tii-ranpac-projection")
+    assert record["projection_seed"] == derive_seed(CONFIG.seed, "tii-ranpac-projection")
     assert [task["task"] for task in record["tasks"]] == [1, 2, 3]
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "task3.pt", weights_only=True)
+    saved = torch.load(directory / "checkpoints" / "task3.pt", weights_only=True)
     assert "tii_gaussians" not in saved and saved["tii_ridge"]["statistics"]["count"] == sum(
         len(task.train_eval) for task in engine.context.tasks)
 
@@ -90,22 +98,21 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("crash_at", [Position(1, 1, 0), Position(1, 1, 1)], ids=["after-solve", "mid-prompt-epoch"])
-def test_a_run_with_the_ranpac_head_resumes_bit_identically(tmp_path, crash_at):
-    config = tiny_config("norga", **TINY_HEAD)
-    straight = run_fixture(config, tmp_path / "straight")
+def test_a_run_with_the_ranpac_head_resumes_bit_identically(tmp_path, uninterrupted):
+    """Killed in task 2's prompt training, after its solve: the resume restores G, Q and W_o from the checkpoint."""
+    straight_dir, _, straight = uninterrupted
 
     def crash(position):
-        if position == crash_at:
+        if position == Position(1, 1, 1):
             raise Crash(f"at {position}")
 
     with pytest.raises(Crash):
-        run_fixture(config, tmp_path / "crashed", after_epoch=crash)
-    resumed = run_fixture(config, tmp_path / "crashed", resume=True)
+        run_fixture(CONFIG, tmp_path / "crashed", after_epoch=crash)
+    resumed = run_fixture(CONFIG, tmp_path / "crashed", resume=True)
     for name in straight:
         assert torch.equal(torch.as_tensor(straight[name].correct), torch.as_tensor(resumed[name].correct)), name
-    first, second = (torch.load(tmp_path / run / "checkpoints" / "task3.pt", weights_only=True)
-                     for run in ("straight", "crashed"))
+    first, second = (torch.load(directory / "checkpoints" / "task3.pt", weights_only=True)
+                     for directory in (straight_dir, tmp_path / "crashed"))
     assert torch.equal(first["tii_ridge"]["readout"], second["tii_ridge"]["readout"])
     assert torch.equal(first["tii_ridge"]["statistics"]["gram_upper"], second["tii_ridge"]["statistics"]["gram_upper"])
     assert [t["lambda"] for t in first["tii_ridge"]["tasks"]] == [t["lambda"] for t in second["tii_ridge"]["tasks"]]
