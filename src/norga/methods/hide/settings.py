@@ -56,7 +56,7 @@ class TIISettings:
     (``head ranpac``: no training, no class statistics, no task-adaptive stage; its settings in ``ranpac``)."""
 
     head: Literal["mlp", "ranpac"] = "mlp"  # mlp: official; ranpac: RanPAC's ridge head, tasks by summed class scores
-    ranpac: RidgeSettings = field(default_factory=RidgeSettings)  # the RanPAC head's (with head ranpac)
+    ranpac: RidgeSettings = field(default_factory=RidgeSettings)
     mlp_hidden: list[PositiveInt] = field(default_factory=lambda: [2])
     augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
     train: OptimConfig = field(default_factory=OptimConfig)
