@@ -21,7 +21,7 @@ from norga.runtime.features import FeatureSet
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2)
-    parser.add_argument("--per-task", type=int, default=5000, help="training images per task (CIFAR-100 B0 Inc10: 5000)")
+    parser.add_argument("--per-task", type=int, default=5000, help="training images per task (CIFAR-100, 10 tasks)")
     parser.add_argument("--classes-per-task", type=int, default=10)
     parser.add_argument("--width", type=int, default=768, help="feature width (ViT-B: 768)")
     parser.add_argument("--dim", type=int, default=10000, help="M, the random projection's width")

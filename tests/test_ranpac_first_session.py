@@ -48,11 +48,13 @@ def official_edits(modules: FirstSessionModules) -> tuple[dict, dict]:
             edits[(index, "norm2")], edits[(index, "mlp")] = remember, official
         return edits, {}
     if modules.kind == "ssf":  # vision_transformer_ssf.py: ssf_ada after each of these outputs
-        edits = {(index, site): lambda x, y, p=sites[site.replace(".", "_")]: y * p.scale + p.shift
-                 for index, sites in enumerate(modules.blocks_ssf)
+        def ssf_ada(parameters):
+            return lambda x, y: y * parameters.scale + parameters.shift
+
+        edits = {(index, site): ssf_ada(sites[site.replace(".", "_")]) for index, sites in enumerate(modules.blocks_ssf)
                  for site in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")}
         for site in ("patch_embed", "norm"):
-            edits[("backbone", site)] = lambda x, y, p=modules.backbone_ssf[site]: y * p.scale + p.shift
+            edits[("backbone", site)] = ssf_ada(modules.backbone_ssf[site])
         return edits, {}
     return {}, {index: modules.prompts[index][None] for index in range(len(modules.prompts))}  # vpt.py, "Deep"
 
