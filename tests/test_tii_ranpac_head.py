@@ -42,7 +42,8 @@ def test_the_predicted_task_is_the_argmax_of_summed_class_scores_and_of_the_task
     x = (centres[labels] + 1.5 * torch.randn(len(labels), dim, generator=generator)).float()
     tasks = [(x[labels // 2 == t], labels[labels // 2 == t]) for t in range(3)]
     owner = owner_over(tasks, classes)
-    component = TaskIdentity(owner, TIISettings(head="ranpac", ranpac=RidgeSettings(projection_dim=48, ridge_lambda=1.0)))
+    settings = TIISettings(head="ranpac", ranpac=RidgeSettings(projection_dim=48, ridge_lambda=1.0))
+    component = TaskIdentity(owner, settings)
     assert component.model is None and [p.name for p in component.phases(1)] == ["tii_ridge"]
     queries = (centres[torch.randint(0, classes, (200,), generator=generator)]
                + 2.0 * torch.randn(200, dim, generator=generator)).float()

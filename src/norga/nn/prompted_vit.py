@@ -197,7 +197,8 @@ class PromptedViT(nn.Module):
         for the common kinds: ``prefixes={i: Prefix(k, v, gate)}`` (block i's attention must be a prefix attention:
         `install_prefix_layers`) and ``prompt_tokens={i: tokens}``, tokens (B or 1, N, dim) prepended before
         block i. Tokens put in front of the sequence are removed after the final norm, so the pre-logits are read
-        from the class token (or pool) as in the unprompted model. Everything is bound for this call only, also when it raises.
+        from the class token (or pool) as in the unprompted model. Everything is bound for this call only, also
+        when it raises.
         """
         bound = self._attachments_by_block(attachments, prefixes, prompt_tokens)
         with ExitStack() as stack:
