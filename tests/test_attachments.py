@@ -17,6 +17,7 @@ from tuning_methods import Crash, TinyTuning, crash_at, registered, run_engine
 
 from norga.engine.loop import Position
 from norga.nn import (
+    BACKBONE,
     Adapter,
     Prefix,
     ProjectedPrefix,
@@ -87,17 +88,23 @@ def slow_block(block, x: Tensor, edit, prompts=None) -> Tensor:
     return x + out
 
 
-def slow_features(model, images: Tensor, edits=None, prompts=None) -> Tensor:
+def slow_features(model, images: Tensor, edits=None, prompts=None, block_tokens=None) -> Tensor:
     """The class token after the final norm, every block written out; `edits` maps (block, site) to
-    ``f(input, output)``, `prompts` a block to (P, gate)."""
-    edits, prompts = edits or {}, prompts or {}
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    ``f(input, output)`` (block "backbone": the patch embedding's and final norm's outputs), `prompts` a block to
+    (P, gate), `block_tokens` a block to tokens (1, N, dim) appended to its input and dropped from its output."""
+    edits, prompts, block_tokens = edits or {}, prompts or {}, block_tokens or {}
+
+    def edit(site, inp, out, index="backbone"):
+        change = edits.get((index, site))
+        return out if change is None else change(inp, out)
+
+    x = model.norm_pre(model.patch_drop(model._pos_embed(edit("patch_embed", images, model.patch_embed(images)))))
     for index, block in enumerate(model.blocks):
-        def edit(site, inp, out, index=index):
-            change = edits.get((index, site))
-            return out if change is None else change(inp, out)
-        x = slow_block(block, x, edit, prompts.get(index))
-    return layer_norm(x, model.norm)[:, 0]
+        tokens, length = block_tokens.get(index), x.shape[1]
+        if tokens is not None:
+            x = torch.cat([x, tokens.expand(len(x), -1, -1)], dim=1)
+        x = slow_block(block, x, lambda *args, index=index: edit(*args, index=index), prompts.get(index))[:, :length]
+    return edit("norm", x, layer_norm(x, model.norm))[:, 0]
 
 
 def assert_same(got: Tensor, want: Tensor) -> None:
@@ -177,6 +184,63 @@ def test_deltas_on_proj_fc1_fc2_and_adapters_after_attention_and_mlp_equal_expli
              (1, "mlp.fc2"): lambda x, y: y + x @ fc2.T,
              (1, "mlp"): lambda x, y: y + adapter(x, down2, up2)}
     check(model, attachments, edits, [proj, fc1, fc2, down, up, down2, up2])
+
+
+def test_a_parallel_adapter_reading_another_sites_input_equals_adaptformer_written_out():
+    """AdaptFormer as RanPAC runs it: the MLP's output plus adapter(x), x the residual stream before norm2."""
+    model = tiny_vit()
+    down, up = leaves((4, DIM), (DIM, 4))
+
+    def adapter(x):
+        return torch.relu(x @ down.T) @ up.T
+
+    residual = {}
+
+    def remember(x, y):
+        residual["x"] = x
+        return y
+
+    attachments = {1: Adapter("mlp", adapter, parallel=True, input_site="norm2")}
+    edits = {(1, "norm2"): remember, (1, "mlp"): lambda x, y: y + adapter(residual["x"])}
+    check(model, attachments, edits, [down, up])
+    with pytest.raises(ValueError, match="give parallel=True"):
+        host_of(model).forward_features(torch.randn(1, 3, 16, 16), {1: Adapter("mlp", adapter, input_site="norm2")})
+
+
+def test_per_block_prompt_tokens_equal_vpt_deep_written_out():
+    """VPT-deep: each block sees its own tokens (officially appended after the sequence), dropped from its output."""
+    model = tiny_vit()
+    first, second = leaves((1, 3, DIM), (1, 2, DIM))
+    attachments = {0: PromptTokens(first, per_block=True), 1: PromptTokens(second, per_block=True)}
+    host = host_of(model)
+    images = torch.randn(3, 3, 16, 16)
+    got = host.forward_features(images, attachments)
+    want = slow_features(model, images, block_tokens={0: first, 1: second})
+    assert_same(got, want)
+    for got_grad, want_grad in zip(torch.autograd.grad(got.square().sum(), [first, second]),
+                                   torch.autograd.grad(want.square().sum(), [first, second])):
+        assert_same(got_grad, want_grad)
+    kept = host.forward_features(images, {0: PromptTokens(first), 1: PromptTokens(second)})
+    assert (kept - got).abs().max() > 1e-3  # tokens that stay in the sequence are another model
+
+
+def test_attachments_outside_the_blocks_go_under_the_backbone_key():
+    """SSF after the patch embedding and the final norm (`BACKBONE`), next to one inside a block."""
+    model = tiny_vit()
+    s_embed, t_embed, s_norm, t_norm, s_fc2, t_fc2 = leaves(*[(DIM,)] * 6)
+    with torch.no_grad():
+        for scale in (s_embed, s_norm, s_fc2):
+            scale += 1.0
+    attachments = {BACKBONE: [ScaleShift("patch_embed", s_embed, t_embed), ScaleShift("norm", s_norm, t_norm)],
+                   0: ScaleShift("mlp.fc2", s_fc2, t_fc2)}
+    edits = {("backbone", "patch_embed"): lambda x, y: y * s_embed + t_embed,
+             ("backbone", "norm"): lambda x, y: y * s_norm + t_norm, (0, "mlp.fc2"): lambda x, y: y * s_fc2 + t_fc2}
+    check(model, attachments, edits, [s_embed, t_embed, s_norm, t_norm, s_fc2, t_fc2])
+    with pytest.raises(ValueError, match="the backbone has no sub-module 'head_norm'"):
+        host_of(model).forward_features(torch.randn(1, 3, 16, 16),
+                                        {BACKBONE: ScaleShift("head_norm", s_norm, t_norm)})
+    with pytest.raises(ValueError, match="block 'trunk' does not exist .* go under 'backbone'"):
+        host_of(model).forward_features(torch.randn(1, 3, 16, 16), {"trunk": ScaleShift("norm", s_norm, t_norm)})
 
 
 def test_prompts_through_the_blocks_own_norm_and_key_value_rows_equal_explicit_prefixes():

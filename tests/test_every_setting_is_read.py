@@ -26,10 +26,13 @@ ALL = sorted(METHODS)
 RECORDS = {"compat", "run_record", "summary"}  # hooks that record settings rather than act on them
 #: Runs besides the tiny config's that turn on what some settings act on (``--set`` keys relative to the section):
 #: the official batch vote (which task-identity accuracy counts), L2P with prefixes and a G-prompt (their layout,
-#: blocks and gate), S-Prompt++ with a G-prompt (its blocks).
+#: blocks and gate), S-Prompt++ with a G-prompt (its blocks), the RanPAC task-identity head (its settings), the
+#: analytic heads' first-session adaptation (an adapter's shape, VPT's prompt length).
 VARIANTS = {
-    "hide": [{"batchwise_prompt": True}],
-    "norga": [{"batchwise_prompt": True}],
+    "hide": [{"batchwise_prompt": True}, {"tii.head": "ranpac", "tii.ranpac.projection_dim": 64}],
+    "norga": [{"batchwise_prompt": True}, {"tii.head": "ranpac", "tii.ranpac.projection_dim": 64}],
+    "ranpac": [{"first_session": "adapter"}, {"first_session": "vpt_deep"}],
+    "simplecil": [{"first_session": "adapter"}, {"first_session": "vpt_deep"}],
     "l2p": [{"prompt_type": "prefix", "g_length": 2, "g_layers": [1], "gate": "tanh"}],
     "sprompt": [{"g_length": 2, "g_layers": [1]}],
 }

@@ -133,12 +133,12 @@ def test_ranpac_hand_case_without_projection():
     settings = RanPACSettings(projection_dim=0, ridge_lambda=1.0)
     method = RanPAC(HandContext([(x, torch.tensor([0, 0, 1]))], 2), settings)
     learn(method, method.ctx)
-    assert torch.equal(method.statistics.gram, torch.tensor([[10.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    assert torch.equal(method.statistics.targets, torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(method.head.statistics.gram, torch.tensor([[10.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(method.head.statistics.targets, torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
     expected = torch.tensor([[4 / 11, 0.0], [0.0, 0.5]], dtype=torch.float64)
-    torch.testing.assert_close(method.readout, expected, rtol=4 * EPS, atol=0)
+    torch.testing.assert_close(method.head.readout, expected, rtol=4 * EPS, atol=0)
     query = torch.tensor([[2.0, 1.0]])
-    torch.testing.assert_close(method.class_scores(query), torch.tensor([[8 / 11, 0.5]], dtype=torch.float64),
+    torch.testing.assert_close(method.scores(query), torch.tensor([[8 / 11, 0.5]], dtype=torch.float64),
                                rtol=8 * EPS, atol=0)
     assert method.predict(PredictRequest(query, 1, query)).classes.tolist() == [0]
 
@@ -280,10 +280,10 @@ def test_lambdas_below_the_float64_resolution_of_g_are_not_candidates():
     x, y = clustered(40, 4, 2, generator)
     method = RanPAC(HandContext([(1e6 * x, y)], 2), RanPACSettings(projection_dim=16))
     learn(method, method.ctx)
-    skipped = [ridge for ridge, mse in zip(LAMBDA_GRID, method.tasks[0]["validation_mse"]) if mse is None]
-    floor = RESOLUTION * float(method.statistics.gram.trace())
+    skipped = [ridge for ridge, mse in zip(LAMBDA_GRID, method.head.tasks[0]["validation_mse"]) if mse is None]
+    floor = RESOLUTION * float(method.head.statistics.gram.trace())
     assert skipped == [ridge for ridge in LAMBDA_GRID if ridge < floor] and len(skipped) >= 11
-    assert method.tasks[0]["lambda"] >= floor
+    assert method.head.tasks[0]["lambda"] >= floor
 
 
 def test_ties_go_to_the_first_lambda_and_non_finite_errors_are_never_chosen():
@@ -312,11 +312,11 @@ def test_inner_product_scores_by_default_and_cosine_as_pilot():
     picks = {}
     for scores in ("inner", "cosine"):
         method = RanPAC(context, RanPACSettings(projection_dim=0, ridge_lambda=1.0, scores=scores))
-        method.readout = torch.tensor([[2.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+        method.head.readout = torch.tensor([[2.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
         picks[scores] = method.predict(PredictRequest(query, 1, query)).classes.tolist()
         if scores == "cosine":
             expected = torch.tensor([[1 / math.sqrt(1.64), 1.8 / math.sqrt(1.64) / math.sqrt(2)]], dtype=torch.float64)
-            torch.testing.assert_close(method.class_scores(query), expected, rtol=1e-7, atol=0)  # query is float32
+            torch.testing.assert_close(method.scores(query), expected, rtol=1e-7, atol=0)  # query is float32
     assert picks == {"inner": [0], "cosine": [1]}
 
 
@@ -351,6 +351,25 @@ def test_a_kill_between_tasks_resumes_bit_identically(tmp_path):
     with pytest.raises(Crash):
         run_fixture(config, tmp_path / "crashed", after_epoch=crash)
     resumed = run_fixture(config, tmp_path / "crashed", resume=True)
+    assert_same_run(straight, resumed, [tmp_path / "straight", tmp_path / "crashed"])
+
+
+def test_older_task_checkpoints_are_not_needed_to_resume(tmp_path, caplog):
+    """Each checkpoints/taskK.pt holds G (400 MB packed at M = 10000); a resume reads only state.pt and
+    state_heavy.pt, so earlier task checkpoints can be deleted (losing only `norga evaluate` of those tasks)."""
+    config = tiny_config("ranpac")
+    straight = run_fixture(config, tmp_path / "straight")
+
+    def crash(position):
+        if position == Position(2, 0, 0):
+            raise Crash("between tasks")
+
+    with pytest.raises(Crash):
+        run_fixture(config, tmp_path / "crashed", after_epoch=crash)
+    (tmp_path / "crashed" / "checkpoints" / "task1.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="norga"):
+        resumed = run_fixture(config, tmp_path / "crashed", resume=True)
+    assert "task1.pt is missing or incomplete and cannot be rebuilt" in caplog.text
     assert_same_run(straight, resumed, [tmp_path / "straight", tmp_path / "crashed"])
 
 
@@ -389,7 +408,7 @@ def test_the_checkpoint_holds_the_projection_and_the_exact_statistics(tmp_path):
     assert saved["method"]["projection_seed"] == seed
     assert torch.equal(saved["ranpac_projection"], RandomFeatureMap(32, 64, seed).weight)
     gram = unpack_upper(saved["ranpac_statistics"]["gram_upper"], 64)
-    assert gram.dtype == torch.float64 and torch.equal(gram, engine.method.statistics.gram)
+    assert gram.dtype == torch.float64 and torch.equal(gram, engine.method.head.statistics.gram)
     # G and Q are the sums over every task's training features (test transform), recomputed here in one piece
     frozen = [engine.context.frozen_train_features(task) for task in range(3)]
     h = RandomFeatureMap(32, 64, seed)(torch.cat([f.features for f in frozen]))
@@ -415,25 +434,25 @@ def test_the_checkpoint_holds_the_projection_and_the_exact_statistics(tmp_path):
 
 
 def test_official_float32_runs_the_official_numerics(tmp_path, monkeypatch):
-    from norga.methods.ranpac import methods
+    from norga.methods.ranpac import ridge_head
 
     used = []
-    monkeypatch.setattr(methods, "official_errors", lambda *a: used.append("per candidate") or official_errors(*a))
+    monkeypatch.setattr(ridge_head, "official_errors", lambda *a: used.append("per candidate") or official_errors(*a))
     config = tiny_config("ranpac", official_float32=True)
     directory = RunDirectory(tmp_path / "run")
     directory.write_config(config)
     engine = make_engine(config, directory)
     engine.run()
     assert used == ["per candidate"] * 3
-    assert engine.method.statistics.gram.dtype == engine.method.readout.dtype == torch.float32
+    assert engine.method.head.statistics.gram.dtype == engine.method.head.readout.dtype == torch.float32
 
 
 def test_a_fixed_lambda_skips_the_search():
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
     method = RanPAC(HandContext([(x, torch.tensor([0, 0, 1]))], 2), RanPACSettings(projection_dim=8, ridge_lambda=3.0))
     learn(method, method.ctx)
-    assert method.tasks[0]["lambda"] == 3.0 and "validation_mse" not in method.tasks[0]
-    torch.testing.assert_close(method.readout, ridge_readout(method.statistics.gram, method.statistics.targets, 3.0),
+    assert method.head.tasks[0]["lambda"] == 3.0 and "validation_mse" not in method.head.tasks[0]
+    torch.testing.assert_close(method.head.readout, ridge_readout(method.head.statistics.gram, method.head.statistics.targets, 3.0),
                                rtol=0, atol=0)
 
 
@@ -441,7 +460,6 @@ def test_a_fixed_lambda_skips_the_search():
     ("ranpac.lambdas=[]", "ranpac.lambdas is empty"),
     ("ranpac.lambda_fit_fraction=1", "ranpac.lambda_fit_fraction must be < 1"),
     ("ranpac.lambda_fit_fraction=0", "ranpac.lambda_fit_fraction must be"),
-    ("ranpac.first_session=adapter", "unknown"),
     ("ranpac.scores=cos", "did you mean 'cosine'"),
     ("ranpac.projection_dim=-1", "ranpac.projection_dim must be an integer >= 0"),
 ])
@@ -463,17 +481,28 @@ def test_a_task_with_a_class_without_samples_is_refused():
     ("cifar100_in21k_ranpac", "ranpac", "cifar100", 10, "vit_base_patch16_224.augreg_in21k"),
     ("imr_in1k_ranpac", "ranpac", "imagenet-r", 10, "vit_base_patch16_224.augreg_in21k_ft_in1k"),
     ("cub_in1k_ranpac", "ranpac", "cub200", 10, "vit_base_patch16_224.augreg_in21k_ft_in1k"),
+    ("cifar100_in21k_ranpac_adapter", "ranpac", "cifar100", 10, "vit_base_patch16_224.augreg_in21k"),
+    ("imr_in1k_ranpac_ssf", "ranpac", "imagenet-r", 10, "vit_base_patch16_224.augreg_in21k_ft_in1k"),
+    ("cub_in1k_ranpac_adapter", "ranpac", "cub200", 10, "vit_base_patch16_224.augreg_in21k_ft_in1k"),
     ("cifar100_in21k_simplecil", "simplecil", "cifar100", 20, "vit_base_patch16_224.augreg_in21k"),
     ("cub_in21k_simplecil", "simplecil", "cub200", 20, "vit_base_patch16_224.augreg_in21k"),
     ("imr_in21k_simplecil", "simplecil", "imagenet-r", 40, "vit_base_patch16_224.augreg_in21k"),
 ])
 def test_presets_of_the_official_configurations(preset, method, benchmark, tasks, backbone):
-    """RanPAC's args/*_publish.csv ("No Phase 1" rows) and RevisitingCIL's exps/simplecil/*.json (spec §4)."""
+    """RanPAC's args/*_publish.csv ("No Phase 1" rows, and the full method's with the PETL each dataset's row
+    names) and RevisitingCIL's exps/simplecil/*.json (spec §4)."""
     config = load_config(preset)
     assert (config.method, config.data.benchmark, config.data.num_tasks, config.backbone.name, config.seed) == (
         method, benchmark, tasks, backbone, 1993)
+    s = config.settings
+    kind = {"adapter": "adapter", "ssf": "ssf"}.get(preset.rsplit("_", 1)[-1], "none")
+    assert s.first_session == kind
+    if kind != "none":
+        t, a = s.adaptation.train, s.adaptation
+        assert (t.epochs, t.lr, t.batch_size, t.weight_decay, t.momentum, t.optimizer, t.schedule) == (
+            20, 0.01, 48, 0.0005, 0.9, "sgd", "cosine_annealing")
+        assert (a.adapter_width, a.adapter_scale, a.adapter_dropout) == (64, 0.1, 0.1)
     if method == "ranpac":
-        s = config.settings
         assert (s.projection_dim, s.lambdas, s.lambda_fit_fraction, s.scores, s.official_float32) == (
             10000, LAMBDA_GRID, 0.8, "inner", False)
 

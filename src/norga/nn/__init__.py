@@ -2,6 +2,7 @@
 and HiDe's task prompts."""
 
 from norga.nn.attachments import (
+    BACKBONE,
     Adapter,
     Attachment,
     OutputHook,
@@ -35,6 +36,7 @@ from norga.nn.task_prompts import TaskPromptedViT, TaskPrompts
 __all__ = [
     "ACTIVATIONS",
     "ATTENTION_IMPLS",
+    "BACKBONE",
     "GATE_KINDS",
     "PREFIX_LAYOUTS",
     "Adapter",

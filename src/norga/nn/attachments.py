@@ -18,6 +18,9 @@ The kinds here:
 - `ScaleShift`: SSF's ``y * scale + shift`` on a sub-module's output;
 - `Adapter`: a residual adapter after a sub-module (``attn``, ``mlp``), sequential or parallel (AdaptFormer).
 
+The hooked kinds also attach outside the blocks, under the key `BACKBONE`: their sites are then the timm model's
+own sub-modules (``patch_embed``, the final ``norm``).
+
 The hooked kinds are torch forward hooks on timm's own modules, so the backbone's modules, weights and
 state-dict keys stay exactly timm's. A module that regional compile compiled would ignore a hook added later
 (torch guards no hooks of a compiled module), so binding a hook first gives the region it lies in back its
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -42,6 +45,9 @@ from norga.nn.regional_compile import is_compiled, uncompiled
 log = logging.getLogger("norga")
 
 _NO_GATE = IdentityGate()
+#: The key under which `PromptedViT.forward_features` takes attachments to the timm model itself rather than to a
+#: block: their sites are its sub-modules outside the blocks (``"patch_embed"``, the final ``"norm"``; SSF's).
+BACKBONE = "backbone"
 
 
 @runtime_checkable
@@ -122,25 +128,33 @@ def prefix_attention(block: nn.Module, index: int) -> PrefixAttention:
 
 # ------------------------------------------------------------- prompt tokens
 class PromptTokens(NamedTuple):
-    """Tokens (B or 1, N, dim) prepended to the sequence before the block (a forward pre-hook on it)."""
+    """Tokens (B or 1, N, dim) prepended to the sequence before the block (a forward pre-hook on it). They stay in
+    the sequence through the later blocks (prompt tuning, L2P), or, `per_block`, are removed from the block's output
+    (a forward hook), so each block sees only its own (VPT-deep)."""
 
     tokens: Tensor
+    per_block: bool = False
 
     @property
     def added_tokens(self) -> int:
-        return self.tokens.shape[1]
+        return 0 if self.per_block else self.tokens.shape[1]
 
     def bind(self, block: nn.Module, index: int) -> AbstractContextManager[None]:
         if self.tokens.dim() != 3:
             raise ValueError(
                 f"prompt tokens must be shaped (batch or 1, length, dim), got {tuple(self.tokens.shape)}")
-        tokens = self.tokens
+        tokens, length = self.tokens, self.tokens.shape[1]
 
         def prepend(_module: nn.Module, args: tuple) -> tuple:
             x, *rest = args
             return (torch.cat([tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1), *rest)
 
-        return _hooked(lambda: block.register_forward_pre_hook(prepend))
+        def remove(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+            return output[:, length:]
+
+        if not self.per_block:
+            return _hooked(lambda: block.register_forward_pre_hook(prepend))
+        return _hooked(lambda: block.register_forward_pre_hook(prepend), lambda: block.register_forward_hook(remove))
 
 
 # ------------------------------------------------------ hooks on sub-modules
@@ -204,29 +218,45 @@ class ScaleShift(NamedTuple):
 
 class Adapter(NamedTuple):
     """A residual adapter on sub-module `site` (``"attn"`` or ``"mlp"``): ``y + adapter(y)`` (sequential) or
-    ``y + adapter(x)`` with x the sub-module's input (parallel, AdaptFormer)."""
+    ``y + adapter(x)`` with x the sub-module's input (parallel), or with `input_site` the input of that other
+    sub-module (AdaptFormer as RanPAC runs it: ``Adapter("mlp", f, parallel=True, input_site="norm2")`` reads the
+    residual stream before the MLP's norm)."""
 
     site: str
     adapter: Callable[[Tensor], Tensor]
     parallel: bool = False
+    input_site: str | None = None
     added_tokens = 0  # a class attribute, not a field
 
     def bind(self, block: nn.Module, index: int) -> AbstractContextManager[None]:
         adapter, parallel = self.adapter, self.parallel
-        return OutputHook(self.site, lambda x, y: y + adapter(x if parallel else y).to(y.dtype)).bind(block, index)
+        if self.input_site is None:
+            return OutputHook(self.site, lambda x, y: y + adapter(x if parallel else y).to(y.dtype)).bind(block, index)
+        if not parallel:
+            raise ValueError("an adapter that reads another sub-module's input (input_site) runs in parallel: "
+                             "give parallel=True")
+        seen: list[Tensor] = []
+
+        def remember(_module: nn.Module, args: tuple) -> None:
+            seen[:] = [args[0]]
+
+        source = open_site(block, self.input_site, index)
+        hooked = OutputHook(self.site, lambda _x, y: y + adapter(seen.pop()).to(y.dtype))
+        return _stacked(_hooked(lambda: source.register_forward_pre_hook(remember)), hooked.bind(block, index))
 
 
-def open_site(block: nn.Module, site: str, index: int) -> nn.Module:
+def open_site(block: nn.Module, site: str, index: int | str) -> nn.Module:
     """Sub-module `site` of `block`, with every compiled module on the way there made eager again (a compiled
     module runs the hooks it had when it was compiled, and would skip the one about to be added)."""
     module = block
     for name in site.split("."):
         child = dict(module.named_children()).get(name)
         if child is None:
-            raise ValueError(f"block {index} has no sub-module {site!r} to attach to (its modules: "
+            where = "the backbone" if index == BACKBONE else f"block {index}"
+            raise ValueError(f"{where} has no sub-module {site!r} to attach to (its modules: "
                              f"{', '.join(n for n, _ in block.named_children())})")
         if is_compiled(child):
-            log.info("block %d: %s runs eager from now on (something is attached inside it)", index, name)
+            log.info("block %s: %s runs eager from now on (something is attached inside it)", index, name)
             child = uncompiled(child)
             setattr(module, name, child)
         module = child
@@ -234,10 +264,22 @@ def open_site(block: nn.Module, site: str, index: int) -> nn.Module:
 
 
 @contextmanager
-def _hooked(register: Callable[[], RemovableHandle]) -> Iterator[None]:
-    """A hook registered by ``register()`` on entering the context and removed at its exit."""
-    handle = register()
+def _hooked(*registers: Callable[[], RemovableHandle]) -> Iterator[None]:
+    """Hooks registered by each ``register()`` on entering the context and removed at its exit."""
+    handles: list[RemovableHandle] = []
     try:
+        for register in registers:
+            handles.append(register())
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _stacked(*contexts: AbstractContextManager[None]) -> Iterator[None]:
+    """Several binding contexts entered in order and exited in reverse."""
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from norga.nn.attachments import Attachment, Prefix, PromptTokens
+from norga.nn.attachments import BACKBONE, Attachment, Prefix, PromptTokens
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.regional_compile import compile_block
 
@@ -182,7 +182,7 @@ class PromptedViT(nn.Module):
     def forward_features(
         self,
         x: Tensor,
-        attachments: Mapping[int, Attachment | Sequence[Attachment]] | None = None,
+        attachments: Mapping[int | str, Attachment | Sequence[Attachment]] | None = None,
         *,
         prefixes: Mapping[int, Prefix] | None = None,
         prompt_tokens: Mapping[int, Tensor] | None = None,
@@ -192,16 +192,18 @@ class PromptedViT(nn.Module):
 
         `attachments` maps a block index to an `Attachment` (or several, bound in order) for that block: prefixes
         with a score gate, prompt tokens, LoRA deltas, SSF, adapters, projected prompts (`norga.nn.attachments`)
-        or any other kind with a ``bind``. Two shorthands for the common kinds: ``prefixes={i: Prefix(k, v,
-        gate)}`` (block i's attention must be a prefix attention: `install_prefix_layers`) and
-        ``prompt_tokens={i: tokens}``, tokens (B or 1, N, dim) prepended before block i. Tokens put in front of
-        the sequence are removed after the final norm, so the pre-logits are read from the class token (or pool)
-        as in the unprompted model. Everything is bound for this call only, also when it raises.
+        or any other kind with a ``bind``; the key `BACKBONE` (``"backbone"``) binds hooked kinds to the timm model
+        itself, at its sub-modules outside the blocks (e.g. SSF on ``patch_embed`` and ``norm``). Two shorthands
+        for the common kinds: ``prefixes={i: Prefix(k, v, gate)}`` (block i's attention must be a prefix attention:
+        `install_prefix_layers`) and ``prompt_tokens={i: tokens}``, tokens (B or 1, N, dim) prepended before
+        block i. Tokens put in front of the sequence are removed after the final norm, so the pre-logits are read
+        from the class token (or pool) as in the unprompted model. Everything is bound for this call only, also
+        when it raises.
         """
         bound = self._attachments_by_block(attachments, prefixes, prompt_tokens)
         with ExitStack() as stack:
             for index, block_attachments in bound.items():
-                block = self._block_at(index)
+                block = self.backbone if index == BACKBONE else self._block_at(index)
                 for attachment in block_attachments:
                     stack.enter_context(attachment.bind(block, index))
             features = self.backbone.forward_features(x)
@@ -211,12 +213,12 @@ class PromptedViT(nn.Module):
 
     @staticmethod
     def _attachments_by_block(
-        attachments: Mapping[int, Attachment | Sequence[Attachment]] | None,
+        attachments: Mapping[int | str, Attachment | Sequence[Attachment]] | None,
         prefixes: Mapping[int, Prefix] | None,
         prompt_tokens: Mapping[int, Tensor] | None,
-    ) -> dict[int, list[Attachment]]:
+    ) -> dict[int | str, list[Attachment]]:
         """Every block's attachments in binding order: those given, then the shorthands' prefix and tokens."""
-        bound: dict[int, list[Attachment]] = {}
+        bound: dict[int | str, list[Attachment]] = {}
         for index, given in (attachments or {}).items():
             bound.setdefault(index, []).extend([given] if isinstance(given, Attachment) else given)
         for index, prefix in (prefixes or {}).items():
@@ -232,8 +234,9 @@ class PromptedViT(nn.Module):
         return bound
 
     def _block_at(self, index: int) -> nn.Module:
-        if not 0 <= index < self.depth:
-            raise ValueError(f"block {index} does not exist in this {self.depth}-block backbone")
+        if not isinstance(index, int) or not 0 <= index < self.depth:
+            raise ValueError(f"block {index!r} does not exist in this {self.depth}-block backbone (attachments outside "
+                             f"the blocks go under {BACKBONE!r})")
         return self.backbone.blocks[index]
 
     def classify(self, features: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from norga.methods.hide.prompted_memo import PromptedFeatureMemo
 from norga.methods.hide.settings import HiDeSettings, NoRGaSettings
 from norga.methods.hide.task_adaptive import TaskAdaptiveTraining
 from norga.methods.hide.task_identity import TaskIdentity, TaskIdentityModel
+from norga.methods.ranpac.ridge_head import ridge_summary
 from norga.methods.registry import register_method
 from norga.nn import TaskPrompts
 from norga.nn.gates import NoRGaGate
@@ -94,8 +95,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         self.prompted_memo = PromptedFeatureMemo(self._slot_version) if memoise else None
 
     @property
-    def tii(self) -> TaskIdentityModel:
-        """The task-identity component's model (checkpoint key ``tii``)."""
+    def tii(self) -> TaskIdentityModel | None:
+        """The task-identity component's model (checkpoint key ``tii``; None with the RanPAC head)."""
         return self.task_identity.model
 
     @property
@@ -269,6 +270,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return official_tasks(directory)
 
     def load_official(self, tii_dir: Path, prompt_dir: Path, task: int) -> dict[str, dict[str, Any]]:
+        if self.tii is None:
+            raise CheckpointError(f"the official task-identity checkpoints are MLP heads: evaluate them with --set "
+                                  f"{self.name}.tii.head=mlp")
         try:
             official_task_checkpoints(tii_dir, prompt_dir, task)
         except OfficialCheckpointError as error:
@@ -294,27 +298,28 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 "task_identity_counts": s.task_identity_counts, "class_stats_batches": s.class_stats_batches}
 
     def run_record(self) -> dict[str, Any]:
-        return {"gate": self._gate()}
+        return {"gate": self._gate(), **self.task_identity.record()}
 
     @classmethod
     def summary(cls, settings: HiDeSettings) -> str:
         prompts = (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}" if settings.prompt.length
                    else "no prompts (Lp 0)")
-        return (f"{prompts}, prompt epochs "
-                f"{settings.wtp.train.epochs} (lr {settings.wtp.train.lr:g}), TII epochs {settings.tii.train.epochs}")
+        tii = (f"TII epochs {settings.tii.train.epochs}" if settings.tii.head == "mlp"
+               else f"TII RanPAC head ({ridge_summary(settings.tii.ranpac)})")
+        return f"{prompts}, prompt epochs {settings.wtp.train.epochs} (lr {settings.wtp.train.lr:g}), {tii}"
 
     # ------------------------------------------------------------------- state
     def owned_modules(self) -> dict[str, nn.Module]:
         """The prompts (nothing without prompts) and the task-identity model; the head is the host's."""
-        return {"prompts": self.prompts if self.prompts is not None else nn.Module(), "tii": self.tii}
+        return {"prompts": self.prompts if self.prompts is not None else nn.Module(),
+                "tii": self.tii if self.tii is not None else nn.Module()}
 
     def heavy_state_dict(self) -> dict[str, Any]:
-        return {"tii_gaussians": self.task_identity.heavy_state_dict(),
-                "prompt_gaussians": self.prompt_gaussians.state_dict()}
+        return {**self.task_identity.heavy_state_dict(), "prompt_gaussians": self.prompt_gaussians.state_dict()}
 
     def load_heavy_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            self.task_identity.load_heavy_state_dict(state["tii_gaussians"])
+            self.task_identity.load_heavy_state_dict(state)
             self.prompt_gaussians.load_state_dict(state["prompt_gaussians"])
 
 

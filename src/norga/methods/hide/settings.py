@@ -16,6 +16,7 @@ from norga.config import (
     PositiveInt,
     Temperature,
 )
+from norga.methods.ranpac.ridge_head import RidgeSettings
 from norga.nn.gates import GateTrainTasks, ScoreGateKind
 
 
@@ -50,8 +51,12 @@ class TaskPromptSettings:
 
 @dataclass
 class TIISettings:
-    """Task-identity inference model: frozen features -> residual MLP -> head."""
+    """Task-identity inference model: frozen features -> residual MLP -> head (``head mlp``, official), or RanPAC's
+    ridge head on random ReLU features, whose class scores summed over each task's classes score the tasks
+    (``head ranpac``: no training, no class statistics, no task-adaptive stage; its settings in ``ranpac``)."""
 
+    head: Literal["mlp", "ranpac"] = "mlp"  # mlp: official; ranpac: RanPAC's ridge head, tasks by summed class scores
+    ranpac: RidgeSettings = field(default_factory=RidgeSettings)
     mlp_hidden: list[PositiveInt] = field(default_factory=lambda: [2])
     augment: bool = True  # official: fresh augmented views each epoch; False trains on cached frozen features
     train: OptimConfig = field(default_factory=OptimConfig)
