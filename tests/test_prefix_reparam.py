@@ -216,7 +216,8 @@ def assert_same_runs(first, second):
 
 
 def test_norga_with_mlp_prefixes_resumes_exactly_mid_task_and_between_training_and_folding(tmp_path):
-    config = tiny_config("norga", **{"prompt.param": "mlp"})
+    short = {"tii.train.epochs": 1, "tii.tap.epochs": 1, "wtp.tap.epochs": 1}  # the stages around the prompts
+    config = tiny_config("norga", **{"prompt.param": "mlp", **short})
     engine = make_engine(config, tmp_path / "straight")
     straight = engine.run(), final_method_state(tmp_path / "straight")
     prompts = straight[1]["prompts"]
