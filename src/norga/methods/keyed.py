@@ -16,15 +16,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from norga.config import Count, NonNegativeFloat, OptimConfig, PositiveInt
+from norga.config import ConfigError, Count, NonNegativeFloat, OptimConfig, PositiveInt
 from norga.methods.base import Capabilities
 from norga.methods.query_prompt import PromptedPass, QueryPromptMethod
 from norga.methods.registry import register_method
 from norga.nn import Prefix, PrefixPool
 from norga.nn.gates import GateKind, GateTrainTasks
+from norga.nn.prefix_reparam import PrefixParam
 from norga.nn.prompt_keys import PromptKeys
 from norga.nn.token_pool import TokenPool
 from norga.runtime.context import RunContext
+from norga.runtime.seeding import generator
 
 
 @dataclass
@@ -47,6 +49,16 @@ class KeyedPromptSettings:
     gate_train_tasks: GateTrainTasks = "first"
     prefix_layout: Literal["correct", "official"] = "correct"  # official: the reshape that mixes samples (top_k 1)
     batchwise_prompt: bool = False  # official majority vote of the prompts per batch (P2; L2P votes while training)
+    #: raw: prefix slots train directly; mlp: each slot a task trains (and the G-prompt) is produced by its own
+    #: embeddings and MLP (Linear(D, 48), Tanh, Linear(48, 2D)), folded into a plain slot at the task's end
+    prompt_param: PrefixParam = "raw"
+
+    def check(self, section: str) -> None:
+        """The reparameterization produces prefixes that belong to a task (checked at config load)."""
+        if self.prompt_param == "mlp" and (self.prompt_type != "prefix" or self.train_selection != "task"):
+            raise ConfigError(f"{section}.prompt_param=mlp reparameterizes the prefix slots a task trains: it needs "
+                              f"{section}.prompt_type=prefix and {section}.train_selection=task, or set "
+                              f"{section}.prompt_param=raw")
 
 
 @dataclass
@@ -90,15 +102,22 @@ class KeyedPromptMethod(QueryPromptMethod):
         self.prefix_tuning = s.prompt_type == "prefix"
         self.e_layers = self._layers(s.layers, "layers")
         self.g_layers = self._layers(s.g_layers, "g_layers") if s.g_length > 0 else []
+        if s.prompt_param == "mlp" and self.task_slots(self.num_tasks - 1) is None:
+            raise ConfigError(f"{self.name}.prompt_param=mlp needs slots of its own for every task: pool_size "
+                              f"{self.pool_size} holds top_k={s.top_k} slots for {self.pool_size // s.top_k} of the "
+                              f"{self.num_tasks} tasks; set {self.name}.pool_size={self.num_tasks * s.top_k} (or "
+                              f"more), or {self.name}.prompt_param=raw")
+        reparam = {"param": s.prompt_param, "patch_inputs": self.model.patch_inputs}
         if self.prefix_tuning:
-            e_pool = PrefixPool(len(self.e_layers), self.pool_size, s.length, self.num_heads, self.head_dim)
+            e_pool = PrefixPool(len(self.e_layers), self.pool_size, s.length, self.num_heads, self.head_dim,
+                                trained_at_once=s.top_k, **reparam)
         else:
             e_pool = TokenPool(len(self.e_layers), self.pool_size, s.length, self.embed_dim)
         prefix_layers = sorted({*self.g_layers, *(self.e_layers if self.prefix_tuning else [])})
         prompts = nn.ModuleDict({"key": PromptKeys(self.pool_size, self.embed_dim), "e": e_pool,
                                  "gates": self._gates(prefix_layers)})
         if self.g_layers:
-            prompts["g"] = PrefixPool(len(self.g_layers), 1, s.g_length, self.num_heads, self.head_dim)
+            prompts["g"] = PrefixPool(len(self.g_layers), 1, s.g_length, self.num_heads, self.head_dim, **reparam)
         self._finish_init(prompts, prefix_layers)
 
     def task_slots(self, task: int) -> range | None:
@@ -107,11 +126,22 @@ class KeyedPromptMethod(QueryPromptMethod):
         return slots if slots.stop <= self.pool_size else None
 
     def begin_task(self, task: int) -> None:
-        """Sequential init (official ``shared_prompt_pool``): task t's slots start as task t-1's."""
+        """Sequential init (official ``shared_prompt_pool``): task t's slots start as task t-1's (mlp: from the MLPs
+        that produced them, else drawn afresh); the G-prompt goes on from where the last task left it."""
         current, previous = self.task_slots(task), self.task_slots(task - 1) if task > 0 else None
-        if self.settings.sequential_init and current is not None and previous is not None:
-            for source, target in zip(previous, current):
-                self.prompts["e"].copy_slot(source, target)
+        if current is not None:
+            sources = previous if self.settings.sequential_init and previous is not None else None
+            self.prompts["e"].begin_slots(current, sources, generator(self.ctx.config.seed, "prompt_init", task))
+        if self.g_layers:
+            self.prompts["g"].begin_slots([0], [0] if task > 0 else None, generator(self.ctx.config.seed, "g_init"))
+
+    def end_task(self, task: int) -> None:
+        """Task `task`'s trained slots and the G-prompt folded into plain prefixes (mlp; nothing for raw slots)."""
+        if self.prefix_tuning:
+            for slot in self.task_slots(task) or ():
+                self.prompts["e"].commit(slot)
+        if self.g_layers:
+            self.prompts["g"].commit(0)
 
     @property
     def task_keyed(self) -> bool:

@@ -79,6 +79,10 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
     def begin_task(self, task: int) -> None:
         """Prepare `task`'s prompts before its first epoch (sequential or orthogonal initialisation)."""
 
+    def end_task(self, task: int) -> None:
+        """Finish `task`'s prompts after its last epoch (e.g. fold reparameterized prefixes); must be idempotent,
+        as a resumed run may repeat it. Nothing by default."""
+
     @abstractmethod
     def prompted(self, images: Tensor, query: Tensor, task: int, train: bool,
                  given_tasks: Tensor | None = None) -> PromptedPass:
@@ -122,6 +126,7 @@ class QueryPromptMethod(PhaseTraining, ContinualMethod):
 
         self.train_phase(cfg, [{"params": params}], lambda epoch: self.ctx.train_loader(task, epoch, cfg.batch_size),
                          loss, start_epoch, on_epoch_end, train=[self.model])
+        self.end_task(task)
 
     def _training_query(self, images: Tensor) -> Tensor:
         """The frozen CLS feature of an augmented batch, computed in eval mode (the official frozen model)."""

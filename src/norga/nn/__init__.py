@@ -1,5 +1,5 @@
-"""Neural-network parts: score gates, prefix attention, prompt pools, the host ViT and what methods attach to it,
-and HiDe's task prompts."""
+"""Neural-network parts: score gates, prefix attention, prompt pools (and their reparameterized prefixes), the host
+ViT and what methods attach to it, and HiDe's task prompts."""
 
 from norga.nn.attachments import (
     BACKBONE,
@@ -30,6 +30,7 @@ from norga.nn.gates import (
 from norga.nn.prefix_attention import ATTENTION_IMPLS, PrefixAttention
 from norga.nn.prefix_kernels import fused_prefix_attention, reference_prefix_attention
 from norga.nn.prefix_pool import PREFIX_LAYOUTS, PrefixPool
+from norga.nn.prefix_reparam import PREFIX_PARAMS, PrefixMLP
 from norga.nn.prompted_vit import PromptedOutput, PromptedViT
 from norga.nn.task_prompts import TaskPromptedViT, TaskPrompts
 
@@ -39,6 +40,7 @@ __all__ = [
     "BACKBONE",
     "GATE_KINDS",
     "PREFIX_LAYOUTS",
+    "PREFIX_PARAMS",
     "Adapter",
     "Attachment",
     "GateSchedule",
@@ -47,6 +49,7 @@ __all__ = [
     "OutputHook",
     "Prefix",
     "PrefixAttention",
+    "PrefixMLP",
     "PrefixPool",
     "ProjectedPrefix",
     "PromptTokens",

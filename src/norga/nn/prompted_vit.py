@@ -108,6 +108,11 @@ class PromptedViT(nn.Module):
         return self.backbone.num_features
 
     @property
+    def patch_inputs(self) -> int:
+        """Values one patch token is made of: channels x patch height x width (768 for ViT-B/16)."""
+        return self.backbone.patch_embed.proj.weight[0].numel()
+
+    @property
     def has_fc_norm(self) -> bool:
         """Whether a norm sits between the features and the head (timm ``fc_norm``, e.g. MoCo v3's)."""
         return not isinstance(self.backbone.fc_norm, nn.Identity)

@@ -23,12 +23,13 @@ class TaskPrompts(nn.Module):
 
     ``gate`` is a gate kind (`norga.nn.gates.GATE_KINDS`: ``"none"`` is plain prefix tuning, an activation
     name the NoRGa gate). Building it gives the host's `layers` prefix attention; the slots' uniform(-1, 1)
-    init draws from `generator` (default: torch's global one).
+    init draws from `generator` (default: torch's global one). ``param="mlp"``: the training slot is produced
+    by a reparameterizing network until it is committed (`PrefixPool`).
     """
 
     def __init__(self, host: PromptedViT, num_slots: int, length: int, layers: Sequence[int],
                  gate: str | None = "none", prefix_layout: str = "correct",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, param: str = "raw") -> None:
         super().__init__()
         layers = tuple(sorted(set(layers)))
         if not layers or layers[0] < 0 or layers[-1] >= host.depth:
@@ -38,7 +39,8 @@ class TaskPrompts(nn.Module):
         host.install_prefix_layers(layers)
         self.layers = layers
         self.prefix_layout = prefix_layout
-        self.pool = PrefixPool(len(layers), num_slots, length, host.num_heads, host.head_dim, generator)
+        self.pool = PrefixPool(len(layers), num_slots, length, host.num_heads, host.head_dim, generator, param,
+                               patch_inputs=host.patch_inputs)
         self.gates = nn.ModuleList(make_gate(gate) for _ in layers)
 
     def prefixes(self, slots: Tensor | int, batch_size: int, momentum: float = 0.0) -> dict[int, Prefix]:
@@ -50,7 +52,8 @@ class TaskPrompts(nn.Module):
         return {layer: Prefix(k, v, gate) for layer, gate, (k, v) in zip(self.layers, self.gates, gathered)}
 
     def train_slot(self, slot: int, gate_schedule: GateSchedule | str) -> list[nn.Parameter]:
-        """Make only `slot` (and the gates, if `gate_schedule` trains them at task `slot`) trainable; returns them."""
+        """Make only `slot` (its network, reparameterized; and the gates, if `gate_schedule` trains them at task
+        `slot`) trainable; returns them."""
         self.pool.set_trainable_slot(slot)
         apply_gate_schedule(self.gates, gate_schedule, slot)
         return [p for p in self.parameters() if p.requires_grad]

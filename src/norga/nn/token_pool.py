@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -29,3 +31,10 @@ class TokenPool(nn.Module):
     def copy_slot(self, source: int, target: int) -> None:
         """Initialise slot `target` from slot `source` (every layer): sequential init."""
         self.prompts[:, target] = self.prompts[:, source]
+
+    def begin_slots(self, slots: Sequence[int], sources: Sequence[int] | None = None,
+                    generator: torch.Generator | None = None) -> None:
+        """Ready `slots` to train as `PrefixPool.begin_slots` does: copies of `sources` (sequential init) when given.
+        Token slots train directly, so `generator` draws nothing."""
+        for source, target in zip(sources or (), slots):
+            self.copy_slot(source, target)

@@ -84,7 +84,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
                 raise unfitting_blocks(f"{self.name}.prompt.layers", layers, depth)
             self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length,
                                        settings.prompt.layers, gate=self._gate(), prefix_layout=settings.prefix_layout,
-                                       generator=context.init_generator).to(context.device)
+                                       generator=context.init_generator, param=settings.prompt.param
+                                       ).to(context.device)
             self.prompts.freeze()
         self.task_identity = TaskIdentity(self, settings.tii)
         self.prompt_gaussians = ClassGaussians()
@@ -139,8 +140,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         s, model = self.settings, self.model
         prompt_params = []
         if self.prompts is not None:
-            if start_epoch == 0 and task > 0:
-                self.prompts.pool.copy_slot(task - 1, task)
+            if start_epoch == 0:  # slot t copies slot t-1 (mlp: the MLP goes on), or starts afresh
+                sources = [task - 1] if task > 0 and s.prompt.sequential_init else None
+                self.prompts.pool.begin_slots([task], sources, generator(self.ctx.config.seed, "prompt_init", task))
             prompt_params = self.prompts.train_slot(task, self._gate_schedule())
         groups = [{"params": prompt_params}] if prompt_params else []
         groups.append({"params": model.head_parameters(), "lr_scale": s.wtp.head_lr_scale})
@@ -169,8 +171,9 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         return ce + s.contrastive_weight * self.ctx.replicated_term(contrastive)
 
     def _commit_momentum(self, task: int) -> None:
-        if self.prompts is not None and task > 0 and self.settings.prompt.momentum > 0:
-            self.prompts.pool.commit_blend(task, self.settings.prompt.momentum)
+        """Slot t becomes its momentum blend (mlp: the blend of its MLP's output, folded into a plain slot)."""
+        if self.prompts is not None:
+            self.prompts.pool.commit(task, self.settings.prompt.momentum if task > 0 else 0.0)
 
     def _prompt_stats(self, task: int) -> None:
         if self.prompts is not None and self.settings.class_stats_batches == "official":
@@ -257,7 +260,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
     def _slot_version(self, slot: int) -> tuple[int, ...]:
         """In-place version counters of everything a slot's prompted features depend on (slot, gates; fc_norm is
         applied after the memo, by `PromptedViT.classify`)."""
-        params = [self.prompts.pool.slots[slot], *self.prompts.gates.parameters()]
+        params = [*self.prompts.pool.slot_parameters(slot), *self.prompts.gates.parameters()]
         return tuple((id(param), param._version) for param in params)
 
     # ------------------------------------------------- official checkpoints
@@ -302,7 +305,8 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
 
     @classmethod
     def summary(cls, settings: HiDeSettings) -> str:
-        prompts = (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}" if settings.prompt.length
+        mlp = " (MLP-reparameterized)" if settings.prompt.param == "mlp" else ""
+        prompts = (f"Lp {settings.prompt.length} in blocks {settings.prompt.layers}{mlp}" if settings.prompt.length
                    else "no prompts (Lp 0)")
         tii = (f"TII epochs {settings.tii.train.epochs}" if settings.tii.head == "mlp"
                else f"TII RanPAC head ({ridge_summary(settings.tii.ranpac)})")

@@ -18,6 +18,7 @@ from norga.config import (
 )
 from norga.methods.ranpac.ridge_head import RidgeSettings
 from norga.nn.gates import GateTrainTasks, ScoreGateKind
+from norga.nn.prefix_reparam import PrefixParam
 
 
 @dataclass
@@ -42,11 +43,22 @@ class TAPConfig:
 
 @dataclass
 class TaskPromptSettings:
-    """The per-task prefix prompts: length, prompted blocks and HiDe-Prompt's prompt momentum."""
+    """The per-task prefix prompts: length, prompted blocks, HiDe-Prompt's prompt momentum and sequential init, and
+    how a slot is parameterized while it trains."""
 
     length: Count = 5  # 0: the same pipeline without prompts (prompt training trains the head alone)
     layers: list[Count] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     momentum: Fraction = 0.01
+    #: raw: the slot's keys and values train; mlp: they are produced by the task's own embeddings and MLP
+    #: (Linear(D, 48), Tanh, Linear(48, 2D)) and folded into a plain slot at the task's end
+    param: PrefixParam = "raw"
+    sequential_init: bool = True  # official: task t's slot starts as slot t-1 (mlp: from task t-1's MLP)
+
+    def check(self, section: str) -> None:
+        """A reparameterization needs prompts to produce (checked at config load)."""
+        if self.param == "mlp" and self.length == 0:
+            raise ConfigError(f"{section}.param=mlp has no prompts to produce with {section}.length=0: set "
+                              f"{section}.length to 1 or more, or {section}.param=raw")
 
 
 @dataclass
