@@ -87,6 +87,14 @@ def test_cifar100_pickles_split_into_ten_tasks(make, tmp_path):
     assert sorted(c for t in bench.tasks for c in t.classes) == list(range(100))
 
 
+def test_numpys_pcg64_class_order_splits_cifar100_as_vpt_nsp_does(make, tmp_path):
+    """``data.class_order: pcg64``: VPT-NSP²'s official first task of seed 2024 (spec §6.3)."""
+    make.cifar100()
+    bench = build_benchmark(DataConfig("cifar100", root=tmp_path, class_order="pcg64"), seed=2024, image_size=32)
+    assert bench.tasks[0].classes == sorted([55, 17, 75, 11, 2, 29, 49, 48, 41, 45])
+    assert bench.class_order[:10] == [55, 17, 75, 11, 2, 29, 49, 48, 41, 45]
+
+
 def test_cifar10_pickles_keep_pixels_and_labels(make, tmp_path):
     data = make.cifar10()
     bench = build_benchmark(DataConfig("cifar10", root=tmp_path), seed=7, image_size=32)

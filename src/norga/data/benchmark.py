@@ -179,7 +179,7 @@ def _split_benchmark(name: str, opts: _Options) -> ContinualBenchmark:
     _check_classes(data, num_classes, where)
     train, test = _sized(data, opts)
     default_tasks = (source.default_tasks if source else 0) or min(10, num_classes)
-    order = class_order(num_classes, opts.seed)
+    order = class_order(num_classes, opts.seed, rng=opts.data.class_order)
     transforms = opts.transforms(bool(source and source.cifar_style))
     tasks = [_task(i, classes, train, test, transforms, where)
              for i, classes in enumerate(split_into_tasks(order, opts.data.num_tasks or default_tasks))]

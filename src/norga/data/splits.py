@@ -5,15 +5,29 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
+
 from norga.data.errors import BenchmarkOptionError
 
+#: How the seed shuffles the classes: Python's `random` (the L2P / DualPrompt / HiDe-Prompt code) or numpy's PCG64
+#: generator (VPT-NSP²'s code, `np.random.Generator(np.random.PCG64(seed)).shuffle`).
+CLASS_ORDERS = ("random", "pcg64")
 
-def class_order(num_classes: int, seed: int, shuffle: bool = True) -> list[int]:
-    """``random.seed(seed); labels = list(range(C)); random.shuffle(labels)`` (the official --shuffle True)."""
+
+def class_order(num_classes: int, seed: int, shuffle: bool = True, rng: str = "random") -> list[int]:
+    """The classes 0 .. C-1 shuffled by the seed: ``random.seed(seed); random.shuffle(labels)`` (the official
+    --shuffle True), or with `rng` "pcg64" numpy's ``Generator(PCG64(seed)).shuffle(labels)``."""
     labels = list(range(num_classes))
-    if shuffle:
-        random.seed(seed)
-        random.shuffle(labels)
+    if not shuffle:
+        return labels
+    if rng == "pcg64":
+        shuffled = np.array(labels, dtype=np.int64)
+        np.random.Generator(np.random.PCG64(seed)).shuffle(shuffled)
+        return shuffled.tolist()
+    if rng != "random":
+        raise BenchmarkOptionError(f"unknown class order {rng!r}; choose one of {list(CLASS_ORDERS)}")
+    random.seed(seed)
+    random.shuffle(labels)
     return labels
 
 

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from norga.config import ADAM_BETAS, ADAM_EPS, SGD_MOMENTUM
+from norga.runtime.projected_adam import ProjectedAdam
 
 SCHEDULES = ("constant", "step", "cosine", "coda_cosine", "cosine_annealing")
 STEP_DECAY_EPOCHS, STEP_DECAY_RATE, COSINE_MIN_LR = 30, 0.1, 1e-5
@@ -73,21 +74,27 @@ def cosine_iteration_lr(step: int, total: int, base_lr: float, final_lr: float =
 
 
 def build_optimizer(groups: Iterable[dict], config: PhaseOptimization) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over parameter groups, every knob from `config` (a knob left at None: its standard value); each
-    group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
+    """Adam, AdamW, SGD or ``projected_adam`` (`ProjectedAdam`: Adam whose steps can be projected per named parameter;
+    its groups carry ``param_names``) over parameter groups, every knob from `config` (a knob left at None: its
+    standard value); each group may carry ``lr_scale`` (e.g. 0.1 for the head)."""
     groups = [dict(group, lr=config.lr * group.get("lr_scale", 1.0)) for group in groups if group["params"]]
     for group in groups:
         group.setdefault("lr_scale", 1.0)
         group["base_lr"] = group["lr"]
-    if config.optimizer in ("adam", "adamw"):  # adamw: decoupled weight decay (equal to adam without decay)
+    if config.optimizer in ("adam", "adamw", "projected_adam"):  # adamw: decoupled weight decay
         betas = ADAM_BETAS if config.betas is None else tuple(config.betas)
         eps = ADAM_EPS if config.eps is None else config.eps
-        adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "projected_adam": ProjectedAdam}[config.optimizer]
         return adam(groups, lr=config.lr, betas=betas, eps=eps, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         momentum = SGD_MOMENTUM if config.momentum is None else config.momentum
         return torch.optim.SGD(groups, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam', 'adamw' or 'sgd'")
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adam', 'adamw', 'sgd' or 'projected_adam'")
+
+
+def multistep_factor(epoch: int, drop_epochs: Iterable[int], rate: float = 0.1) -> float:
+    """`rate` to the number of `drop_epochs` at or before 0-based `epoch` (a multi-step schedule by drop epochs)."""
+    return rate ** sum(epoch >= drop for drop in drop_epochs)
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

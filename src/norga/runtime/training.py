@@ -5,7 +5,7 @@ method owns and trains."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -16,6 +16,7 @@ from norga.config import section_path
 from norga.runtime.context import RunContext, TrainBatch
 from norga.runtime.divergence import DivergenceGuard
 from norga.runtime.optim import PhaseOptimization, build_optimizer, schedule_factor, set_epoch_lr
+from norga.runtime.projected_adam import ProjectedAdam
 from norga.storage import CheckpointError
 
 NEG_INF = float("-inf")
@@ -62,16 +63,19 @@ class PhaseTraining:
         train: Sequence[nn.Module] = (),
         sharded: bool = True,
         step_lr: Callable[[int, int, float], float] | None = None,
+        projections: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
     ) -> None:
         """Epochs `start_epoch` .. ``cfg.epochs - 1`` of a phase: minimise ``loss(batch)`` over ``batches(epoch)``
         with the optimizer `cfg` names over the parameter `groups` (dicts with ``params`` and optionally
         ``lr_scale``), its lr schedule and gradient clipping; the modules in `train` are in training mode while the
         phase runs and in evaluation mode after it. `cfg` is a section of ``self.settings``: a diverged epoch names
         its learning rate setting. `step_lr` replaces the per-epoch schedule by a per-iteration one: each group's
-        lr before step i of epoch e is ``step_lr(e, i, group's base lr)``."""
+        lr before step i of epoch e is ``step_lr(e, i, group's base lr)``. `projections`
+        (parameter name -> (left, right)) are set on a ``projected_adam`` optimizer before it is used or its saved
+        state is loaded (its groups name their parameters: ``param_names``)."""
         groups = [dict(group, params=list(group["params"])) for group in groups]
         params = [param for group in groups for param in group["params"]]
-        self._phase_optimizer(groups, cfg, start_epoch)
+        self._phase_optimizer(groups, cfg, start_epoch, projections or {})
         lr_key = self.setting_key(cfg, "lr")
         for module in train:
             module.train()
@@ -111,11 +115,16 @@ class PhaseTraining:
         return f"{self.name}.{section_path(self.settings, section)}.{field}"
 
     # ------------------------------------------------------------ the loop's parts
-    def _phase_optimizer(self, groups: Sequence[dict], cfg: PhaseOptimization, start_epoch: int) -> None:
-        """A fresh optimizer for a phase (the official code re-creates it every task); when resuming
-        mid-phase, it gets the interrupted phase's saved state back, with the learning rates of the current
-        config (a resume may lower them)."""
+    def _phase_optimizer(self, groups: Sequence[dict], cfg: PhaseOptimization, start_epoch: int,
+                         projections: Mapping[str, tuple[Tensor | None, Tensor | None]]) -> None:
+        """A fresh optimizer for a phase (the official code re-creates it every task), with its step projections;
+        when resuming mid-phase, it gets the interrupted phase's saved state back, with the learning rates of the
+        current config (a resume may lower them)."""
         self.optimizer = build_optimizer(groups, cfg)
+        if projections and not isinstance(self.optimizer, ProjectedAdam):
+            raise TypeError(f"step projections need the projected_adam optimizer, not {cfg.optimizer}")
+        for name, (left, right) in projections.items():
+            self.optimizer.set_projection(name, left=left, right=right)
         self._guard = DivergenceGuard()
         saved, self._saved_optimizer = self._saved_optimizer, None
         if start_epoch > 0:
