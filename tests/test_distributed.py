@@ -58,6 +58,8 @@ def assert_close_states(actual, expected, steps: int, terms: int, path="state"):
     """
     if isinstance(expected, dict):
         assert actual.keys() == expected.keys(), path
+        if path.endswith(".projection_fingerprints"):  # hashes of step projectors (ProjectedAdam), which are built
+            return  # from summed statistics and agree only to rounding: compared as tensors in the heavy state
         for key in expected:
             assert_close_states(actual[key], expected[key], steps, terms, f"{path}.{key}")
     elif isinstance(expected, (list, tuple)):
