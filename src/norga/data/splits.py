@@ -5,15 +5,30 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
+
 from norga.data.errors import BenchmarkOptionError
 
 
-def class_order(num_classes: int, seed: int, shuffle: bool = True) -> list[int]:
-    """``random.seed(seed); labels = list(range(C)); random.shuffle(labels)`` (the official --shuffle True)."""
+CLASS_ORDERS = ("random", "numpy", "none")
+
+
+def class_order(num_classes: int, seed: int, shuffle: bool = True, rule: str = "random") -> list[int]:
+    """The classes in the order the official code draws from `seed` (``data.class_order``):
+
+    - ``random``: ``random.seed(seed); labels = list(range(C)); random.shuffle(labels)`` (HiDe-Prompt's --shuffle);
+    - ``numpy``: ``np.random.seed(seed); np.random.permutation(C)`` (the PyCIL family: SD-LoRA, RanPAC);
+    - ``none`` (or ``shuffle`` False): the dataset's own order (InfLoRA's ``shuffle: false``).
+    """
+    if rule not in CLASS_ORDERS:
+        raise BenchmarkOptionError(f"unknown class order {rule!r}; choose one of {CLASS_ORDERS}")
     labels = list(range(num_classes))
-    if shuffle:
-        random.seed(seed)
-        random.shuffle(labels)
+    if not shuffle or rule == "none":
+        return labels
+    if rule == "numpy":
+        return np.random.RandomState(seed % 2**32).permutation(num_classes).tolist()
+    random.seed(seed)
+    random.shuffle(labels)
     return labels
 
 

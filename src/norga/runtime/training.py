@@ -61,15 +61,17 @@ class PhaseTraining:
         on_epoch_end: Callable[[int, dict], None],
         train: Sequence[nn.Module] = (),
         sharded: bool = True,
+        optimizer: PhaseOptimization | None = None,
     ) -> None:
         """Epochs `start_epoch` .. ``cfg.epochs - 1`` of a phase: minimise ``loss(batch)`` over ``batches(epoch)``
         with the optimizer `cfg` names over the parameter `groups` (dicts with ``params`` and optionally
         ``lr_scale``), its lr schedule and gradient clipping; the modules in `train` are in training mode while the
         phase runs and in evaluation mode after it. `cfg` is a section of ``self.settings``: a diverged epoch names
-        its learning rate setting."""
+        its learning rate setting. `optimizer` (default `cfg`) gives the optimizer's kind and knobs instead, where
+        a compat switch fixes them whatever the section says (e.g. SD-LoRA's official SGD)."""
         groups = [dict(group, params=list(group["params"])) for group in groups]
         params = [param for group in groups for param in group["params"]]
-        self._phase_optimizer(groups, cfg, start_epoch)
+        self._phase_optimizer(groups, optimizer or cfg, start_epoch)
         lr_key = self.setting_key(cfg, "lr")
         for module in train:
             module.train()
