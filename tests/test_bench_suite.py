@@ -92,3 +92,13 @@ def test_the_machine_header_names_the_cpu_its_isa_and_native_bf16(tmp_path):
     bare = tmp_path / "bare"
     bare.write_text("model name\t: Old CPU\nflags\t\t: fpu sse\n")
     assert "ISA none of avx2" in machine_line(machine(str(bare)), threads=1)
+
+
+@pytest.mark.parametrize("row", ["inflora_vitb", "sdlora_vitb"])
+def test_a_lora_row_scores_the_ratio_of_its_step_to_the_frozen_forward_backward(row):
+    target = bench_suite.ROWS[row][5]
+    at_target = bench_suite.verdict(row, speed_result(100.0, 100.0 * target), PEAKS, "bf16")
+    assert at_target["result"] == "PASS" and at_target["ratio"] == pytest.approx(target)
+    assert at_target["reference_fraction"] == pytest.approx(50 / 0.1 / PEAKS["bf16"])  # the reference: same dtype
+    over = bench_suite.verdict(row, speed_result(100.0, 100.0 * target * 1.01), PEAKS, "bf16")
+    assert over["result"] == "MISS" and f"--profile {row}" in over["bound"]

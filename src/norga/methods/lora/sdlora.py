@@ -79,7 +79,7 @@ class SDLoRA(LoRAMethod):
 
     def run_record(self) -> dict[str, Any]:
         """The magnitudes as the run ended (the official code never saves them)."""
-        return {"sdlora": {"magnitudes": [round(float(m), 6) for m in self.bank.magnitudes]}}
+        return {"sdlora": {"magnitudes": [round(float(m.detach()), 6) for m in self.bank.magnitudes]}}
 
     @classmethod
     def summary(cls, settings: SDLoRASettings) -> str:
