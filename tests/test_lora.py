@@ -354,3 +354,35 @@ def test_presets_of_the_official_configurations(preset, method, benchmark, tasks
     else:
         assert (s.train.epochs, s.train.batch_size, s.init_magnitude) == (20, 128, 0.8)
         assert not (s.official_sgd or s.official_magnitude_reset or s.official_norm_product)
+
+
+def test_trainable_counts_match_the_official_logs_and_the_cosine_schedule_its_end():
+    """LORA_SPEC §6: InfLoRA trains 184,320 + 7,690 = 192,010 numbers a CIFAR task (its log), SD-LoRA 368,640 + the
+    magnitudes so far; §7 oracle 10: the CODA cosine schedule ends at lr0·0.015707."""
+    from norga.methods.lora.heads import TaskHeads
+    from norga.runtime.optim import schedule_factor
+
+    heads = TaskHeads(768, [list(range(10 * t, 10 * t + 10)) for t in range(10)], 100)
+    inflora = InfLoRABank(10, 12, 768, 10).train_only(3) + heads.train_only(3)
+    assert sum(p.numel() for p in inflora) == 192_010
+    sdlora = SDLoRABank(10, 12, 768, 10, 0.8).train_only(3)
+    assert sum(p.numel() for p in sdlora) == 368_640 + 4
+    assert schedule_factor("coda_cosine", 0, 20, 5e-4) == 1.0
+    assert schedule_factor("coda_cosine", 19, 20, 5e-4) == pytest.approx(0.015707, abs=1e-6)
+
+
+def test_a_magnitudes_gradient_is_the_sum_over_blocks_and_targets_of_its_directions_inner_products():
+    """LORA_SPEC §7 oracle 14, through the factored deltas the host runs: ∂L/∂m_0 = Σ_l ⟨∂L/∂ΔW_l, D_l⟩."""
+    from norga.methods.lora.banks import low_rank_delta
+
+    bank = random_sdlora()
+    x = torch.randn(2, 5, DIM)
+    loss, expected = 0.0, 0.0
+    for target in range(2):
+        for block in range(DEPTH):
+            g = torch.randn(2, 5, DIM)
+            loss = loss + (low_rank_delta(*bank.block_weights(target, block, 1))(x) * g).sum()
+            raw = (bank.up[0][target, block] @ bank.down[0][target, block]).detach()
+            expected = expected + (torch.einsum("bno,bni->oi", g, x) * raw / torch.linalg.matrix_norm(raw)).sum()
+    (gradient,) = torch.autograd.grad(loss, bank.magnitudes[0])
+    assert torch.allclose(gradient, expected, rtol=1e-4, atol=1e-4)
