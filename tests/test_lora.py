@@ -300,15 +300,29 @@ def test_sdlora_official_sgd_ignores_the_configured_optimizer(tmp_path):
     assert method.optimizer.defaults["momentum"] == 0.9 and method.optimizer.defaults["weight_decay"] == 0.0
 
 
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Each method's uninterrupted tiny run, once for the module."""
+    runs = {}
+
+    def run(method: str):
+        if method not in runs:
+            runs[method] = tmp_path_factory.mktemp(f"straight_{method}")
+            run_fixture(tiny_config(method), runs[method])
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method,crash_at", [
     ("inflora", Position(1, 1, 1)),  # mid-task: after an epoch of train_up, the designed A kept
     ("inflora", Position(1, 0, 0)),  # between tasks
     ("sdlora", Position(1, 0, 1)),  # mid-task: the magnitudes resume as they were
     ("sdlora", Position(1, 0, 0)),
 ])
-def test_a_run_killed_mid_task_or_between_tasks_resumes_to_the_same_bits(tmp_path, method, crash_at):
+def test_a_run_killed_mid_task_or_between_tasks_resumes_to_the_same_bits(tmp_path, straight_runs, method, crash_at):
     config = tiny_config(method)
-    run_fixture(config, tmp_path / "straight")
+    straight = straight_runs(method)
 
     def crash(position):
         if position == crash_at:
@@ -319,8 +333,7 @@ def test_a_run_killed_mid_task_or_between_tasks_resumes_to_the_same_bits(tmp_pat
     state, _ = RunDirectory(tmp_path / "crashed", create=False).load_state()
     assert Position(**state["position"]) == crash_at
     run_fixture(config, tmp_path / "crashed", resume=True)
-    final = [torch.load(tmp_path / run / "checkpoints" / "task3.pt", weights_only=True)
-             for run in ("straight", "crashed")]
+    final = [torch.load(run / "checkpoints" / "task3.pt", weights_only=True) for run in (straight, tmp_path / "crashed")]
     for section in ("lora", "heads"):
         for key, tensor in final[0]["method"][section].items():
             assert torch.equal(tensor, final[1]["method"][section][key]), (section, key)
