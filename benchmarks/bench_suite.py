@@ -41,7 +41,12 @@ ROWS = {  # name: (label, kind, model kind, batch, quick batch, target: fraction
     "infer_tiny": ("inference ViT-Ti@32 (task id + prompted)", "infer", "vit_tiny_32", 256, 64, 0.8),
     # the driver's own work (batches, evaluation bookkeeping, small TII and head steps) is not matrix products
     "pipeline": ("NoRGa pipeline, 5 tasks x 2 classes, ViT-Ti@32", "pipeline", "vit_tiny_32", 0, 0, 0.5),
+    # LoRA rows: the method's training step (fast) against the plain frozen-backbone forward + backward of the same
+    # ViT (reference), same precision and batch; the target is a ratio of their times, not a fraction of the peak
+    "inflora_vitb": ("InfLoRA step ViT-B/16@224 (task 5, r 10) vs frozen fwd+bwd", "lora", "vit_base_224", 8, 1, 1.25),
+    "sdlora_vitb": ("SD-LoRA step ViT-B/16@224 (task 5, r 10) vs frozen fwd+bwd", "lora", "vit_base_224", 8, 1, 1.25),
 }
+LORA_TASK, LORA_RANK = 4, 10  # the step trains task 5's delta with tasks 1-4's attached (10 tasks preallocated)
 VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight backward ~ the same again
 
 
@@ -67,8 +72,51 @@ def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, co
     return step, batch
 
 
+def lora_step(method: str | None, model_kind: str, batch: int, amp: bool = False, device: str = "cpu"):
+    """One Adam step of `method`'s training ("inflora" / "sdlora": task `LORA_TASK`'s delta with the earlier ones
+    attached, and a head) on a frozen ViT held as a run holds it (`prepare_for_bf16` under `amp`); `method` None: the
+    plain frozen-backbone forward + backward of the same ViT, the head trained and the gradient taken down to the
+    images, so the backward runs through every block as it must for a delta in block 0."""
+    from norga.methods.lora.banks import InfLoRABank, SDLoRABank
+    from norga.nn import PromptedViT
+    from norga.runtime.precision import prepare_for_bf16
+
+    name, kwargs, _, size, _ = MODEL_KINDS[model_kind]
+    host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=100).to(device)
+    if amp:
+        prepare_for_bf16(host)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
+    banks = {"inflora": lambda: InfLoRABank(10, host.depth, host.embed_dim, LORA_RANK),
+             "sdlora": lambda: SDLoRABank(10, host.depth, host.embed_dim, LORA_RANK, 0.8)}
+    params, attachments = list(host.head_parameters()), (lambda: None)
+    if method is None:
+        images.requires_grad_(True)
+    else:
+        bank = banks[method]().to(device)
+        with torch.no_grad():
+            for tensor in bank.buffers():
+                tensor.normal_()
+            for up in bank.up[:LORA_TASK]:
+                up.normal_()
+        params += bank.train_only(LORA_TASK)
+        attachments = lambda: bank.attachments(LORA_TASK)  # noqa: E731 - rebuilt per step, as the method does
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(amp, device):
+            logits = host(images, attachments()).logits
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+
+    return step, batch
+
+
 def _step(row: str, impl: str, batch: int, amp: bool, compile: bool):
     kind, model_kind = ROWS[row][1], ROWS[row][2]
+    if kind == "lora":  # reference: the frozen forward + backward; fast: the method's step, both in the run's precision
+        return lora_step(None if impl == "reference" else row.split("_")[0], model_kind, batch, amp)[0]
     maker = inference_step if kind == "infer" else train_step
     return maker(impl, model_kind, batch=batch, amp=amp, compile=compile)[0]
 
@@ -86,7 +134,8 @@ def count_flops(step) -> float | None:
 
 def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
     """Interleaved median ms of reference and fast steps, and the FLOPs of one reference step (the same work)."""
-    steps = {"reference": _step(row, "reference", batch, False, False),
+    same_precision = ROWS[row][1] == "lora"  # a LoRA row compares two steps in the run's precision
+    steps = {"reference": _step(row, "reference", batch, amp and same_precision, False),
              "fast": _step(row, "fused", batch, amp, compile)}
     ms = median_ms(steps, warmup=1 if repeats <= 3 else 2, repeats=repeats)
     result = {which: {"ms": ms[which], "images_per_s": batch / ms[which] * 1e3} for which in steps}
@@ -96,7 +145,7 @@ def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
 
 def memory(row: str, batch: int, which: str, warmup: int, amp: bool, compile: bool) -> dict:
     if which == "reference":
-        step = _step(row, "reference", batch, False, False)
+        step = _step(row, "reference", batch, amp and ROWS[row][1] == "lora", False)
     else:
         step = _step(row, "fused", batch, amp, compile)
     return {"peak_mb": peak_mb(step, warmup=warmup)}
@@ -215,7 +264,8 @@ def fractions(row: str, result: dict, peak: dict, dtype: str) -> tuple[float, fl
     if ROWS[row][1] == "pipeline":
         return (ref["flops"] / ref["seconds"] / (peak["fp32"] * 1e9), fast["flops"] / fast["seconds"] / (peak[dtype] * 1e9))
     work = ref["flops"] or float("nan")
-    return work / (ref["ms"] / 1e3) / (peak["fp32"] * 1e9), work / (fast["ms"] / 1e3) / (peak[dtype] * 1e9)
+    reference_dtype = dtype if ROWS[row][1] == "lora" else "fp32"  # a LoRA row's reference runs in the same precision
+    return work / (ref["ms"] / 1e3) / (peak[reference_dtype] * 1e9), work / (fast["ms"] / 1e3) / (peak[dtype] * 1e9)
 
 
 def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
@@ -236,6 +286,14 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
         at_peak_ms = (ref["flops"] or float("nan")) / (peak[dtype] * 1e9) * 1e3
         bound = (f"{(ref['flops'] or float('nan')) / 1e9 / result['batch']:.1f} GFLOP/image: {fast['ms']:.0f} ms a step "
                  f"against {at_peak_ms:.0f} ms at the {dtype} peak; non-matmul ops and small products: --profile {row}")
+    if kind == "lora":  # time of the method's step over the frozen forward + backward's, at most the target
+        ratio = fast["ms"] / ref["ms"]
+        passed = ratio <= target
+        return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
+                "reference_fraction": reference_fraction, "fast_fraction": fast_fraction, "dtype": dtype,
+                "target": f"<= {target:.2f}x the frozen step's time", "result": "PASS" if passed else "MISS",
+                "bound": "" if passed else f"{fast['ms']:.0f} ms against {ref['ms']:.0f} ms: --profile {row}",
+                "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
     passed = fast_fraction >= target
     return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
             "reference_fraction": reference_fraction, "fast_fraction": fast_fraction, "dtype": dtype,
@@ -291,7 +349,8 @@ def main() -> None:
     print(f"fast path: attention fused, amp {'bf16 (prepare_for_bf16)' if amp else 'none'} (--amp {args.amp}), "
           f"compile {'on (PromptedViT.compile_blocks)' if args.compile else 'off'}; pipeline: frozen-feature caching "
           f"and memoised prompted test features (cache_prompted_features) on")
-    print("reference path: attention reference, fp32, no caching\n")
+    print("reference path: attention reference, fp32, no caching; LoRA rows: the plain frozen forward + backward in "
+          "the fast path's precision\n")
 
     rows = args.only or list(ROWS)
     measured: dict[str, dict] = {}

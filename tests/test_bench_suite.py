@@ -92,3 +92,27 @@ def test_the_machine_header_names_the_cpu_its_isa_and_native_bf16(tmp_path):
     bare = tmp_path / "bare"
     bare.write_text("model name\t: Old CPU\nflags\t\t: fpu sse\n")
     assert "ISA none of avx2" in machine_line(machine(str(bare)), threads=1)
+
+
+@pytest.mark.parametrize("row", ["inflora_vitb", "sdlora_vitb"])
+def test_a_lora_row_scores_the_ratio_of_its_step_to_the_frozen_forward_backward(row):
+    target = bench_suite.ROWS[row][5]
+    at_target = bench_suite.verdict(row, speed_result(100.0, 100.0 * target), PEAKS, "bf16")
+    assert at_target["result"] == "PASS" and at_target["ratio"] == pytest.approx(target)
+    assert at_target["reference_fraction"] == pytest.approx(50 / 0.1 / PEAKS["bf16"])  # the reference: same dtype
+    over = bench_suite.verdict(row, speed_result(100.0, 100.0 * target * 1.01), PEAKS, "bf16")
+    assert over["result"] == "MISS" and f"--profile {row}" in over["bound"]
+
+
+@pytest.mark.parametrize("method", [None, "inflora", "sdlora"])
+def test_the_lora_rows_steps_change_only_what_they_train(method):
+    step, batch = bench_suite.lora_step(method, "vit_tiny_32", batch=2)
+    frozen = step.__closure__  # the step's own objects: the host and (for a method) its bank
+    cells = {type(cell.cell_contents).__name__: cell.cell_contents for cell in frozen}
+    host, optimizer = cells["PromptedViT"], cells["Adam"]
+    before = {name: p.detach().clone() for name, p in host.named_parameters()}
+    step()
+    changed = {name for name, p in host.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"backbone.head.weight", "backbone.head.bias"} and batch == 2
+    trained = {None: 0, "inflora": 1, "sdlora": 2 + bench_suite.LORA_TASK + 1}[method]  # B; or A, B, m_0..m_t
+    assert len(optimizer.param_groups[0]["params"]) == 2 + trained

@@ -63,8 +63,8 @@ class DataConfig:
     benchmark: str = "cifar100"
     root: str | None = None  # else $NORGA_DATA, else a download when allowed
     num_tasks: PositiveInt | None = None  # None: the benchmark's own number of tasks
-    class_order: Literal["random", "pcg64"] = "random"  # seed's shuffle: Python's random; pcg64: numpy's (VPT-NSP² code)
-    normalization: Literal["backbone", "official", "none"] = "backbone"  # NORGA_SPEC P7; none: pixels in [0, 1]
+    normalization: Literal["backbone", "official", "none"] = "backbone"  # NORGA_SPEC P7; none: [0, 1] pixels as fed
+    class_order: Literal["random", "numpy", "pcg64", "none"] = "random"  # from the seed: Python's random.shuffle; numpy's permutation (PyCIL family); numpy's PCG64 shuffle (VPT-NSP² code); none: the dataset's order
     train_per_class: PositiveInt | None = None  # subsample the training set (quick runs)
     test_per_class: PositiveInt | None = None  # subsample the test set (quick runs; reported in the run record)
     workers: Count = 0

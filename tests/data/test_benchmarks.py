@@ -261,3 +261,18 @@ def test_the_docs_data_table_lists_real_benchmarks():
     table = page[page.index("| `data.benchmark`"):].split("\n\n")[0].splitlines()[2:]
     names = [name for row in table for name in re.findall(r"`([^`]+)`", row.split("|")[1])]
     assert {name for name in names if not name.startswith("torchvision/")} == set(SOURCES) | {"5-datasets"}
+
+
+@pytest.mark.parametrize("rule", ["numpy", "none"])
+def test_the_class_order_rule_and_unnormalised_pixels_reach_the_benchmark(make, tmp_path, rule):
+    data = make.mnist_like("fashion-mnist")
+    config = DataConfig("fashion-mnist", root=tmp_path, normalization="none", class_order=rule)
+    bench = build_benchmark(config, seed=3, image_size=32)
+    order = class_order(10, 3, rule=rule)
+    assert order != class_order(10, 3) and bench.class_order == order
+    assert [task.classes for task in bench.tasks] == [sorted(order[2 * i : 2 * i + 2]) for i in range(5)]
+    task = bench.tasks[0]
+    raw_index = next(i for i, y in enumerate(data["t10k"][1]) if y in task.classes)
+    raw = torch.from_numpy(data["t10k"][0][raw_index]).expand(3, -1, -1)
+    unnormalised = build_transforms(32, (0.5,) * 3, (0.5,) * 3, "none")[1](raw)  # the backbone's mean/std ignored
+    assert torch.allclose(task.test[0][0], unnormalised) and unnormalised.min() >= 0 and unnormalised.max() <= 1

@@ -179,7 +179,7 @@ def _split_benchmark(name: str, opts: _Options) -> ContinualBenchmark:
     _check_classes(data, num_classes, where)
     train, test = _sized(data, opts)
     default_tasks = (source.default_tasks if source else 0) or min(10, num_classes)
-    order = class_order(num_classes, opts.seed, rng=opts.data.class_order)
+    order = class_order(num_classes, opts.seed, rule=opts.data.class_order)
     transforms = opts.transforms(bool(source and source.cifar_style))
     tasks = [_task(i, classes, train, test, transforms, where)
              for i, classes in enumerate(split_into_tasks(order, opts.data.num_tasks or default_tasks))]
@@ -284,7 +284,8 @@ def build_benchmark(
     _refuse_missing_root(data)
     opts = _Options(data, seed, image_size, tuple(mean), tuple(std), train_transform, test_transform)
     bench = builder(data.benchmark, opts)
-    bench.details.update({"seed": seed, "normalization": data.normalization, "image_size": image_size,
+    bench.details.update({"seed": seed, "normalization": data.normalization, "class_order_rule": data.class_order,
+                          "image_size": image_size,
                           "train_per_class": data.train_per_class, "test_per_class": data.test_per_class,
                           "custom_transforms": train_transform is not None or test_transform is not None,
                           "compat": {"fiveds_transform_carryover": data.fiveds_transform_carryover}})

@@ -9,23 +9,29 @@ import numpy as np
 
 from norga.data.errors import BenchmarkOptionError
 
-#: How the seed shuffles the classes: Python's `random` (the L2P / DualPrompt / HiDe-Prompt code) or numpy's PCG64
-#: generator (VPT-NSP²'s code, `np.random.Generator(np.random.PCG64(seed)).shuffle`).
-CLASS_ORDERS = ("random", "pcg64")
+#: How the seed orders the classes (``data.class_order``; `class_order` says each rule's official code).
+CLASS_ORDERS = ("random", "numpy", "pcg64", "none")
 
 
-def class_order(num_classes: int, seed: int, shuffle: bool = True, rng: str = "random") -> list[int]:
-    """The classes 0 .. C-1 shuffled by the seed: ``random.seed(seed); random.shuffle(labels)`` (the official
-    --shuffle True), or with `rng` "pcg64" numpy's ``Generator(PCG64(seed)).shuffle(labels)``."""
+def class_order(num_classes: int, seed: int, shuffle: bool = True, rule: str = "random") -> list[int]:
+    """The classes in the order the official code draws from `seed` (``data.class_order``):
+
+    - ``random``: ``random.seed(seed); labels = list(range(C)); random.shuffle(labels)`` (HiDe-Prompt's --shuffle);
+    - ``numpy``: ``np.random.seed(seed); np.random.permutation(C)`` (the PyCIL family: SD-LoRA, RanPAC);
+    - ``pcg64``: ``np.random.Generator(np.random.PCG64(seed)).shuffle(labels)`` (VPT-NSP²'s code);
+    - ``none`` (or ``shuffle`` False): the dataset's own order (InfLoRA's ``shuffle: false``).
+    """
+    if rule not in CLASS_ORDERS:
+        raise BenchmarkOptionError(f"unknown class order {rule!r}; choose one of {CLASS_ORDERS}")
     labels = list(range(num_classes))
-    if not shuffle:
+    if not shuffle or rule == "none":
         return labels
-    if rng == "pcg64":
+    if rule == "numpy":
+        return np.random.RandomState(seed % 2**32).permutation(num_classes).tolist()
+    if rule == "pcg64":
         shuffled = np.array(labels, dtype=np.int64)
         np.random.Generator(np.random.PCG64(seed)).shuffle(shuffled)
         return shuffled.tolist()
-    if rng != "random":
-        raise BenchmarkOptionError(f"unknown class order {rng!r}; choose one of {list(CLASS_ORDERS)}")
     random.seed(seed)
     random.shuffle(labels)
     return labels

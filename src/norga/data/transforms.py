@@ -11,6 +11,7 @@ from norga.data.errors import BenchmarkOptionError
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 NORMALIZATIONS = ("backbone", "official", "none")
+UNNORMALISED = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def build_transforms(
@@ -20,15 +21,16 @@ def build_transforms(
 
     ``cifar_style``: RandomResizedCrop scale (0.08, 1) bicubic + ColorJitter(brightness 63/255); otherwise
     scale (0.05, 1) bilinear. ``normalization="official"``: CIFAR-100 statistics for CIFAR-style data and no
-    normalisation otherwise (pitfall P7); ``"backbone"``: the backbone's own `mean` / `std`; ``"none"``: pixels in
-    [0, 1] for every dataset (CODA-Prompt's and SMoPE's official code).
+    normalisation otherwise (pitfall P7); ``"backbone"``: the backbone's own `mean` / `std`; ``"none"``: the [0, 1]
+    pixels as they are, on every dataset (the official code of CODA-Prompt, SMoPE,
+    InfLoRA, SD-LoRA and RanPAC).
     """
     if normalization not in NORMALIZATIONS:
         raise BenchmarkOptionError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     if normalization == "official":
-        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if cifar_style else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if cifar_style else UNNORMALISED
     elif normalization == "none":
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        mean, std = UNNORMALISED
     to_float = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     if cifar_style:
         crop = T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True)

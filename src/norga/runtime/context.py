@@ -132,13 +132,14 @@ class RunContext:
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
-    def train_loader(self, task: int, epoch: int, batch_size: int) -> Iterator[TrainBatch]:
+    def train_loader(self, task: int, epoch: int, batch_size: int, stream: str = "train") -> Iterator[TrainBatch]:
         """This process's shards of `task`'s augmented training batches, on the device.
 
-        The order comes from (seed, task, epoch) and every image's augmentation from (seed, task, epoch,
-        image), so an epoch replays exactly, whatever the number of processes or loader workers.
+        The order comes from (seed, `stream`, task, epoch) and every image's augmentation from (seed, `stream`, task,
+        epoch, image), so an epoch replays exactly, whatever the number of processes or loader workers. A pass that
+        is not a training epoch (e.g. statistics taken before or after one) names its own `stream`.
         """
-        seed = derive_seed(self.config.seed, "train", task, epoch)
+        seed = derive_seed(self.config.seed, stream, task, epoch)
         dataset = self.tasks[task].train
         plan = self._shard_plan(len(dataset), batch_size, torch.Generator().manual_seed(seed))
         local = [indices for indices, _ in plan if indices]

@@ -64,6 +64,7 @@ class PhaseTraining:
         sharded: bool = True,
         step_lr: Callable[[int, int, float], float] | None = None,
         projections: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
+        optimizer: PhaseOptimization | None = None,
     ) -> None:
         """Epochs `start_epoch` .. ``cfg.epochs - 1`` of a phase: minimise ``loss(batch)`` over ``batches(epoch)``
         with the optimizer `cfg` names over the parameter `groups` (dicts with ``params`` and optionally
@@ -72,10 +73,12 @@ class PhaseTraining:
         its learning rate setting. `step_lr` replaces the per-epoch schedule by a per-iteration one: each group's
         lr before step i of epoch e is ``step_lr(e, i, group's base lr)``. `projections`
         (parameter name -> (left, right)) are set on a ``projected_adam`` optimizer before it is used or its saved
-        state is loaded (its groups name their parameters: ``param_names``)."""
+        state is loaded (its groups name their parameters: ``param_names``). `optimizer` (default `cfg`) gives the
+        optimizer's kind and knobs instead, where a compat switch fixes them whatever the section says (e.g.
+        SD-LoRA's official SGD)."""
         groups = [dict(group, params=list(group["params"])) for group in groups]
         params = [param for group in groups for param in group["params"]]
-        self._phase_optimizer(groups, cfg, start_epoch, projections or {})
+        self._phase_optimizer(groups, optimizer or cfg, start_epoch, projections or {})
         lr_key = self.setting_key(cfg, "lr")
         for module in train:
             module.train()
