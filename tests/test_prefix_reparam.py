@@ -18,6 +18,7 @@ from norga.config_io import load_config
 from norga.engine.loop import Position
 from norga.nn import PrefixMLP, PrefixPool, PromptedViT, TaskPrompts
 from norga.nn.prefix_reparam import embedding_bound
+from norga.runtime.seeding import generator
 
 LAYERS, SLOTS, LP, H, D = 2, 3, 3, 2, 4  # pool-level tests: D is the head dim (width H·D = 8)
 
@@ -172,6 +173,29 @@ def test_an_mlp_whose_output_is_its_bias_equals_the_raw_slot_holding_that_bias()
             mlp[2].bias.copy_(torch.stack([keys, values], dim=1).flatten())  # k0 v0 k1 v1 ...
         x = torch.randn(3, 3, 16, 16)
         assert torch.equal(model(x, 2).logits, model(x, 1).logits)
+
+
+@pytest.mark.parametrize(("param", "sequential"), [("mlp", True), ("raw", False), ("mlp", False)])
+def test_hides_sequential_init_setting_copies_slot_t_minus_1_or_starts_afresh(tmp_path, param, sequential):
+    """Task 1's prompt phase (no epochs) starts slot 1 as slot 0 / from slot 0's MLP, or afresh: raw, the slot's own
+    init; mlp, an MLP drawn from the run's (seed, "prompt_init", 1) generator. (Raw with sequential init:
+    tests/test_hide_pipeline.py.)"""
+    no_epochs = {f"{stage}.epochs": 0 for stage in ("tii.train", "tii.tap", "wtp.train", "wtp.tap")}
+    config = tiny_config("hide", **{"prompt.param": param, "prompt.sequential_init": sequential, **no_epochs})
+    method = make_engine(config, tmp_path / "run").method
+    pool, no_log = method.prompts.pool, lambda epoch, logs: None
+    for phase in method.phases(0):  # task 0 (its slot committed: folded, with mlp)
+        if phase.evaluate is None:
+            method.run_phase(0, phase, 0, no_log)
+    before = [pool.slot(0).detach().clone(), pool.slot(1).detach().clone()]
+    method.run_phase(1, next(p for p in method.phases(1) if p.name == "wtp_train"), 0, no_log)
+    if sequential:
+        assert torch.equal(pool.slot(1), before[0])
+    elif param == "raw":
+        assert torch.equal(pool.slot(1), before[1]) and not torch.equal(before[1], before[0])
+    else:
+        fresh = PrefixMLP(2, 2, 2, 16, patch_inputs=3 * 8 * 8, generator=generator(config.seed, "prompt_init", 1))
+        assert torch.equal(pool.slot(1), fresh()) and not torch.equal(pool.slot(1), before[0])
 
 
 def test_bad_combinations_are_refused_with_the_fix(tmp_path):
