@@ -68,14 +68,14 @@ def grads(out, inputs, grad_out):
 
 def assert_same_gradients(got_grads, want_grads):
     """Tensors: <= 1e-5 absolute. The scalars α and τ (last two) are sums over B·H·N·Lp terms whose fp32
-    rounding alone is ~1e-5 (both paths measured against fp64 over 200 seeds: up to 2.5e-5 and 4e-5), so
-    they are compared with rtol 1e-4 on top of atol 1e-5."""
+    rounding alone is ~1e-5 (each path measured against fp64 over 200 seeds: up to 2.5e-5 and 4e-5), so two
+    paths may differ by twice the larger, 8e-5, where the sum cancels to a small value (rtol 1e-4 elsewhere)."""
     *tensors, alpha, tau = zip(got_grads, want_grads)
     for got, want in tensors:
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-5
     for got, want in (alpha, tau):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=8e-5)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "explicit", "bias"])

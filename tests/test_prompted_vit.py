@@ -193,6 +193,12 @@ def test_from_timm_builds_a_host_that_runs_task_prompts():
     assert out.logits.shape == (2, 4) and out.features.shape == (2, 192)
 
 
+def bound_key(attention):
+    """The prefix keys a block's attention would use for its next call (its route, given no queries)."""
+    route, _gate = attention._prefix
+    return route(None)[0]
+
+
 def test_prompt_binding_is_scoped_and_reentrant():
     """A prefix binding lasts for one call (also when it raises) and a nested binding restores the outer one."""
     timm_model, model = build("vit_tiny_32px")
@@ -204,8 +210,8 @@ def test_prompt_binding_is_scoped_and_reentrant():
     with torch.no_grad():
         with attention.bound(*outer):
             with attention.bound(*inner):
-                assert attention._prefix[0] is inner.key
-            assert attention._prefix[0] is outer.key  # restored, not cleared
+                assert bound_key(attention) is inner.key
+            assert bound_key(attention) is outer.key  # restored, not cleared
         assert attention._prefix is None
         with pytest.raises(AssertionError, match="Input height"):
             model(x[:, :, :5], 0)  # wrong image size: the forward raises inside the binding
