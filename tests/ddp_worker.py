@@ -36,7 +36,8 @@ def ddp_config(method: str):
     process with nothing; augmented task-identity training goes through the sharded image loader."""
     odd = {"norga": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5},
            "hide": {"tii.augment": True, "tii.train.batch_size": 5, "wtp.train.batch_size": 5},
-           "vptnsp": {"train.epochs": 2, "train.batch_size": 5}}  # its lr schedule is its own (train.lr_drops)
+           "vptnsp": {"train.epochs": 2, "train.batch_size": 5},  # its lr schedule is its own (train.lr_drops)
+           "smope": {"train.epochs": 2, "train.batch_size": 5}}  # its own schedules (coswm, coda_cosine)
     baseline = {"train.epochs": 2, "train.batch_size": 5, "train.schedule": "step"}
     trains = hasattr(tiny_config(method).settings, "train")  # ncm has no training phase
     return tiny_config(method, **{"eval.batch_size": 3, **odd.get(method, baseline if trains else {})})
