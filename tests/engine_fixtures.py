@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from norga.config import SHARED_KEYS, RunConfig
 from norga.config_io import load_config, read_source
 from norga.engine.build import BuiltRun, build_run
-from norga.engine.loop import Engine
+from norga.engine.loop import Engine, Position
 from norga.engine.resolve import resolve_config
 from norga.engine.run_dir import RunDirectory
 from norga.runtime.context import TaskDatasets
@@ -81,6 +81,18 @@ def on_generated_tasks(monkeypatch, tasks_for=lambda config: make_tasks()) -> No
 
 def make_model(config: RunConfig):
     return build(config).model
+
+
+class Crash(RuntimeError):
+    """A crash injected at a checkpoint."""
+
+
+def crash_at(position: Position):
+    """An `after_epoch` hook that kills the run right after the checkpoint at `position` is written."""
+    def after_epoch(at: Position) -> None:
+        if at == position:
+            raise Crash(f"killed at {at}")
+    return after_epoch
 
 
 def run_fixture(config: RunConfig, directory: Path, tasks: list[TaskDatasets] | None = None, **kwargs):

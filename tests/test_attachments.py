@@ -11,9 +11,9 @@ import math
 import pytest
 import timm
 import torch
-from engine_fixtures import tiny_config
+from engine_fixtures import Crash, crash_at, tiny_config
 from torch import Tensor, nn
-from tuning_methods import Crash, TinyTuning, crash_at, registered, run_engine
+from tuning_methods import TinyTuning, registered, run_engine
 
 from norga.engine.loop import Position
 from norga.nn import (

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import make_engine, run_fixture, tiny_config
+from engine_fixtures import Crash, crash_at, make_engine, run_fixture, tiny_config
 
 from norga.data.splits import class_order
 from norga.data.transforms import build_transforms
@@ -314,24 +314,19 @@ def straight_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method,crash_at", [
+@pytest.mark.parametrize("method,position", [
     ("inflora", Position(1, 1, 1)),  # mid-task: after an epoch of train_up, the designed A kept
     ("inflora", Position(1, 0, 0)),  # between tasks
     ("sdlora", Position(1, 0, 1)),  # mid-task: the magnitudes resume as they were
     ("sdlora", Position(1, 0, 0)),
 ])
-def test_a_run_killed_mid_task_or_between_tasks_resumes_to_the_same_bits(tmp_path, straight_runs, method, crash_at):
+def test_a_run_killed_mid_task_or_between_tasks_resumes_to_the_same_bits(tmp_path, straight_runs, method, position):
     config = tiny_config(method)
     straight = straight_runs(method)
-
-    def crash(position):
-        if position == crash_at:
-            raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run_fixture(config, tmp_path / "crashed", after_epoch=crash)
+    with pytest.raises(Crash):
+        run_fixture(config, tmp_path / "crashed", after_epoch=crash_at(position))
     state, _ = RunDirectory(tmp_path / "crashed", create=False).load_state()
-    assert Position(**state["position"]) == crash_at
+    assert Position(**state["position"]) == position
     run_fixture(config, tmp_path / "crashed", resume=True)
     final = [torch.load(run / "checkpoints" / "task3.pt", weights_only=True) for run in (straight, tmp_path / "crashed")]
     for section in ("lora", "heads"):

@@ -10,7 +10,7 @@ import math
 import pytest
 import timm
 import torch
-from engine_fixtures import make_engine, run_fixture, tiny_config
+from engine_fixtures import Crash, crash_at, make_engine, run_fixture, tiny_config
 from prompted_fixture import Prompted
 
 from norga.config import ConfigError
@@ -21,10 +21,6 @@ from norga.nn.prefix_reparam import embedding_bound
 from norga.runtime.seeding import generator
 
 LAYERS, SLOTS, LP, H, D = 2, 3, 3, 2, 4  # pool-level tests: D is the head dim (width H·D = 8)
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def tiny_prompted(param="mlp", length=2, gate="tanh"):
@@ -211,14 +207,9 @@ def test_bad_combinations_are_refused_with_the_fix(tmp_path):
 def crash_and_resume(config, directory, *crash_points):
     """A run crashed right after checkpoint ``crash_points[0]``, resumed and crashed after the next one, ..., then
     resumed to its end: its matrices and final checkpoint."""
-    for crash_at in crash_points:
-
-        def crash(position, crash_at=crash_at):
-            if position == crash_at:
-                raise Crash(str(position))
-
+    for position in crash_points:
         with pytest.raises(Crash):
-            run_fixture(config, directory, after_epoch=crash, resume=crash_at is not crash_points[0])
+            run_fixture(config, directory, after_epoch=crash_at(position), resume=position is not crash_points[0])
     matrices = run_fixture(config, directory, resume=True)
     return matrices, final_method_state(directory)
 

@@ -9,7 +9,14 @@ import re
 
 import pytest
 import torch
-from engine_fixtures import make_engine, make_tasks, run_fixture, tiny_config
+from engine_fixtures import (
+    Crash,
+    crash_at,
+    make_engine,
+    make_tasks,
+    run_fixture,
+    tiny_config,
+)
 from test_attachments import DIM, assert_same, host_of, slow_features, tiny_vit
 from torch import nn
 
@@ -157,10 +164,6 @@ def test_simplecil_with_a_first_session_is_ncm_on_adapted_features(tmp_path):
                                            rtol=1e-4, atol=1e-5)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 RESUMED = adapted_config(kind="adapter", epochs=3)  # the adapter has dropout: its masks must replay too
 
 
@@ -170,16 +173,11 @@ def uninterrupted(tmp_path_factory):
     return directory, run_fixture(RESUMED, directory)
 
 
-@pytest.mark.parametrize("crash_at", [Position(0, 0, 1), Position(1, 0, 0)], ids=["mid-adaptation", "between-tasks"])
-def test_a_kill_during_or_after_the_adaptation_resumes_bit_identically(tmp_path, uninterrupted, crash_at):
+@pytest.mark.parametrize("position", [Position(0, 0, 1), Position(1, 0, 0)], ids=["mid-adaptation", "between-tasks"])
+def test_a_kill_during_or_after_the_adaptation_resumes_bit_identically(tmp_path, uninterrupted, position):
     straight_dir, straight = uninterrupted
-
-    def crash(position):
-        if position == crash_at:
-            raise Crash(f"at {position}")
-
     with pytest.raises(Crash):
-        run_fixture(RESUMED, tmp_path / "crashed", after_epoch=crash)
+        run_fixture(RESUMED, tmp_path / "crashed", after_epoch=crash_at(position))
     resumed = run_fixture(RESUMED, tmp_path / "crashed", resume=True)
     for name in straight:
         assert torch.equal(torch.as_tensor(straight[name].correct), torch.as_tensor(resumed[name].correct)), name

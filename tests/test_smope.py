@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from engine_fixtures import build, run_fixture, tiny_config
+from engine_fixtures import Crash, build, crash_at, run_fixture, tiny_config
 from slow_vit import embed, gelu, layer_norm, like
 from torch import Tensor, nn
 
@@ -32,10 +32,6 @@ from norga.runtime.context import RunContext
 from norga.runtime.optim import cosine_iteration_lr
 
 HEADS, DIM, EXPERTS = 2, 32, 5
-
-
-class Crash(Exception):
-    """A crash injected at a checkpoint."""
 
 
 def tiny_host(dtype: torch.dtype = torch.float64) -> PromptedViT:
@@ -261,14 +257,9 @@ def test_each_phase_trains_what_it_should_and_nothing_else():
 def test_usage_counts_and_exclusion_after_a_resume_equal_the_uninterrupted_runs(tmp_path):
     config = tiny_config("smope")
     straight = run_fixture(config, tmp_path / "straight")
-    crash_at = Position(1, 3, 0)  # task 2, after its usage pass, before its class statistics
-
-    def crash(position):
-        if position == crash_at:
-            raise Crash("injected")
-
+    after_usage = Position(1, 3, 0)  # task 2, after its usage pass, before its class statistics
     with pytest.raises(Crash):
-        run_fixture(config, tmp_path / "crashed", after_epoch=crash)
+        run_fixture(config, tmp_path / "crashed", after_epoch=crash_at(after_usage))
     resumed = run_fixture(config, tmp_path / "crashed", resume=True)
     final = [torch.load(tmp_path / run / "checkpoints" / "task3.pt", weights_only=True)["method"]["experts"]
              for run in ("straight", "crashed")]

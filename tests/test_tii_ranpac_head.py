@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import make_engine, run_fixture, tiny_config
+from engine_fixtures import Crash, crash_at, make_engine, run_fixture, tiny_config
 
 from norga.engine.loop import Position
 from norga.methods.hide.settings import TIISettings
@@ -95,20 +95,11 @@ def test_a_norga_run_with_the_ranpac_head_has_its_phases_record_and_no_mlp(unint
         len(task.train_eval) for task in engine.context.tasks)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_a_run_with_the_ranpac_head_resumes_bit_identically(tmp_path, uninterrupted):
     """Killed in task 2's prompt training, after its solve: the resume restores G, Q and W_o from the checkpoint."""
     straight_dir, _, straight = uninterrupted
-
-    def crash(position):
-        if position == Position(1, 1, 1):
-            raise Crash(f"at {position}")
-
     with pytest.raises(Crash):
-        run_fixture(CONFIG, tmp_path / "crashed", after_epoch=crash)
+        run_fixture(CONFIG, tmp_path / "crashed", after_epoch=crash_at(Position(1, 1, 1)))
     resumed = run_fixture(CONFIG, tmp_path / "crashed", resume=True)
     for name in straight:
         assert torch.equal(torch.as_tensor(straight[name].correct), torch.as_tensor(resumed[name].correct)), name

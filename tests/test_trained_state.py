@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import build, tiny_config
+from engine_fixtures import Crash, build, crash_at, tiny_config
 from torch import nn
-from tuning_methods import Crash, NormTuning, crash_at, registered, run_engine
+from tuning_methods import NormTuning, registered, run_engine
 
 from norga.engine.loop import Position
 from norga.storage import CheckpointError, load_checkpoint

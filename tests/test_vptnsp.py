@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import build, make_engine, tiny_config
+from engine_fixtures import Crash, build, make_engine, tiny_config
 from test_nsp_components import ToyBlock, fresh_generator
 
 from norga.data.splits import class_order
@@ -20,10 +20,6 @@ from norga.methods.nsp.settings import NSPTrainConfig
 from norga.methods.nsp.statistics import LayerStatistics, prompt_attention
 from norga.runtime.optim import build_optimizer
 from norga.runtime.projected_adam import ProjectedAdam
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def method_of(tmp_path, name: str = "run", **changes):

@@ -12,7 +12,7 @@ from engine_fixtures import build
 from torch import Tensor, nn
 
 from norga.config import OptimConfig
-from norga.engine.loop import Engine, Position, open_run
+from norga.engine.loop import Engine, open_run
 from norga.methods import (
     METHODS,
     ContinualMethod,
@@ -100,18 +100,6 @@ def registered(*methods: type[ContinualMethod]):
     finally:
         for method in methods:
             METHODS.pop(method.name, None)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_at(position: Position):
-    """An `after_epoch` hook that kills the run right after the checkpoint at `position` is written."""
-    def after_epoch(at: Position) -> None:
-        if at == position:
-            raise Crash(f"killed at {at}")
-    return after_epoch
 
 
 def run_engine(config, directory, *, resume: bool = False, **kwargs) -> Engine:
