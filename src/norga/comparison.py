@@ -8,8 +8,9 @@ It is resumable: a method whose run finished is skipped, an interrupted one resu
 from __future__ import annotations
 
 import csv
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,74 @@ def run_method(run: MethodRun, progress=None, previous_seconds: float | None = N
     start = time.perf_counter()
     run_experiment(build_run(resolved), directory, resume=resume, progress=progress)
     return read_result(run, "resumed" if resume else "ran", time.perf_counter() - start)
+
+
+def run_methods(runs: Sequence[MethodRun], jobs: int = 1, quiet: bool = False,
+                previous_seconds: Callable[[str], float | None] = lambda label: None,
+                on_result: Callable[[list[MethodResult]], None] = lambda finished: None) -> list[MethodResult]:
+    """`run_method` for each of `runs`, `jobs` at a time; their results in the order of `runs`.
+
+    One job runs them here, one after another, with bars unless `quiet`. More run each in its own process
+    (spawned: nothing of this process's state is inherited) with this machine's CPUs shared between them
+    (`threads_per_job`) and timestamped lines, since bars of several processes would overwrite each other. Small
+    models use a thread poorly (the quickstart's batches of 16), so parallel runs finish sooner than the same runs
+    in turn; the results are those of the same runs in turn. `on_result` gets the results finished so far, in
+    the order of `runs`, after each run.
+    """
+    from norga.engine.progress import Progress
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if jobs == 1 or len(runs) == 1:
+        results = []
+        for run in runs:
+            results.append(run_method(run, Progress.for_command(quiet, run.label), previous_seconds(run.label)))
+            on_result(results)
+        return results
+    return _run_in_processes(runs, min(jobs, len(runs)), previous_seconds, on_result)
+
+
+def threads_per_job(jobs: int) -> int:
+    """torch threads for each of `jobs` runs sharing this machine: its CPUs divided among them, at least one."""
+    return max(1, len(os.sched_getaffinity(0)) // jobs)
+
+
+def _run_in_processes(runs: Sequence[MethodRun], jobs: int, previous_seconds: Callable[[str], float | None],
+                      on_result: Callable[[list[MethodResult]], None]) -> list[MethodResult]:
+    """`run_methods` with `jobs` worker processes. The first failure cancels the runs not yet started and is raised
+    here once the runs under way have finished (each is in its run directory, resumable like any run)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from norga.engine.resolve import resolve_config
+
+    for run in runs:  # every config checked, and data found (or downloaded, once) before any process starts
+        resolve_config(_with_recorded_root(run.config, _stored_config(run.run_dir)))
+    threads = threads_per_job(jobs)
+    results: dict[int, MethodResult] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_run_method_in_process, run, threads, previous_seconds(run.label)): index
+                   for index, run in enumerate(runs)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                index = pending.pop(future)
+                if future.exception() is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise future.exception()
+                results[index] = future.result()
+            on_result([results[index] for index in sorted(results)])
+    return [results[index] for index in range(len(runs))]
+
+
+def _run_method_in_process(run: MethodRun, threads: int, previous_seconds: float | None) -> MethodResult:
+    """Inside a worker process of `run_methods`: `run` at `threads` torch threads, with timestamped lines."""
+    import torch
+
+    from norga.engine.progress import Progress
+
+    torch.set_num_threads(threads)
+    return run_method(run, Progress.for_command(True, run.label), previous_seconds)
 
 
 def _stored_config(directory: Path) -> RunConfig | None:

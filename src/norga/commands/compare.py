@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
                         help="also run each method (or only the listed ones) trained jointly on all tasks")
     parser.add_argument("--dir", type=Path, help="the comparison directory (default: OUTPUT_DIR/compare-NAME-TIMESTAMP)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted comparison")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="methods run at once, each in its own process with a share of the CPUs and timestamped "
+                        "lines (default 1: one after another)")
     parser.add_argument("--quiet", action="store_true",
                         help="plain timestamped lines (one per epoch and evaluation) instead of progress bars")
     parser.set_defaults(handler=handle)
@@ -123,20 +126,18 @@ def handle(args: argparse.Namespace) -> int:
         runs.append(MethodRun(label, config, Path(directory) / label))
     args.resumable = (Path(directory) / "compare.json", f"norga compare --resume {directory}")  # for Ctrl-C
     with ComparisonDirectory(directory, request) as comparison:
-        return run_all(comparison, runs, quiet=args.quiet)
+        return run_all(comparison, runs, quiet=args.quiet, jobs=args.jobs)
 
 
-def run_all(comparison, runs, quiet: bool) -> int:
-    from norga.comparison import run_method
-    from norga.engine.progress import Progress
+def run_all(comparison, runs, quiet: bool, jobs: int = 1) -> int:
+    from norga.comparison import run_methods
     from norga.report import comparison_title, format_comparison_table
 
     title = comparison_title([run.config for run in runs])
-    results = []
     for index, run in enumerate(runs):
         print(f"[{index + 1}/{len(runs)}] {run.label} -> {run.run_dir}", file=sys.stderr, flush=True)
-        results.append(run_method(run, Progress.for_command(quiet, run.label), comparison.previous_seconds(run.label)))
-        comparison.write(results, complete=len(results) == len(runs), title=title)
+    results = run_methods(runs, jobs, quiet, comparison.previous_seconds,
+                          lambda finished: comparison.write(finished, complete=len(finished) == len(runs), title=title))
     print(format_comparison_table(results))
     print(f"table: {comparison.path / 'compare.csv'}  plot: {comparison.path / 'compare.png'}  "
           f"record: {comparison.path / 'compare.json'}")
