@@ -114,6 +114,11 @@ def lora_step(method: str | None, model_kind: str, batch: int, amp: bool = False
 
 
 def _step(row: str, impl: str, batch: int, amp: bool, compile: bool):
+    """The step of `row` on path `impl`, in a process whose allocator keeps freed memory as every norga run's does
+    (`norga.runtime.allocator`; both paths, since a speed row times them in one process)."""
+    from norga.runtime.allocator import keep_freed_memory
+
+    keep_freed_memory()
     kind, model_kind = ROWS[row][1], ROWS[row][2]
     if kind == "lora":  # reference: the frozen forward + backward; fast: the method's step, both in the run's precision
         return lora_step(None if impl == "reference" else row.split("_")[0], model_kind, batch, amp)[0]
@@ -350,7 +355,8 @@ def main() -> None:
           f"compile {'on (PromptedViT.compile_blocks)' if args.compile else 'off'}; pipeline: frozen-feature caching "
           f"and memoised prompted test features (cache_prompted_features) on")
     print("reference path: attention reference, fp32, no caching; LoRA rows: the plain frozen forward + backward in "
-          "the fast path's precision\n")
+          "the fast path's precision")
+    print("both paths: the allocator keeps freed memory for reuse, as in every norga run (norga.runtime.allocator)\n")
 
     rows = args.only or list(ROWS)
     measured: dict[str, dict] = {}

@@ -21,6 +21,7 @@ from norga.kill_points import kill_point
 from norga.methods import method_class
 from norga.methods.base import ContinualMethod
 from norga.metrics import AccuracyMatrix
+from norga.runtime.allocator import keep_freed_memory
 from norga.runtime.context import BuiltRun, RunContext
 from norga.runtime.distributed import SINGLE_PROCESS, Distributed
 from norga.runtime.divergence import TrainingDiverged
@@ -267,6 +268,7 @@ def open_run(
     ``built.init_generator`` initialises the method's parameters. In a distributed run (`dist`) every process calls
     this; only rank 0 writes the run directory. The directory is locked until the engine's `run` ends.
     """
+    keep_freed_memory()  # every step's activations come back from the heap instead of as fresh pages
     failure = None
     if dist.is_main:
         try:
