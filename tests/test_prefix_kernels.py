@@ -248,3 +248,29 @@ def test_bf16_attention_without_prefix_on_cpu_matches_exact_attention():
     for got, sdpa, want in zip(fused, flash, exact):
         assert _relative_error(got, want) <= 4 * BF16_ROUNDING
         assert _relative_error(sdpa, want) <= 4 * BF16_ROUNDING  # the same inputs: the bound is not loose for them
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_attention_without_prefix_or_gradients_takes_flash_only_where_the_cpu_has_amx(monkeypatch, amx):
+    """Forward only (inference, frozen features), plain bf16 attention takes the CPU flash kernel on a CPU with AMX
+    (2.4x the explicit kernel's speed there) and the explicit kernel elsewhere; with gradients always the explicit
+    one. Either way the output is within the bound of `test_bf16_attention_without_prefix_on_cpu_matches_exact_attention`."""
+    from torch.profiler import profile
+
+    from norga.nn import prefix_kernels
+
+    monkeypatch.setattr(prefix_kernels, "_flash_forward_is_faster", lambda: amx)
+    (q, k, v, _, _, gate), exact_inputs, _ = _bf16_case(5, prefix=False)
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    exact = reference_prefix_attention(*exact_inputs[:3], None, None, None, D**-0.5)
+
+    def kernels(grad: bool) -> tuple[set[str], torch.Tensor]:
+        with torch.set_grad_enabled(grad), profile() as prof:
+            out = fused_prefix_attention(q, k, v, None, None, gate, D**-0.5)
+        return {event.key for event in prof.key_averages()}, out
+
+    without_grad, out = kernels(grad=False)
+    assert (flash in without_grad) == amx and out.dtype == torch.bfloat16
+    assert _relative_error(out, exact) <= 4 * BF16_ROUNDING
+    with_grad, out = kernels(grad=True)
+    assert flash not in with_grad and _relative_error(out, exact) <= 4 * BF16_ROUNDING
