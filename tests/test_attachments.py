@@ -278,8 +278,8 @@ def test_with_nothing_attached_the_host_is_timms_model_with_timms_keys():
     host.install_prefix_layers([0, 1])
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        plain = host.forward_features(images)
-        assert torch.equal(plain, model.forward_head(model.forward_features(images), pre_logits=True))
+        plain = host.forward_features(images)  # the last block computes the class token only: timm's sums reordered
+        assert_same(plain, model.forward_head(model.forward_features(images), pre_logits=True))
         attached = host.forward_features(images, every_kind())
         assert (attached - plain).abs().max() > 1e-3
         with pytest.raises(AssertionError, match="Input height"):  # a forward that raises inside the bindings

@@ -3,6 +3,8 @@ training and TAP), its own copy in the task-identity model, kept in the state; n
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -28,26 +30,33 @@ def tiny_host(fc_norm: bool) -> PromptedViT:
     return host
 
 
+def assert_timms(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The host's last block computes only the class token (`norga.nn.pooled_block`): timm's fp32 sums of at most
+    4·dim terms reordered, a few ulps × sqrt(4·dim) of the values' scale."""
+    tolerance = 4 * torch.finfo(torch.float32).eps * math.sqrt(4 * ARCH["embed_dim"])
+    assert (got - want).abs().max() <= tolerance * max(1.0, want.abs().max().item())
+
+
 def test_features_are_the_class_token_before_fc_norm_and_logits_apply_it():
     host, x = tiny_host(fc_norm=True), torch.randn(4, 3, 16, 16)
     backbone = host.backbone
     with torch.no_grad():
         cls = backbone.forward_features(x)[:, 0]  # final norm is Identity with fc_norm (timm)
         out = host(x)
-        assert torch.equal(out.features, cls)
-        assert torch.equal(out.logits, backbone.head(backbone.fc_norm(cls)))
+        assert_timms(out.features, cls)
+        assert torch.equal(out.logits, backbone.head(backbone.fc_norm(out.features)))
         backbone.fc_norm.weight.mul_(2.0)  # training fc_norm leaves the (cached) frozen features as they are
-        assert torch.equal(host.forward_features(x), cls)
+        assert torch.equal(host.forward_features(x), out.features)
     assert host.has_fc_norm and not tiny_host(fc_norm=False).has_fc_norm
 
 
-def test_without_fc_norm_features_logits_and_trained_parameters_are_timms_bit_for_bit():
+def test_without_fc_norm_features_logits_and_trained_parameters_are_timms():
     host, x = tiny_host(fc_norm=False), torch.randn(4, 3, 16, 16)
     backbone = host.backbone
     with torch.no_grad():
         tokens = backbone.forward_features(x)
-        assert torch.equal(host.forward_features(x), backbone.forward_head(tokens, pre_logits=True))
-        assert torch.equal(host(x).logits, backbone.forward_head(tokens))
+        assert_timms(host.forward_features(x), backbone.forward_head(tokens, pre_logits=True))
+        assert_timms(host(x).logits, backbone.forward_head(tokens))
     assert [id(p) for p in host.head_parameters()] == [id(p) for p in backbone.head.parameters()]
 
 

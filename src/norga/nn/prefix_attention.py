@@ -60,6 +60,11 @@ class PrefixAttention(nn.Module):
             raise ValueError(f"unknown attention implementation {value!r}; choose one of {ATTENTION_IMPLS}")
         self._impl = value
 
+    @property
+    def has_prefix(self) -> bool:
+        """Whether a prefix is bound (`bound` or `routed`) for the forward passes now."""
+        return self._prefix is not None
+
     def bound(self, prefix_k: Tensor, prefix_v: Tensor, gate: ScoreGate) -> AbstractContextManager[None]:
         """Use these prefixes, each (B or 1, heads, Lp, head_dim), and this score gate inside the block.
 
@@ -87,6 +92,14 @@ class PrefixAttention(nn.Module):
                     f"{name} must be shaped (batch, {expected[0]}, length, {expected[1]}), got {tuple(prefix.shape)}"
                 )
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
+               gate: ScoreGate | None = None) -> Tensor:
+        """The attention of queries q over keys k and values v (each (B, heads, length, head_dim), after the q/k
+        norms) and the prefix, if any, through this module's kernel (`impl`), with its dropout when training."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        kernel = fused_prefix_attention if self.impl == "fused" else reference_prefix_attention
+        return kernel(q, k, v, prefix_k, prefix_v, gate, self.scale, dropout_p)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("prefix attention does not support attention masks")
@@ -100,9 +113,7 @@ class PrefixAttention(nn.Module):
             route, gate = self._prefix
             prefix_k, prefix_v = route(q)
             self._check_prefix(prefix_k, prefix_v)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        attend = fused_prefix_attention if self.impl == "fused" else reference_prefix_attention
-        x = attend(q, k, v, prefix_k, prefix_v, gate, self.scale, dropout_p)
+        x = self.attend(q, k, v, prefix_k, prefix_v, gate)
         x = x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         x = self.norm(x)
         if output_gate is not None:
