@@ -91,7 +91,7 @@ def run_methods(runs: Sequence[MethodRun], jobs: int = 1, quiet: bool = False,
     """`run_method` for each of `runs`, `jobs` at a time; their results in the order of `runs`.
 
     One job runs them here, one after another, with bars unless `quiet`. More run each in its own process
-    (spawned: nothing of this process's state is inherited) with this machine's CPUs shared between them
+    (nothing of this process's state is inherited: `_worker_context`) with this machine's CPUs shared between them
     (`threads_per_job`) and timestamped lines, since bars of several processes would overwrite each other. Small
     models use a thread poorly (the quickstart's batches of 16), so parallel runs finish sooner than the same runs
     in turn; the results are those of the same runs in turn. `on_result` gets the results finished so far, in
@@ -119,7 +119,6 @@ def _run_in_processes(runs: Sequence[MethodRun], jobs: int, previous_seconds: Ca
                       on_result: Callable[[list[MethodResult]], None]) -> list[MethodResult]:
     """`run_methods` with `jobs` worker processes. The first failure cancels the runs not yet started and is raised
     here once the runs under way have finished (each is in its run directory, resumable like any run)."""
-    import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     from norga.engine.resolve import resolve_config
@@ -128,7 +127,7 @@ def _run_in_processes(runs: Sequence[MethodRun], jobs: int, previous_seconds: Ca
         resolve_config(_with_recorded_root(run.config, _stored_config(run.run_dir)))
     threads = threads_per_job(jobs)
     results: dict[int, MethodResult] = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=_worker_context()) as pool:
         pending = {pool.submit(_run_method_in_process, run, threads, previous_seconds(run.label)): index
                    for index, run in enumerate(runs)}
         while pending:
@@ -141,6 +140,22 @@ def _run_in_processes(runs: Sequence[MethodRun], jobs: int, previous_seconds: Ca
                 results[index] = future.result()
             on_result([results[index] for index in sorted(results)])
     return [results[index] for index in range(len(runs))]
+
+
+#: what every worker needs, imported once by the fork server instead of once per worker (about 4 s of CPU each)
+WORKER_PRELOAD = ["norga.comparison", "norga.engine.build", "norga.engine.loop", "norga.methods"]
+
+
+def _worker_context():
+    """Fresh worker processes that inherit nothing of this one: forked from a fork server that has imported
+    `WORKER_PRELOAD` (Linux, macOS), else spawned."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
 
 
 def _run_method_in_process(run: MethodRun, threads: int, previous_seconds: float | None) -> MethodResult:
