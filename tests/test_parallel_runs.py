@@ -85,3 +85,57 @@ def test_compare_with_jobs_writes_every_row_of_its_runs_in_parallel(tmp_path):
     assert record["complete"] and [row["label"] for row in record["results"]] == ["norga", "ncm"]
     assert all((tmp_path / "cmp" / label / "results.json").is_file() for label in ("norga", "ncm"))
     assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3  # header and both rows
+
+
+@pytest.mark.realdata
+@NEEDS_FASHION_MNIST
+def test_ctrl_c_stops_every_parallel_run_and_leaves_them_resumable(tmp_path):
+    """Ctrl-C reaches the whole process group: the runs stop (children of a fork server would ignore it and run to
+    the end), the command says it was interrupted and exits 130, and nothing is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    preset, overrides = SMOKE
+    settings = [arg for setting in [*overrides, "norga.wtp.train.epochs=50", "hide.wtp.train.epochs=50"]
+                for arg in ("--set", setting)]
+    command = [sys.executable, "-m", "norga", "compare", preset, "--methods", "norga,hide", *settings, "--dir",
+               str(tmp_path / "cmp"), "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "NORGA_DATA": REAL, "PYTHONUNBUFFERED": "1"})
+    try:
+        training = set()
+        for line in process.stderr:  # progress lines, until both runs are under way, training
+            if "wtp_train epoch" in line:
+                training.add(line.split(" · ")[0].split()[-1])
+            if training == {"norga", "hide"}:
+                break
+        assert training == {"norga", "hide"}, "the runs ended before both were seen training"
+        interrupted = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - interrupted < 30  # 50 epochs each would take minutes
+        assert process.returncode == 130 and "interrupted" in stderr.splitlines()[-1], stderr[-2000:]
+        assert group_gone(process.pid, within=10)  # no worker left; the fork server follows its parent out
+        for label in ("norga", "hide"):  # each run stopped where `norga compare --resume` continues it
+            assert (tmp_path / "cmp" / label / "config.yaml").is_file()
+
+    finally:  # whatever failed above, nothing of it keeps running
+        if not group_gone(process.pid, within=0):
+            os.killpg(process.pid, signal.SIGKILL)
+
+def group_gone(group: int, within: float) -> bool:
+    """Whether process group `group` has no process left within `within` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
