@@ -90,8 +90,8 @@ def test_compare_with_jobs_writes_every_row_of_its_runs_in_parallel(tmp_path):
 @pytest.mark.realdata
 @NEEDS_FASHION_MNIST
 def test_ctrl_c_stops_every_parallel_run_and_leaves_them_resumable(tmp_path):
-    """Ctrl-C reaches the whole process group: the runs stop (children of a fork server would ignore it and run to
-    the end), the command says it was interrupted and exits 130, and nothing is left running."""
+    """Ctrl-C reaches the whole process group: every run stops at once (not after its 50 epochs), the command says it
+    was interrupted and exits 130, no worker is left running, and each run directory is there to resume."""
     import signal
     import subprocess
     import sys
