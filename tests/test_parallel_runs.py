@@ -1,7 +1,12 @@
 """Several runs at once (`norga.comparison.run_methods`, `norga quickstart`, `norga compare --jobs`): each in its own
 process with a share of the CPUs, giving what the same runs give one after another."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -74,8 +79,6 @@ def test_a_run_failing_in_its_process_fails_the_whole_call_with_its_own_error(tm
 @pytest.mark.realdata
 @NEEDS_FASHION_MNIST
 def test_compare_with_jobs_writes_every_row_of_its_runs_in_parallel(tmp_path):
-    import json
-
     preset, overrides = SMOKE
     settings = [arg for setting in overrides for arg in ("--set", setting)]
     result = norga("compare", preset, "--methods", "norga,ncm", *settings, "--dir", tmp_path / "cmp", "--jobs", "2",
@@ -92,11 +95,6 @@ def test_compare_with_jobs_writes_every_row_of_its_runs_in_parallel(tmp_path):
 def test_ctrl_c_stops_every_parallel_run_and_leaves_them_resumable(tmp_path):
     """Ctrl-C reaches the whole process group: every run stops at once (not after its 50 epochs), the command says it
     was interrupted and exits 130, no worker is left running, and each run directory is there to resume."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     preset, overrides = SMOKE
     settings = [arg for setting in [*overrides, "norga.wtp.train.epochs=50", "hide.wtp.train.epochs=50"]
                 for arg in ("--set", setting)]
@@ -129,8 +127,6 @@ def test_ctrl_c_stops_every_parallel_run_and_leaves_them_resumable(tmp_path):
 
 def group_gone(group: int, within: float) -> bool:
     """Whether process group `group` has no process left within `within` seconds."""
-    import time
-
     deadline = time.monotonic() + within
     while True:
         try:

@@ -6,7 +6,6 @@ import math
 from contextlib import ExitStack, contextmanager
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import Block
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -126,6 +127,8 @@ def _run_in_processes(runs: Sequence[MethodRun], jobs: int, previous_seconds: Ca
     for run in runs:  # every config checked, and data found (or downloaded, once) before any process starts
         resolve_config(_with_recorded_root(run.config, _stored_config(run.run_dir)))
     threads = threads_per_job(jobs)
+    print(f"{len(runs)} runs, {jobs} at a time with {threads} thread{'s' * (threads != 1)} each (--jobs 1: one after "
+          "another)", file=sys.stderr, flush=True)
     results: dict[int, MethodResult] = {}
     with ProcessPoolExecutor(jobs, mp_context=_worker_context()) as pool:
         pending = {pool.submit(_run_method_in_process, run, threads, previous_seconds(run.label)): index
