@@ -8,7 +8,7 @@ data parallelism, and what it adds to the run record.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -36,6 +36,13 @@ def unfitting_blocks(key: str, layers: list[int], depth: int) -> ConfigError:
     """The refusal of setting `key`, prompted blocks `layers` that a `depth`-block backbone does not have."""
     return ConfigError(f"{key} = {list(layers)} does not fit this {depth}-block backbone: set --set {key}=[...] "
                        f"to blocks 0..{depth - 1}")
+
+
+def check_blocks(key: str, layers: Sequence[int], depth: int) -> None:
+    """Refuse setting `key` (`unfitting_blocks`) unless `layers` names blocks, all of them in a `depth`-block
+    backbone."""
+    if not layers or any(not 0 <= layer < depth for layer in layers):
+        raise unfitting_blocks(key, layers, depth)
 
 
 #: Which prompts `ContinualMethod.predict` uses (`slots`): the method's own choice, each image's true task's, or

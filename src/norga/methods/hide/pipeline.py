@@ -27,7 +27,7 @@ from norga.methods.base import (
     Phase,
     Prediction,
     PredictRequest,
-    unfitting_blocks,
+    check_blocks,
 )
 from norga.methods.hide.gaussians import ClassGaussians
 from norga.methods.hide.official_checkpoints import (
@@ -79,9 +79,7 @@ class HiDePrompt(PhaseTraining, ContinualMethod):
         self.model = context.model
         self.prompts: TaskPrompts | None = None  # prompt.length 0: the pipeline without prompts
         if settings.prompt.length > 0:
-            layers, depth = settings.prompt.layers, self.model.depth
-            if not layers or min(layers) < 0 or max(layers) >= depth:
-                raise unfitting_blocks(f"{self.name}.prompt.layers", layers, depth)
+            check_blocks(f"{self.name}.prompt.layers", settings.prompt.layers, self.model.depth)
             self.prompts = TaskPrompts(self.model, len(context.tasks), settings.prompt.length,
                                        settings.prompt.layers, gate=self._gate(), prefix_layout=settings.prefix_layout,
                                        generator=context.init_generator, param=settings.prompt.param

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from norga.methods.base import Capabilities, ContinualMethod, Phase, Prediction, PredictRequest, unfitting_blocks
+from norga.methods.base import Capabilities, ContinualMethod, Phase, Prediction, PredictRequest, check_blocks
 from norga.methods.nsp.collector import collect_statistics, key_weight, task_statistics
 from norga.methods.nsp.null_space import layer_projectors
 from norga.methods.nsp.settings import OFFICIAL_DROP_SHIFT, VPTNSPSettings
@@ -76,8 +76,7 @@ class VPTNSP(PhaseTraining, ContinualMethod):
         super().__init__(context, settings)
         self.model = model = context.model
         self.optimizer, self._saved_optimizer = None, None
-        if any(not 0 <= layer < model.depth for layer in settings.layers):
-            raise unfitting_blocks(f"{self.name}.layers", settings.layers, model.depth)
+        check_blocks(f"{self.name}.layers", settings.layers, model.depth)
         self.layers = sorted(settings.layers)
         model.install_prefix_layers(self.layers)
         for param in model.head_parameters():  # the method classifies with heads of its own, one per task

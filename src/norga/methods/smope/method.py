@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from norga.methods.base import ContinualMethod, Phase, Prediction, PredictRequest, unfitting_blocks
+from norga.methods.base import ContinualMethod, Phase, Prediction, PredictRequest, check_blocks
 from norga.methods.hide.gaussians import ClassGaussians
 from norga.methods.hide.task_adaptive import TaskAdaptiveTraining
 from norga.methods.registry import register_method
@@ -40,8 +40,7 @@ class SMoPE(PhaseTraining, ContinualMethod):
     def __init__(self, context: RunContext, settings: SMoPESettings) -> None:
         super().__init__(context, settings)
         self.model = model = context.model
-        if min(settings.layers) < 0 or max(settings.layers) >= model.depth:
-            raise unfitting_blocks(f"{self.name}.layers", settings.layers, model.depth)
+        check_blocks(f"{self.name}.layers", settings.layers, model.depth)
         model.install_prefix_layers(settings.layers)
         self.pool = ExpertPool(settings.layers, model.num_heads, settings.num_experts, model.head_dim,
                                settings.top_k, generator=context.init_generator).to(context.device)
