@@ -137,15 +137,33 @@ def count_flops(step) -> float | None:
     return float(counter.get_total_flops())
 
 
-def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool) -> dict:
-    """Interleaved median ms of reference and fast steps, and the FLOPs of one reference step (the same work)."""
+def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool, peak_sizes: dict | None = None) -> dict:
+    """Interleaved median ms of reference and fast steps, the FLOPs of one reference step (the same work) and, with
+    `peak_sizes` ({dtype name: size}), the matmul peak of each path's dtype measured beside the steps (`peak_probes`)."""
     same_precision = ROWS[row][1] == "lora"  # a LoRA row compares two steps in the run's precision
     steps = {"reference": _step(row, "reference", batch, amp and same_precision, False),
              "fast": _step(row, "fused", batch, amp, compile)}
-    ms = median_ms(steps, warmup=1 if repeats <= 3 else 2, repeats=repeats)
+    dtypes = {"reference": "bf16" if amp and same_precision else "fp32", "fast": "bf16" if amp else "fp32"}
+    probes, rates = peak_probes({dtypes[which]: peak_sizes[dtypes[which]] for which in steps} if peak_sizes else {})
+    ms = median_ms({**steps, **probes}, warmup=1 if repeats <= 3 else 2, repeats=repeats)
     result = {which: {"ms": ms[which], "images_per_s": batch / ms[which] * 1e3} for which in steps}
     result["reference"]["flops"] = count_flops(steps["reference"])  # explicit matmuls: the counter sees them all
+    if rates:
+        result["peaks_beside"] = {name: max(values) for name, values in rates.items()}
     return result
+
+
+def peak_probes(sizes: dict[str, int]) -> tuple[dict, dict[str, list[float]]]:
+    """Steps that each measure the matmul peak of a dtype ({name: square size}) when called, and the rates (GFLOP/s)
+    they measure, to time between a row's steps: the peak then sees the machine as the steps see it (a machine that
+    slows during a long suite slows both), where the peak of the suite's start may be minutes old."""
+    rates: dict[str, list[float]] = {name: [] for name in sizes}
+
+    def probe(name: str, size: int):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        return lambda: rates[name].append(matmul_gflops(dtype, size, min_seconds=0.1))
+
+    return {f"peak {name}": probe(name, size) for name, size in sizes.items()}, rates
 
 
 def memory(row: str, batch: int, which: str, warmup: int, amp: bool, compile: bool) -> dict:
@@ -164,9 +182,11 @@ def peaks(native_bf16: bool) -> dict:
     """This machine's matmul peak GFLOP/s per dtype: the best square product over `PEAK_SIZES` (the best size
     differs by dtype and CPU: fp32 at 2048² runs ~15 % below 1024² on an AVX-512 EPYC), and the sizes used."""
     sizes = {**PEAK_SIZES, **({} if native_bf16 else {"bf16": EMULATED_BF16_PEAK_SIZES})}
-    result: dict = {"sizes": sizes}
+    result: dict = {"sizes": sizes, "best_size": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        result[name] = max(matmul_gflops(dtype, size) for size in sizes[name])
+        rates = {size: matmul_gflops(dtype, size) for size in sizes[name]}
+        result["best_size"][name] = max(rates, key=rates.get)
+        result[name] = rates[result["best_size"][name]]
     return result
 
 
@@ -195,9 +215,10 @@ def _pipeline_tasks(quick: bool):
                            size=32)
 
 
-def pipeline(which: str, amp: bool, compile: bool, quick: bool, count: bool = False) -> dict:
-    """One pipeline run: wall seconds, peak memory, frozen images encoded, FA; with `count`, instead the FLOPs of
-    its matrix products (a separate, untimed run: the counter slows every op)."""
+def pipeline(which: str, amp: bool, compile: bool, quick: bool, count: bool = False, peak_size: int | None = None) -> dict:
+    """One pipeline run: wall seconds, peak memory, frozen images encoded, FA and, with `peak_size`, the matmul peak of
+    its dtype measured right after it; with `count`, instead the FLOPs of its matrix products (a separate, untimed run:
+    the counter slows every op)."""
     from bench_pipeline import timed_run
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -210,7 +231,10 @@ def pipeline(which: str, amp: bool, compile: bool, quick: bool, count: bool = Fa
                 timed_run(config, tasks, Path(tmp))
             return {"flops": float(counter.get_total_flops())}
         seconds, encoded, accuracy = timed_run(config, tasks, Path(tmp))
-    return {"seconds": seconds, "peak_mb": peak_rss_mb() - base, "encoded": encoded, "fa": accuracy}
+    result = {"seconds": seconds, "peak_mb": peak_rss_mb() - base, "encoded": encoded, "fa": accuracy}
+    if peak_size:
+        result["peak_gflops"] = matmul_gflops(torch.bfloat16 if config.amp == "bf16" else torch.float32, peak_size)
+    return result
 
 
 def profile(row: str, batch: int, amp: bool, compile: bool, quick: bool) -> dict:
@@ -237,23 +261,30 @@ FUNCTIONS = {"speed": speed, "memory": memory, "peaks": peaks, "pipeline": pipel
 
 
 # -------------------------------------------------------------------------- orchestration
-def measure_row(row: str, args, fast: dict) -> dict:
-    """All subprocess measurements of one row: speed (or pipeline wall time) and peak memory per path."""
+def measure_row(row: str, args, fast: dict, peaks: dict) -> dict:
+    """All subprocess measurements of one row: speed (or pipeline wall time), peak memory per path, and the matmul
+    peak of each path's dtype measured beside its steps or runs (at the best sizes of the start's `peaks`)."""
     kind, batch = ROWS[row][1], ROWS[row][4 if args.quick else 3]
+    dtypes = {"reference": "bf16" if fast["amp"] and kind == "lora" else "fp32", "fast": "bf16" if fast["amp"] else "fp32"}
     if kind == "pipeline":
         runs: dict[str, list[dict]] = {"reference": [], "fast": []}
         for _ in range(1 if args.quick else args.pipeline_repeats):
             for which in runs:  # alternate processes: drift hits both paths alike
-                runs[which].append(
-                    in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick, **fast))
+                runs[which].append(in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick,
+                                                 peak_size=peaks["best_size"][dtypes[which]], **fast))
         result = {which: {key: statistics.median(run[key] for run in results) for key in results[0]}
                   for which, results in runs.items()}
+        result["peaks_beside"] = {}
+        for which, results in runs.items():  # the best each dtype showed right after its runs
+            best = max(run["peak_gflops"] for run in results)
+            result["peaks_beside"][dtypes[which]] = max(best, result["peaks_beside"].get(dtypes[which], 0.0))
         for which in runs:  # both counted: the fast path's is its work, the reference's shows what caching removed
             result[which].update(in_subprocess(__file__, args.threads, "pipeline", which=which, quick=args.quick,
                                                count=True, **fast))
         return result
     repeats = (2 if args.quick else 7) if MODEL_KINDS[ROWS[row][2]][3] == 224 else (3 if args.quick else 15)
-    result = in_subprocess(__file__, args.threads, "speed", row=row, batch=batch, repeats=repeats, **fast)
+    result = in_subprocess(__file__, args.threads, "speed", row=row, batch=batch, repeats=repeats,
+                           peak_sizes=peaks["best_size"], **fast)
     for which in ("reference", "fast"):
         result[which].update(in_subprocess(__file__, args.threads, "memory", row=row, batch=batch, which=which,
                                            warmup=0 if args.quick else 1, **fast))
@@ -266,11 +297,17 @@ def fractions(row: str, result: dict, peak: dict, dtype: str) -> tuple[float, fl
     (reference fp32, fast `dtype`). Step rows count the reference step's work for both (the same products);
     the pipeline counts each run's own."""
     ref, fast = result["reference"], result["fast"]
+    peak = row_peaks(result, peak)
     if ROWS[row][1] == "pipeline":
         return (ref["flops"] / ref["seconds"] / (peak["fp32"] * 1e9), fast["flops"] / fast["seconds"] / (peak[dtype] * 1e9))
     work = ref["flops"] or float("nan")
     reference_dtype = dtype if ROWS[row][1] == "lora" else "fp32"  # a LoRA row's reference runs in the same precision
     return work / (ref["ms"] / 1e3) / (peak[reference_dtype] * 1e9), work / (fast["ms"] / 1e3) / (peak[dtype] * 1e9)
+
+
+def row_peaks(result: dict, peak: dict) -> dict:
+    """The peaks a row is scored against: those measured beside its steps where it has them, else the start's."""
+    return {**peak, **result.get("peaks_beside", {})}
 
 
 def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
@@ -279,6 +316,7 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
     label, kind, _, _, _, target = ROWS[row]
     ref, fast = result["reference"], result["fast"]
     reference_fraction, fast_fraction = fractions(row, result, peak, dtype)
+    peak = row_peaks(result, peak)
     if kind == "pipeline":
         values = (f"{ref['seconds']:.1f} s", f"{fast['seconds']:.1f} s")
         ratio = ref["seconds"] / fast["seconds"]
@@ -296,25 +334,27 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
         passed = ratio <= target
         return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
                 "reference_fraction": reference_fraction, "fast_fraction": fast_fraction, "dtype": dtype,
+                "peak_gflops": peak[dtype],
                 "target": f"<= {target:.2f}x the frozen step's time", "result": "PASS" if passed else "MISS",
                 "bound": "" if passed else f"{fast['ms']:.0f} ms against {ref['ms']:.0f} ms: --profile {row}",
                 "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
     passed = fast_fraction >= target
     return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
             "reference_fraction": reference_fraction, "fast_fraction": fast_fraction, "dtype": dtype,
+                "peak_gflops": peak[dtype],
             "target": f">= {target:.0%} of {dtype} peak", "result": "PASS" if passed else "MISS",
             "bound": "" if passed else bound, "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
 
 
 def print_table(verdicts: list[dict]) -> None:
-    print("| row | reference | fast path | fast/ref | reference % of fp32 peak | fast % of its peak | target | result "
+    print("| row | reference | fast path | fast/ref | reference % of fp32 peak | fast % of its peak (GFLOP/s) | target | result "
           "| ref peak MB | fast peak MB | what bounds a MISS |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v in verdicts:
         ratio = f"{v['ratio']:.2f}x"
         memory_mb = [f"{mb:.0f}" if mb is not None else "" for mb in (v["ref_peak_mb"], v["fast_peak_mb"])]
         print(f"| {v['label']} | {v['reference']} | {v['fast']} | {ratio} | {v['reference_fraction']:.0%} | "
-              f"{v['fast_fraction']:.0%} ({v['dtype']}) | {v['target']} | {v['result']} | "
+              f"{v['fast_fraction']:.0%} ({v['dtype']} {v['peak_gflops']:.0f}) | {v['target']} | {v['result']} | "
               f"{memory_mb[0]} | {memory_mb[1]} | {v['bound']} |", flush=True)
 
 
@@ -348,9 +388,11 @@ def main() -> None:
     measured_peaks = in_subprocess(__file__, args.threads, "peaks", native_bf16=facts["native_bf16"])
     dtype = "bf16" if amp else "fp32"
     print(machine_line(facts, args.threads) + (", QUICK (smoke sizes, not the figures to quote)" if args.quick else ""))
-    print(f"matmul peak (best square product of {'/'.join(map(str, measured_peaks['sizes']['fp32']))}): "
-          f"fp32 {measured_peaks['fp32']:.1f} GFLOP/s, bf16 {measured_peaks['bf16']:.1f} GFLOP/s "
-          f"(of {'/'.join(map(str, measured_peaks['sizes']['bf16']))}); targets are fractions of the {dtype} peak")
+    best = measured_peaks["best_size"]
+    print(f"matmul peak at the start (best square product of {'/'.join(map(str, measured_peaks['sizes']['fp32']))}): "
+          f"fp32 {measured_peaks['fp32']:.1f} GFLOP/s at {best['fp32']}², bf16 {measured_peaks['bf16']:.1f} GFLOP/s at "
+          f"{best['bf16']}² (of {'/'.join(map(str, measured_peaks['sizes']['bf16']))}); targets are fractions of the "
+          f"{dtype} peak, measured again beside each row's steps at that size (the table's GFLOP/s)")
     print(f"fast path: attention fused, amp {'bf16 (prepare_for_bf16)' if amp else 'none'} (--amp {args.amp}), "
           f"compile {'on (PromptedViT.compile_blocks)' if args.compile else 'off'}; pipeline: frozen-feature caching "
           f"and memoised prompted test features (cache_prompted_features) on")
@@ -362,7 +404,7 @@ def main() -> None:
     measured: dict[str, dict] = {}
     for row in [r for r in ROWS if r in rows]:
         start = time.perf_counter()
-        measured[row] = measure_row(row, args, fast)
+        measured[row] = measure_row(row, args, fast, measured_peaks)
         print(f"[measured {row} in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
     if "train_vitb" in measured and measured["train_vitb"]["reference"]["flops"]:
         train = measured["train_vitb"]

@@ -71,7 +71,7 @@ def test_peaks_take_the_best_size_and_keep_emulated_bf16_small(monkeypatch):
 
     monkeypatch.setattr(bench_suite, "matmul_gflops", fake_gflops)
     native = bench_suite.peaks(native_bf16=True)
-    assert native["fp32"] == native["bf16"] == 30.0
+    assert native["fp32"] == native["bf16"] == 30.0 and native["best_size"] == {"fp32": 1024, "bf16": 1024}
     calls.clear()
     emulated = bench_suite.peaks(native_bf16=False)
     assert emulated["bf16"] == 10.0 and max(size for dtype, size in calls if dtype is torch.bfloat16) == 512
@@ -116,3 +116,28 @@ def test_the_lora_rows_steps_change_only_what_they_train(method):
     assert changed == {"backbone.head.weight", "backbone.head.bias"} and batch == 2
     trained = {None: 0, "inflora": 1, "sdlora": 2 + bench_suite.LORA_TASK + 1}[method]  # B; or A, B, m_0..m_t
     assert len(optimizer.param_groups[0]["params"]) == 2 + trained
+
+
+def test_a_row_is_scored_against_the_peak_measured_beside_its_steps():
+    result = speed_result(1000.0, 600.0)  # 50 GFLOP in 0.6 s: 83 GFLOP/s, 83 % of the start's 100 GFLOP/s fp32
+    assert bench_suite.verdict("infer_vitb", result, PEAKS, "fp32")["result"] == "PASS"
+    result["peaks_beside"] = {"fp32": 125.0}  # the machine ran faster beside this row's steps: 67 %
+    verdict = bench_suite.verdict("infer_vitb", result, PEAKS, "fp32")
+    assert verdict["result"] == "MISS" and verdict["fast_fraction"] == pytest.approx(50 / 0.6 / 125)
+    assert verdict["peak_gflops"] == 125.0 and "against 400 ms at the fp32 peak" in verdict["bound"]
+    assert verdict["reference_fraction"] == pytest.approx(50 / 1.0 / 125)  # the reference's fp32 peak too
+
+
+def test_peak_probes_record_the_rate_of_each_dtype_at_its_size(monkeypatch):
+    calls = []
+
+    def fake_gflops(dtype, size, min_seconds):
+        calls.append((dtype, size))
+        return float(len(calls))
+
+    monkeypatch.setattr(bench_suite, "matmul_gflops", fake_gflops)
+    probes, rates = bench_suite.peak_probes({"fp32": 1024, "bf16": 512})
+    for _ in range(2):
+        for probe in probes.values():
+            probe()
+    assert calls == [(torch.float32, 1024), (torch.bfloat16, 512)] * 2 and rates == {"fp32": [1.0, 3.0], "bf16": [2.0, 4.0]}
