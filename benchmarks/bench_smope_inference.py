@@ -15,32 +15,8 @@ import argparse
 
 import torch
 from _timing import machine, machine_line, median_ms
-from bench_core import MODEL_KINDS, autocast
-from bench_suite import inference_step
-
-
-def smope_step(model_kind: str, batch: int, amp: bool):
-    """One SMoPE evaluation forward: routed prefixes in blocks 0-5, eval penalties, head, argmax."""
-    from norga.methods.smope.experts import ExpertPool
-    from norga.nn import PromptedViT
-    from norga.runtime.precision import prepare_for_bf16
-
-    name, kwargs, _, size, _ = MODEL_KINDS[model_kind]
-    host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=100).eval()
-    if amp:
-        prepare_for_bf16(host)
-    blocks = list(range(min(6, host.depth)))
-    host.install_prefix_layers(blocks)
-    pool = ExpertPool(blocks, host.num_heads, 25, host.head_dim, 5, torch.Generator().manual_seed(0))
-    pool.usage[..., ::2] = 1  # half the experts used: the exclusion penalty is live
-    penalties = pool.evaluation_penalties(2.0)
-    images = torch.randn(batch, 3, size, size)
-
-    def step():
-        with torch.inference_mode(), autocast(amp):
-            return host(images, attachments=pool.attachments(penalties)).logits.float().argmax(dim=1)
-
-    return step
+from bench_core import MODEL_KINDS
+from bench_suite import inference_step, smope_step
 
 
 def main() -> None:
@@ -54,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batch = args.batch or (16 if args.model == "vit_base_224" else 256)
     norga, _ = inference_step("fused", args.model, batch, amp=args.amp)
-    steps = {"norga": norga, "smope": smope_step(args.model, batch, args.amp)}
+    steps = {"norga": norga, "smope": smope_step("fused", args.model, batch, args.amp)[0]}
     ms = median_ms(steps, warmup=2, repeats=args.repeats)
     print(machine_line(machine(), args.threads))
     print(f"{args.model}, batch {batch}, {'bf16' if args.amp else 'fp32'}, {args.repeats} interleaved repeats")

@@ -45,7 +45,15 @@ ROWS = {  # name: (label, kind, model kind, batch, quick batch, target: fraction
     # ViT (reference), same precision and batch; the target is a ratio of their times, not a fraction of the peak
     "inflora_vitb": ("InfLoRA step ViT-B/16@224 (task 5, r 10) vs frozen fwd+bwd", "lora", "vit_base_224", 8, 1, 1.25),
     "sdlora_vitb": ("SD-LoRA step ViT-B/16@224 (task 5, r 10) vs frozen fwd+bwd", "lora", "vit_base_224", 8, 1, 1.25),
+    # SMoPE's evaluation: one routed prompted pass (no task-identity pass), scored as the other inference rows
+    "smope_vitb": ("SMoPE inference ViT-B/16@224 (one routed pass)", "infer", "vit_base_224", 16, 1, 0.8),
+    # RanPAC's head on one task of ViT-B features (batch: samples); reported, no target: its λ search and solve are
+    # LAPACK factorisations the FLOP counter does not see. Reference: the official float32 numerics (one LU solve
+    # per λ); fast: norga's float64 statistics, one eigendecomposition for every λ, a Cholesky solve
+    "ranpac": ("RanPAC head, one task of 5000 ViT-B features (M 10000): statistics, λ search, solve", "ranpac", None,
+               5000, 500, None),
 }
+RANPAC_WIDTH, RANPAC_DIM, RANPAC_QUICK_DIM, RANPAC_CLASSES = 768, 10000, 1000, 10
 LORA_TASK, LORA_RANK = 4, 10  # the step trains task 5's delta with tasks 1-4's attached (10 tasks preallocated)
 VIT_B_FORWARD_GFLOP = 2 * 17.6  # per 224 px image (17.6 GMAC); frozen-weight backward ~ the same again
 
@@ -70,6 +78,51 @@ def inference_step(impl: str, model_kind: str, batch: int, amp: bool = False, co
             return forward(images, tasks).logits.float().argmax(dim=1)
 
     return step, batch
+
+
+def smope_step(impl: str, model_kind: str, batch: int, amp: bool = False, device: str = "cpu"):
+    """One SMoPE evaluation forward at its official structure, randomly initialised: 25 experts per head in blocks
+    0-5, top-5 by the mean query, never-used experts excluded (half the pool marked unused), head; returns logits."""
+    from norga.methods.smope.experts import ExpertPool
+    from norga.nn import PromptedViT
+    from norga.runtime.precision import prepare_for_bf16
+
+    name, kwargs, _, size, _ = MODEL_KINDS[model_kind]
+    host = PromptedViT.from_timm(name, timm_kwargs=kwargs, num_classes=100, attention_impl=impl).to(device).eval()
+    if amp:
+        prepare_for_bf16(host)
+    blocks = list(range(min(6, host.depth)))
+    host.install_prefix_layers(blocks)
+    pool = ExpertPool(blocks, host.num_heads, 25, host.head_dim, 5, torch.Generator().manual_seed(0)).to(device)
+    pool.usage[..., ::2] = 1  # half the experts used: the exclusion penalty is live
+    penalties = pool.evaluation_penalties(2.0)
+    images = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        with torch.inference_mode(), autocast(amp, device):
+            return host(images, attachments=pool.attachments(penalties)).logits.float()
+
+    return step, batch
+
+
+def ranpac_head(official: bool, samples: int, dim: int) -> dict:
+    """Seconds (statistics, λ search, solve, total) and peak memory of RanPAC's head on one task of synthetic ViT-B
+    features (clustered Gaussians; no backbone needed), with the official float32 numerics or norga's."""
+    from norga.methods.ranpac.ridge_head import RidgeHead, RidgeSettings
+    from norga.runtime.features import FeatureSet
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(RANPAC_CLASSES, RANPAC_WIDTH, generator=generator)
+    labels = torch.arange(RANPAC_CLASSES).repeat_interleave(samples // RANPAC_CLASSES)
+    features = centres[labels] + torch.randn(len(labels), RANPAC_WIDTH, generator=generator)
+    head = RidgeHead(RANPAC_WIDTH, RANPAC_CLASSES, RidgeSettings(projection_dim=dim, official_float32=official), seed=0,
+                     stream="timing")
+    base = rss_mb()
+    head.add_task(0, FeatureSet(features, labels), list(range(RANPAC_CLASSES)))
+    record = head.record()
+    seconds = record["tasks"][0]["seconds"]
+    return {**seconds, "seconds": sum(seconds.values()), "peak_mb": peak_rss_mb() - base,
+            "statistics_dtype": record["statistics_dtype"]}
 
 
 def lora_step(method: str | None, model_kind: str, batch: int, amp: bool = False, device: str = "cpu"):
@@ -122,6 +175,8 @@ def _step(row: str, impl: str, batch: int, amp: bool, compile: bool):
     kind, model_kind = ROWS[row][1], ROWS[row][2]
     if kind == "lora":  # reference: the frozen forward + backward; fast: the method's step, both in the run's precision
         return lora_step(None if impl == "reference" else row.split("_")[0], model_kind, batch, amp)[0]
+    if row == "smope_vitb":
+        return smope_step(impl, model_kind, batch, amp)[0]
     maker = inference_step if kind == "infer" else train_step
     return maker(impl, model_kind, batch=batch, amp=amp, compile=compile)[0]
 
@@ -257,7 +312,8 @@ def profile(row: str, batch: int, amp: bool, compile: bool, quick: bool) -> dict
     return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)}
 
 
-FUNCTIONS = {"speed": speed, "memory": memory, "peaks": peaks, "pipeline": pipeline, "profile": profile}
+FUNCTIONS = {"speed": speed, "memory": memory, "peaks": peaks, "pipeline": pipeline, "profile": profile,
+             "ranpac_head": ranpac_head}
 
 
 # -------------------------------------------------------------------------- orchestration
@@ -266,6 +322,10 @@ def measure_row(row: str, args, fast: dict, peaks: dict) -> dict:
     peak of each path's dtype measured beside its steps or runs (at the best sizes of the start's `peaks`)."""
     kind, batch = ROWS[row][1], ROWS[row][4 if args.quick else 3]
     dtypes = {"reference": "bf16" if fast["amp"] and kind == "lora" else "fp32", "fast": "bf16" if fast["amp"] else "fp32"}
+    if kind == "ranpac":  # one run per path, each in its own process (minutes each at M 10000)
+        dim = RANPAC_QUICK_DIM if args.quick else RANPAC_DIM
+        return {which: in_subprocess(__file__, args.threads, "ranpac_head", official=which == "reference", samples=batch,
+                                     dim=dim) for which in ("reference", "fast")}
     if kind == "pipeline":
         runs: dict[str, list[dict]] = {"reference": [], "fast": []}
         for _ in range(1 if args.quick else args.pipeline_repeats):
@@ -315,6 +375,14 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
     and, for a MISS, what bounds it."""
     label, kind, _, _, _, target = ROWS[row]
     ref, fast = result["reference"], result["fast"]
+    if kind == "ranpac":  # reported: times per part, no fraction (LAPACK work is not counted) and no target
+        parts = ("statistics", "lambda_search", "solve")
+        return {"row": row, "label": label, "reference": f"{ref['seconds']:.1f} s", "fast": f"{fast['seconds']:.1f} s",
+                "ratio": ref["seconds"] / fast["seconds"], "reference_fraction": None, "fast_fraction": None,
+                "dtype": "fp64", "peak_gflops": None, "target": "reported", "result": "-",
+                "bound": "statistics / λ search / solve: reference " + " / ".join(f"{ref[p]:.1f}" for p in parts)
+                         + " s, fast " + " / ".join(f"{fast[p]:.1f}" for p in parts) + " s",
+                "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
     reference_fraction, fast_fraction = fractions(row, result, peak, dtype)
     peak = row_peaks(result, peak)
     if kind == "pipeline":
@@ -353,8 +421,10 @@ def print_table(verdicts: list[dict]) -> None:
     for v in verdicts:
         ratio = f"{v['ratio']:.2f}x"
         memory_mb = [f"{mb:.0f}" if mb is not None else "" for mb in (v["ref_peak_mb"], v["fast_peak_mb"])]
-        print(f"| {v['label']} | {v['reference']} | {v['fast']} | {ratio} | {v['reference_fraction']:.0%} | "
-              f"{v['fast_fraction']:.0%} ({v['dtype']} {v['peak_gflops']:.0f}) | {v['target']} | {v['result']} | "
+        fractions_text = (("-", "-") if v["fast_fraction"] is None else
+                          (f"{v['reference_fraction']:.0%}", f"{v['fast_fraction']:.0%} ({v['dtype']} {v['peak_gflops']:.0f})"))
+        print(f"| {v['label']} | {v['reference']} | {v['fast']} | {ratio} | {fractions_text[0]} | "
+              f"{fractions_text[1]} | {v['target']} | {v['result']} | "
               f"{memory_mb[0]} | {memory_mb[1]} | {v['bound']} |", flush=True)
 
 

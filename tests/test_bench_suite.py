@@ -141,3 +141,35 @@ def test_peak_probes_record_the_rate_of_each_dtype_at_its_size(monkeypatch):
         for probe in probes.values():
             probe()
     assert calls == [(torch.float32, 1024), (torch.bfloat16, 512)] * 2 and rates == {"fp32": [1.0, 3.0], "bf16": [2.0, 4.0]}
+
+
+def test_the_ranpac_row_is_reported_with_its_parts_and_no_target():
+    parts = {"reference": (2.0, 30.0, 8.0), "fast": (4.0, 6.0, 2.0)}
+    result = {which: {"statistics": a, "lambda_search": b, "solve": c, "seconds": a + b + c, "peak_mb": 10.0}
+              for which, (a, b, c) in parts.items()}
+    verdict = bench_suite.verdict("ranpac", result, PEAKS, "bf16")
+    assert verdict["result"] == "-" and verdict["target"] == "reported" and verdict["ratio"] == pytest.approx(40 / 12)
+    assert verdict["fast_fraction"] is None and "reference 2.0 / 30.0 / 8.0 s, fast 4.0 / 6.0 / 2.0 s" in verdict["bound"]
+
+
+def test_the_ranpac_row_times_the_official_float32_numerics_against_norgas_float64():
+    official = bench_suite.ranpac_head(official=True, samples=60, dim=48)
+    norga = bench_suite.ranpac_head(official=False, samples=60, dim=48)
+    assert (official["statistics_dtype"], norga["statistics_dtype"]) == ("float32", "float64")
+    for run in (official, norga):
+        parts = run["statistics"] + run["lambda_search"] + run["solve"]
+        assert run["seconds"] == pytest.approx(parts) and run["seconds"] > 0
+
+
+def test_the_smope_rows_reference_and_fast_paths_compute_the_same_logits():
+    torch.manual_seed(0)  # the same seed for both builds: the same weights and images (the experts seed themselves)
+    reference, batch = bench_suite.smope_step("reference", "vit_tiny_32", batch=3)
+    torch.manual_seed(0)
+    fast, _ = bench_suite.smope_step("fused", "vit_tiny_32", batch=3)
+    expected = reference()
+    assert batch == 3 and expected.shape == (3, 100)
+    for step, impl in ((reference, "reference"), (fast, "fused")):  # each path runs its own attention kernels
+        host = {type(cell.cell_contents).__name__: cell.cell_contents for cell in step.__closure__}["PromptedViT"]
+        assert {block.attn.impl for block in host.backbone.blocks[:6]} == {impl}
+    # fp32 attention reordered: a few roundings of the logits' scale
+    torch.testing.assert_close(fast(), expected, rtol=0, atol=64 * torch.finfo(torch.float32).eps * expected.abs().max())
