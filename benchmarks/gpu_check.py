@@ -189,7 +189,7 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int) -> float:
 
 def suite_steps(device: str, quick: bool, amp: bool) -> dict:
     from bench_core import train_step
-    from bench_suite import ROWS, count_flops, inference_step
+    from bench_suite import ROWS, count_flops, inference_step, smope_step
 
     size = 1024 if quick else 8192
     peak = {"fp32": matmul_peak(device, torch.float32, size), "bf16": matmul_peak(device, torch.bfloat16, size)}
@@ -199,10 +199,10 @@ def suite_steps(device: str, quick: bool, amp: bool) -> dict:
     say("| row | batch | reference ms | fast ms | fast/ref | reference % of fp32 peak | fast % of its peak |")
     say("|---|---|---|---|---|---|---|")
     rows = {}
-    for row in ("train_vitb", "train_tiny", "infer_vitb", "infer_tiny"):
+    for row in ("train_vitb", "train_tiny", "infer_vitb", "infer_tiny", "smope_vitb"):
         label, kind, model_kind, batch, quick_batch, _ = ROWS[row]
         batch = quick_batch if quick else batch * (4 if device.startswith("cuda") else 1)
-        maker = inference_step if kind == "infer" else train_step
+        maker = smope_step if row == "smope_vitb" else inference_step if kind == "infer" else train_step
         steps = {"reference": maker("reference", model_kind, batch=batch, device=device)[0],
                  "fast": maker("fused", model_kind, batch=batch, amp=amp, device=device)[0]}
         flops = count_flops(steps["reference"]) or float("nan")

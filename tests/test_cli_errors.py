@@ -13,6 +13,7 @@ import time
 
 import pytest
 from cli_fixture import norga, write_config, write_image_folder
+from interrupts import sigint_at_default
 
 from norga.cli import one_line
 
@@ -130,7 +131,7 @@ def test_ctrl_c_says_how_to_continue(tmp_path):
                                                                                           "batch_size": 4}})
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "norga", "run", str(config), "--run-dir", str(run), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_at_default)
     deadline = time.monotonic() + 300
     while not (run / "state.pt").is_file() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from cli_fixture import NEEDS_FASHION_MNIST, REAL, norga
+from interrupts import sigint_at_default
 
 from norga.comparison import MethodRun, method_config, run_methods, threads_per_job
 from norga.config import ConfigError
@@ -101,7 +102,7 @@ def test_ctrl_c_stops_every_parallel_run_and_leaves_them_resumable(tmp_path):
     command = [sys.executable, "-m", "norga", "compare", preset, "--methods", "norga,hide", *settings, "--dir",
                str(tmp_path / "cmp"), "--jobs", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True,
+                               start_new_session=True, preexec_fn=sigint_at_default,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "NORGA_DATA": REAL, "PYTHONUNBUFFERED": "1"})
     try:
         training = set()
