@@ -195,10 +195,9 @@ def count_flops(step) -> float | None:
 def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool, peak_sizes: dict | None = None) -> dict:
     """Interleaved median ms of reference and fast steps, the FLOPs of one reference step (the same work) and, with
     `peak_sizes` ({dtype name: size}), the matmul peak of each path's dtype measured beside the steps (`peak_probes`)."""
-    same_precision = ROWS[row][1] == "lora"  # a LoRA row compares two steps in the run's precision
-    steps = {"reference": _step(row, "reference", batch, amp and same_precision, False),
+    dtypes = path_dtypes(row, amp)
+    steps = {"reference": _step(row, "reference", batch, dtypes["reference"] == "bf16", False),
              "fast": _step(row, "fused", batch, amp, compile)}
-    dtypes = {"reference": "bf16" if amp and same_precision else "fp32", "fast": "bf16" if amp else "fp32"}
     probes, rates = peak_probes({dtypes[which]: peak_sizes[dtypes[which]] for which in steps} if peak_sizes else {})
     ms = median_ms({**steps, **probes}, warmup=1 if repeats <= 3 else 2, repeats=repeats)
     result = {which: {"ms": ms[which], "images_per_s": batch / ms[which] * 1e3} for which in steps}
@@ -206,6 +205,13 @@ def speed(row: str, batch: int, repeats: int, amp: bool, compile: bool, peak_siz
     if rates:
         result["peaks_beside"] = {name: max(values) for name, values in rates.items()}
     return result
+
+
+def path_dtypes(row: str, amp: bool) -> dict[str, str]:
+    """The dtype each path of `row` computes in: the fast path bf16 under `amp`, the reference fp32 (the official
+    code's), except in a LoRA row, which compares two steps in the run's own precision."""
+    fast = "bf16" if amp else "fp32"
+    return {"reference": fast if ROWS[row][1] == "lora" else "fp32", "fast": fast}
 
 
 def peak_probes(sizes: dict[str, int]) -> tuple[dict, dict[str, list[float]]]:
@@ -223,7 +229,7 @@ def peak_probes(sizes: dict[str, int]) -> tuple[dict, dict[str, list[float]]]:
 
 def memory(row: str, batch: int, which: str, warmup: int, amp: bool, compile: bool) -> dict:
     if which == "reference":
-        step = _step(row, "reference", batch, amp and ROWS[row][1] == "lora", False)
+        step = _step(row, "reference", batch, path_dtypes(row, amp)["reference"] == "bf16", False)
     else:
         step = _step(row, "fused", batch, amp, compile)
     return {"peak_mb": peak_mb(step, warmup=warmup)}
@@ -321,7 +327,7 @@ def measure_row(row: str, args, fast: dict, peaks: dict) -> dict:
     """All subprocess measurements of one row: speed (or pipeline wall time), peak memory per path, and the matmul
     peak of each path's dtype measured beside its steps or runs (at the best sizes of the start's `peaks`)."""
     kind, batch = ROWS[row][1], ROWS[row][4 if args.quick else 3]
-    dtypes = {"reference": "bf16" if fast["amp"] and kind == "lora" else "fp32", "fast": "bf16" if fast["amp"] else "fp32"}
+    dtypes = path_dtypes(row, fast["amp"])
     if kind == "ranpac":  # one run per path, each in its own process (minutes each at M 10000)
         dim = RANPAC_QUICK_DIM if args.quick else RANPAC_DIM
         return {which: in_subprocess(__file__, args.threads, "ranpac_head", official=which == "reference", samples=batch,
@@ -353,15 +359,15 @@ def measure_row(row: str, args, fast: dict, peaks: dict) -> dict:
 
 
 def fractions(row: str, result: dict, peak: dict, dtype: str) -> tuple[float, float]:
-    """The reference's and the fast path's achieved FLOP/s as fractions of the peak of the dtype each computes in
-    (reference fp32, fast `dtype`). Step rows count the reference step's work for both (the same products);
-    the pipeline counts each run's own."""
+    """The reference's and the fast path's achieved FLOP/s as fractions of `peak` (the row's, `row_peaks`) of the dtype
+    each computes in (`path_dtypes`; fast `dtype`). Step rows count the reference step's work for both (the same
+    products); the pipeline counts each run's own."""
     ref, fast = result["reference"], result["fast"]
-    peak = row_peaks(result, peak)
+    reference_dtype = path_dtypes(row, dtype == "bf16")["reference"]
     if ROWS[row][1] == "pipeline":
-        return (ref["flops"] / ref["seconds"] / (peak["fp32"] * 1e9), fast["flops"] / fast["seconds"] / (peak[dtype] * 1e9))
+        return (ref["flops"] / ref["seconds"] / (peak[reference_dtype] * 1e9),
+                fast["flops"] / fast["seconds"] / (peak[dtype] * 1e9))
     work = ref["flops"] or float("nan")
-    reference_dtype = dtype if ROWS[row][1] == "lora" else "fp32"  # a LoRA row's reference runs in the same precision
     return work / (ref["ms"] / 1e3) / (peak[reference_dtype] * 1e9), work / (fast["ms"] / 1e3) / (peak[dtype] * 1e9)
 
 
@@ -383,8 +389,8 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
                 "bound": "statistics / λ search / solve: reference " + " / ".join(f"{ref[p]:.1f}" for p in parts)
                          + " s, fast " + " / ".join(f"{fast[p]:.1f}" for p in parts) + " s",
                 "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
-    reference_fraction, fast_fraction = fractions(row, result, peak, dtype)
     peak = row_peaks(result, peak)
+    reference_fraction, fast_fraction = fractions(row, result, peak, dtype)
     if kind == "pipeline":
         values = (f"{ref['seconds']:.1f} s", f"{fast['seconds']:.1f} s")
         ratio = ref["seconds"] / fast["seconds"]
@@ -409,7 +415,7 @@ def verdict(row: str, result: dict, peak: dict, dtype: str) -> dict:
     passed = fast_fraction >= target
     return {"row": row, "label": label, "reference": values[0], "fast": values[1], "ratio": ratio,
             "reference_fraction": reference_fraction, "fast_fraction": fast_fraction, "dtype": dtype,
-                "peak_gflops": peak[dtype],
+            "peak_gflops": peak[dtype],
             "target": f">= {target:.0%} of {dtype} peak", "result": "PASS" if passed else "MISS",
             "bound": "" if passed else bound, "ref_peak_mb": ref.get("peak_mb"), "fast_peak_mb": fast.get("peak_mb")}
 
